@@ -1,0 +1,415 @@
+"""The contract shared by the HTTP gateway and the GPU worker.
+
+One small module, pydantic only: the parameters of an inversion, the states of a job, the
+error codes a client can rely on and the metadata of a result. Both sides read these
+definitions; neither redefines them. Nothing here imports torch, diffusers or fastapi.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+ENGINE_VERSION = "1.0.0"
+"""Written into every result's metadata; bumped whenever the engine's numbers may change."""
+
+QUEUE_NAME = "inversions"
+"""The RQ queue that gateways fill and workers drain."""
+
+KEY_PREFIX = "inversion:"
+"""Prefix of every Redis key the service writes besides RQ's own."""
+
+MAX_TRAIN_TIMESTEPS = 10_000
+"""Upper bound on `num_train_timesteps`, so that a scheduler override cannot allocate without limit."""
+
+
+class JobStatus(str, enum.Enum):
+    """What a client sees of a job: queued -> running -> succeeded | failed | canceled."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class ErrorCode(str, enum.Enum):
+    """Stable machine-readable codes; the HTTP `code` of a problem and the `code` of a failed job."""
+
+    # A job's failure codes.
+    INVALID_INPUT = "invalid_input"
+    TIMEOUT = "timeout"
+    GPU_OUT_OF_MEMORY = "gpu_out_of_memory"
+    WORKER_LOST = "worker_lost"
+    CANCELED = "canceled"
+    INTERNAL = "internal"
+    # Errors of a request, before any job exists.
+    VALIDATION_ERROR = "validation_error"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    IMAGE_TOO_LARGE = "image_too_large"
+    NOT_FOUND = "not_found"
+    NOT_FINISHED = "not_finished"
+    NO_RESULT = "no_result"
+    UNAUTHORIZED = "unauthorized"
+    RATE_LIMITED = "rate_limited"
+    QUEUE_FULL = "queue_full"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+
+
+class InvalidParameter(ValueError):
+    """A parameter that cannot be honoured; `field` names it, the message says what is valid."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+# Every DDIMInverseScheduler constructor parameter a job may override, with the values it admits.
+SCHEDULER_OVERRIDES: dict[str, str] = {
+    "num_train_timesteps": "int",
+    "beta_start": "float",
+    "beta_end": "float",
+    "beta_schedule": "linear|scaled_linear|squaredcos_cap_v2",
+    "trained_betas": "list[float]",
+    "clip_sample": "bool",
+    "clip_sample_range": "float",
+    "set_alpha_to_one": "bool",
+    "steps_offset": "int",
+    "prediction_type": "epsilon|sample|v_prediction",
+    "timestep_spacing": "leading|trailing",
+    "rescale_betas_zero_snr": "bool",
+}
+
+SCHEDULER_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "clip_sample": True,
+    "clip_sample_range": 1.0,
+    "set_alpha_to_one": True,
+    "steps_offset": 0,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "rescale_betas_zero_snr": False,
+}
+"""DDIMInverseScheduler's own constructor defaults, used where a model's config is silent."""
+
+
+def _check_override(name: str, value: Any) -> Any:
+    """One override's type and value, or InvalidParameter naming the valid choices."""
+    field = f"scheduler.{name}"
+    kind = SCHEDULER_OVERRIDES.get(name)
+    if kind is None:
+        raise InvalidParameter(
+            field, f"unknown scheduler parameter; valid: {', '.join(SCHEDULER_OVERRIDES)}"
+        )
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise InvalidParameter(field, "must be true or false")
+        return value
+    if kind == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InvalidParameter(field, "must be an integer")
+        return value
+    if kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidParameter(field, "must be a number")
+        if not math.isfinite(value):
+            raise InvalidParameter(field, "must be finite")
+        return float(value)
+    if kind == "list[float]":
+        if value is None:
+            return None
+        if not isinstance(value, list) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            for v in value
+        ):
+            raise InvalidParameter(field, "must be a list of finite numbers or null")
+        return [float(v) for v in value]
+    choices = kind.split("|")
+    if value not in choices:
+        raise InvalidParameter(field, f"must be one of {', '.join(choices)}")
+    return value
+
+
+def resolve_scheduler_config(
+    model_config: dict[str, Any], overrides: dict[str, Any], num_inference_steps: int
+) -> dict[str, Any]:
+    """The scheduler config a job runs with: the model's, then the job's overrides.
+
+    Refuses, before any compute, every combination that DDIMInverseScheduler would reject
+    or that would divide by zero in its first step.
+    """
+    config = {k: model_config.get(k, v) for k, v in SCHEDULER_DEFAULTS.items()}
+    for name, value in overrides.items():
+        config[name] = _check_override(name, value)
+
+    n_train = config["num_train_timesteps"]
+    if not 1 <= n_train <= MAX_TRAIN_TIMESTEPS:
+        raise InvalidParameter(
+            "scheduler.num_train_timesteps", f"must be between 1 and {MAX_TRAIN_TIMESTEPS}"
+        )
+    if num_inference_steps > n_train:
+        raise InvalidParameter(
+            "num_inference_steps",
+            f"{num_inference_steps} exceeds the scheduler's num_train_timesteps ({n_train})",
+        )
+    betas = config["trained_betas"]
+    if betas is not None:
+        if len(betas) != n_train:
+            raise InvalidParameter(
+                "scheduler.trained_betas",
+                f"has {len(betas)} values, num_train_timesteps is {n_train}",
+            )
+        if not all(0.0 < b < 1.0 for b in betas):
+            raise InvalidParameter("scheduler.trained_betas", "every beta must lie in (0, 1)")
+    else:
+        start, end = config["beta_start"], config["beta_end"]
+        if not (0.0 < start < 1.0 and 0.0 < end < 1.0):
+            raise InvalidParameter(
+                "scheduler.beta_start", "beta_start and beta_end must lie in (0, 1)"
+            )
+    if config["clip_sample_range"] <= 0:
+        raise InvalidParameter("scheduler.clip_sample_range", "must be positive")
+    if config["steps_offset"] < 0:
+        raise InvalidParameter("scheduler.steps_offset", "must not be negative")
+    if config["timestep_spacing"] == "leading":
+        last = (num_inference_steps - 1) * (n_train // num_inference_steps) + config["steps_offset"]
+        if last >= n_train:
+            raise InvalidParameter(
+                "scheduler.steps_offset",
+                f"puts the last timestep at {last}, past num_train_timesteps - 1 ({n_train - 1})",
+            )
+    if config["prediction_type"] == "sample" and config["set_alpha_to_one"]:
+        raise InvalidParameter(
+            "scheduler.prediction_type",
+            "'sample' with set_alpha_to_one=true divides by zero in the first step; "
+            "set set_alpha_to_one to false",
+        )
+    return config
+
+
+def parse_resolution(value: str | int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """`512` -> (512, 512); `768x512` -> (768, 512) as (width, height); multiples of 64 only."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise InvalidParameter("resolution", "must be two sizes, width and height")
+        width, height = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        width = height = value
+    elif isinstance(value, str):
+        parts = value.lower().strip().split("x")
+        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+            raise InvalidParameter("resolution", f"{value!r} is not N or WxH, e.g. 512 or 768x512")
+        width = int(parts[0])
+        height = int(parts[-1])
+    else:
+        raise InvalidParameter("resolution", "must be N or WxH, e.g. 512 or 768x512")
+    for size in (width, height):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 64 or size % 64:
+            raise InvalidParameter(
+                "resolution", f"{size} is not a multiple of 64 of at least 64 (e.g. 512 or 768x512)"
+            )
+    return int(width), int(height)
+
+
+class InversionParams(BaseModel):
+    """Everything a caller may choose about one inversion; names follow diffusers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(description="The text the image is inverted under.")
+    negative_prompt: str = Field("", description="Unconditional prompt when guidance_scale > 1.")
+    num_inference_steps: int = Field(50, ge=1, le=1000, description="DDIM inversion steps.")
+    guidance_scale: float = Field(
+        1.0,
+        ge=0.0,
+        le=50.0,
+        description="1.0: one conditional UNet pass per step; above: classifier-free guidance.",
+    )
+    resolution: tuple[int, int] | None = Field(
+        None, description="(width, height), multiples of 64; None: the model's native size."
+    )
+    resize_mode: Literal["center_crop", "stretch"] = "center_crop"
+    encode_mode: Literal["mean", "sample"] = "mean"
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="For encode_mode 'sample'.")
+    return_trajectory: bool = False
+    result_dtype: Literal["float32", "float16"] = "float32"
+    scheduler: dict[str, Any] = Field(
+        default_factory=dict, description="DDIMInverseScheduler overrides, by parameter name."
+    )
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _parse_resolution(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        try:
+            return parse_resolution(value)
+        except InvalidParameter as exc:
+            raise ValueError(exc.message) from None
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be finite")
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name, item in value.items():
+            try:
+                _check_override(name, item)
+            except InvalidParameter as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _seed_needs_sample(self) -> InversionParams:
+        if self.encode_mode == "sample" and self.seed is None:
+            raise ValueError(
+                "encode_mode 'sample' needs a seed, so that the result is reproducible"
+            )
+        return self
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Classifier-free guidance runs two UNet passes per step; 1.0 runs one."""
+        return self.guidance_scale != 1.0
+
+
+class ModelInfo(BaseModel):
+    """What a worker publishes about its loaded model, so that gateways validate against it."""
+
+    name: str
+    native_resolution: tuple[int, int]
+    latent_channels: int
+    vae_scale_factor: int
+    tokenizer_max_length: int
+    scheduler_config: dict[str, Any]
+    dtype: str
+    device: str
+
+
+class ResultMetadata(BaseModel):
+    """What the result's header and the job status say about the latents."""
+
+    model: str
+    width: int
+    height: int
+    prompt: str
+    negative_prompt: str
+    guidance_scale: float
+    token_count: int
+    truncated: bool
+    encode_mode: str
+    seed: int | None
+    num_inference_steps: int
+    timesteps: list[int]
+    scheduler_config: dict[str, Any]
+    latents_shape: list[int]
+    trajectory_shape: list[int] | None
+    dtype: str
+    engine_version: str = ENGINE_VERSION
+
+    def to_header(self) -> dict[str, str]:
+        """safetensors metadata is str -> str: scalars as text, structures as JSON."""
+        out: dict[str, str] = {}
+        for key, value in self.model_dump().items():
+            out[key] = value if isinstance(value, str) else json.dumps(value)
+        return out
+
+    @classmethod
+    def from_header(cls, header: dict[str, str]) -> ResultMetadata:
+        fields: dict[str, Any] = {}
+        for key, value in header.items():
+            if key not in cls.model_fields:
+                continue
+            annotation = str(cls.model_fields[key].annotation)
+            fields[key] = value if annotation in ("str", "<class 'str'>") else json.loads(value)
+        return cls(**fields)
+
+
+class JobError(BaseModel):
+    code: ErrorCode
+    message: str
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+# -- the queue protocol between gateways and workers ------------------------------------
+#
+# A job is an RQ job (JSON serializer, never pickle) whose id is a server-made UUID4 and
+# whose function is JOB_FUNCTION, called with one keyword argument `payload` (a
+# JobPayload as JSON). The normalised image travels beside it as raw RGB bytes. The
+# worker writes progress, errors and the result's metadata into the job's meta, the
+# result bytes into their own key, and returns the metadata as the job's RQ result.
+
+JOB_FUNCTION = "worker.jobs.run_inversion"
+"""What RQ records as the job's function; a plain `rq worker` can run it one at a time."""
+
+WORKERS_KEY = KEY_PREFIX + "workers"
+"""Hash: worker name -> WorkerRecord JSON; how gateways learn that a model is loaded."""
+
+
+def input_key(job_id: str) -> str:
+    """Raw RGB uint8 bytes of the normalised upload, row-major (height, width, 3)."""
+    return f"{KEY_PREFIX}input:{job_id}"
+
+
+def result_key(job_id: str) -> str:
+    """The safetensors bytes of a succeeded job; expires with the job's result TTL."""
+    return f"{KEY_PREFIX}result:{job_id}"
+
+
+def cancel_key(job_id: str) -> str:
+    """Set by a gateway to ask the worker running the job to stop it at the next step."""
+    return f"{KEY_PREFIX}cancel:{job_id}"
+
+
+class JobPayload(BaseModel):
+    """The one argument of JOB_FUNCTION."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: InversionParams
+    image_width: int = Field(ge=1, description="Width of the stored RGB array.")
+    image_height: int = Field(ge=1, description="Height of the stored RGB array.")
+    owner: str = Field("", description="Hash of the API key that created the job; '' if none.")
+
+
+class WorkerRecord(BaseModel):
+    """What a live worker publishes under WORKERS_KEY, refreshed every heartbeat."""
+
+    name: str
+    model: ModelInfo
+    heartbeat_at: float = Field(description="Unix time of the last heartbeat.")
+    max_batch_size: int
+
+
+# Keys of the RQ job meta the worker writes and the gateway reads.
+META_PROGRESS = "progress"
+"""{"step": int, "total": int} while running."""
+META_ERROR = "error"
+"""{"code": ErrorCode, "message": str} once failed or canceled."""
+META_RESULT = "result"
+"""ResultMetadata as JSON once succeeded."""
+META_OWNER = "owner"
+"""The owner's key hash, copied from the payload so that a status read needs no payload."""

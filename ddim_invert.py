@@ -1,0 +1,224 @@
+"""`ddim-invert`: the command line of the service.
+
+  make-tiny-model DIR    write the offline tiny model as a diffusers folder
+  local IMAGE...         invert in-process, no Redis (the engine alone)
+  gateway                run the HTTP gateway (uvicorn)
+  worker                 run a GPU worker draining the queue
+  submit IMAGE           send an image to a running service (the Python client)
+
+Each subcommand imports only its own side: the gateway never loads torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _scheduler_override(text: str) -> tuple[str, Any]:
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return key.strip(), value
+
+
+def _add_inversion_params(parser: argparse.ArgumentParser) -> None:
+    """The engine parameters, shared by `local` and `submit`."""
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative-prompt", default="")
+    parser.add_argument("--steps", type=int, default=50, dest="num_inference_steps")
+    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument("--resolution", default=None, help="512 or WxH, e.g. 768x512")
+    parser.add_argument("--resize-mode", choices=["center_crop", "stretch"], default="center_crop")
+    parser.add_argument("--encode", choices=["mean", "sample"], default="mean", dest="encode_mode")
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--trajectory", action="store_true", dest="return_trajectory")
+    parser.add_argument("--result-dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument(
+        "--scheduler",
+        type=_scheduler_override,
+        nargs="+",
+        default=[],
+        metavar="KEY=VALUE",
+        help="DDIMInverseScheduler overrides, e.g. timestep_spacing=trailing",
+    )
+
+
+def _params_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "prompt": args.prompt,
+        "negative_prompt": args.negative_prompt,
+        "num_inference_steps": args.num_inference_steps,
+        "guidance_scale": args.guidance_scale,
+        "resolution": args.resolution,
+        "resize_mode": args.resize_mode,
+        "encode_mode": args.encode_mode,
+        "seed": args.seed,
+        "return_trajectory": args.return_trajectory,
+        "result_dtype": args.result_dtype,
+        "scheduler": dict(args.scheduler),
+    }
+
+
+def _fail(message: str) -> int:
+    print(f"ddim-invert: error: {message}", file=sys.stderr)
+    return 2
+
+
+def cmd_make_tiny_model(args: argparse.Namespace) -> int:
+    from worker.models import make_tiny_model
+
+    print(make_tiny_model(args.directory))
+    return 0
+
+
+def cmd_local(args: argparse.Namespace) -> int:
+    import time
+
+    from pydantic import ValidationError
+    from tqdm import tqdm
+
+    import imaging
+    from contract import InvalidParameter, InversionParams
+    from worker.engine import InversionRequest, invert
+    from worker.models import ModelLoadError, load_model
+    from worker.settings import get_settings
+
+    settings = get_settings()
+    if args.out and len(args.images) > 1:
+        return _fail("--out takes one image; use --out-dir for several")
+    try:
+        params = InversionParams(**_params_from_args(args))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(p) for p in first["loc"]) or "parameters"
+        return _fail(f"{field}: {first['msg']}")
+    try:
+        requests = [
+            InversionRequest(imaging.open_image(Path(path).read_bytes()), params)
+            for path in args.images
+        ]
+    except OSError as exc:
+        return _fail(str(exc))
+    except imaging.ImageRejected as exc:
+        return _fail(exc.message)
+    started = time.perf_counter()
+    try:
+        model = load_model(
+            args.model or settings.model,
+            device=args.device or settings.device,
+            dtype=args.dtype or settings.dtype,
+            allow_download=settings.allow_download,
+            cache_dir=settings.model_cache_dir,
+        )
+    except ModelLoadError as exc:
+        return _fail(str(exc))
+    load_s = time.perf_counter() - started
+
+    bar = tqdm(total=params.num_inference_steps, desc="inverting", file=sys.stderr, leave=False)
+
+    def progress(step: int, total: int) -> None:
+        bar.total = total
+        bar.n = step
+        bar.refresh()
+
+    try:
+        results = invert(model, requests, progress=progress)
+    except InvalidParameter as exc:
+        return _fail(str(exc))
+    finally:
+        bar.close()
+    out_dir = Path(args.out_dir) if args.out_dir else Path(".")
+    for path, result in zip(args.images, results, strict=True):
+        assert result is not None  # nothing cancels a local run
+        target = Path(args.out) if args.out else out_dir / f"{Path(path).stem}.safetensors"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        data = result.to_npy() if target.suffix == ".npy" else result.to_safetensors()
+        target.write_bytes(data)
+        line = {
+            "file": str(path),
+            "out": str(target),
+            "shape": list(result.latents.shape),
+            "dtype": result.metadata.dtype,
+            "token_count": result.metadata.token_count,
+            "truncated": result.metadata.truncated,
+            "timings": {"load_model_s": round(load_s, 4)}
+            | {k: round(v, 4) for k, v in result.timings.items()},
+        }
+        print(json.dumps(line), flush=True)
+    return 0
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from service.main import run
+
+    return run(host=args.host, port=args.port)
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.main import run
+
+    return run(burst=args.burst)
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from client.cli import submit
+
+    return submit(args, _params_from_args(args))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddim-invert", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    tiny = sub.add_parser("make-tiny-model", help="write the offline tiny model")
+    tiny.add_argument("directory")
+    tiny.set_defaults(func=cmd_make_tiny_model)
+
+    local = sub.add_parser("local", help="invert images in-process, without Redis")
+    local.add_argument("images", nargs="+", metavar="IMAGE")
+    _add_inversion_params(local)
+    local.add_argument("--model", default=None, help="folder, hub id or 'tiny' (INVERSION_MODEL)")
+    local.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    local.add_argument(
+        "--dtype", choices=["auto", "float32", "float16", "bfloat16", "float64"], default=None
+    )
+    out = local.add_mutually_exclusive_group()
+    out.add_argument("--out", default=None, help="FILE.safetensors or FILE.npy (one image)")
+    out.add_argument("--out-dir", default=None, help="folder for IMAGE-stem.safetensors files")
+    local.set_defaults(func=cmd_local)
+
+    gateway = sub.add_parser("gateway", help="run the HTTP gateway")
+    gateway.add_argument("--host", default=None)
+    gateway.add_argument("--port", type=int, default=None)
+    gateway.set_defaults(func=cmd_gateway)
+
+    worker = sub.add_parser("worker", help="run a worker that drains the queue")
+    worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    worker.set_defaults(func=cmd_worker)
+
+    submit = sub.add_parser("submit", help="submit an image to a running service")
+    submit.add_argument("image")
+    _add_inversion_params(submit)
+    submit.add_argument("--url", default=None, help="the gateway (INVERSION_CLIENT_URL)")
+    submit.add_argument("--wait", action="store_true", help="wait for the result")
+    submit.add_argument("--timeout", type=float, default=600.0)
+    submit.add_argument("--out", default=None, help="where to write the latents (with --wait)")
+    submit.set_defaults(func=cmd_submit)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,336 @@
+"""The inversion engine: DDIM inversion of a batch of images with a loaded model.
+
+Plain functions over tensors: no Redis, no HTTP, no global state. The local CLI, the
+worker and the benchmarks all call `invert`.
+
+DDIM inversion runs the deterministic DDIM sampler backwards. With alpha-bar a_t the
+cumulative product of (1 - beta) and eps = unet(z_t, t_next, text), one step is
+
+    (1)  x0     = (z_t - sqrt(1 - a_t) * eps) / sqrt(a_t)        predicted clean latent
+    (2)  z_next = sqrt(a_next) * x0 + sqrt(1 - a_next) * eps     re-noised one step further
+
+and diffusers' `DDIMInverseScheduler.step` computes exactly that (with its prediction
+types and clipping). The noise is predicted at z_t but labelled with t_next: the same
+convention as the diffusers pipelines and the null-text inversion reference code.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+import imaging
+from contract import (
+    ENGINE_VERSION,
+    InversionParams,
+    ResultMetadata,
+    resolve_scheduler_config,
+)
+from worker.models import LoadedModel
+
+ProgressCallback = Callable[[int, int], None]
+"""Called after each step with (steps done, steps in all)."""
+
+CancelCheck = Callable[[list[int]], Sequence[int]]
+"""Given the indices (into the requests) still running, returns those canceled."""
+
+
+@dataclass(frozen=True)
+class InversionRequest:
+    """One image and its parameters; the image is an RGB uint8 (H, W, 3) array or a PIL image."""
+
+    image: np.ndarray | Image.Image
+    params: InversionParams
+
+
+@dataclass
+class InversionResult:
+    """The latents of one request, on the CPU, with what describes them."""
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    metadata: ResultMetadata
+    trajectory: torch.Tensor | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"latents": self.latents.contiguous(), "timesteps": self.timesteps.contiguous()}
+        if self.trajectory is not None:
+            out["trajectory"] = self.trajectory.contiguous()
+        return out
+
+    def to_safetensors(self) -> bytes:
+        from safetensors.torch import save
+
+        return save(self.tensors(), metadata=self.metadata.to_header())
+
+    def to_npy(self) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, self.latents.numpy(), allow_pickle=False)
+        return buffer.getvalue()
+
+
+class InversionCanceled(Exception):
+    """Raised by callers that turn a canceled request (a None result) into an error."""
+
+
+# -- preparing inputs -------------------------------------------------------------------
+
+
+def resolution_of(params: InversionParams, model: LoadedModel) -> tuple[int, int]:
+    return params.resolution or model.native_resolution
+
+
+def scheduler_config_for(params: InversionParams, model: LoadedModel) -> dict[str, Any]:
+    """The full scheduler config the request runs with (the model's, then its overrides)."""
+    return resolve_scheduler_config(
+        model.scheduler_config, dict(params.scheduler), params.num_inference_steps
+    )
+
+
+def batch_key(params: InversionParams, model: LoadedModel) -> str:
+    """Requests with equal keys can share UNet calls: same size, steps, schedule, guidance mode."""
+    width, height = resolution_of(params, model)
+    config = scheduler_config_for(params, model)
+    return json.dumps(
+        [width, height, params.num_inference_steps, params.uses_guidance, config], sort_keys=True
+    )
+
+
+def image_array(request: InversionRequest, size: tuple[int, int]) -> np.ndarray:
+    """The request's image as (H, W, 3) uint8 at `size`, normalised unless it already is."""
+    image = request.image
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError("image arrays must be uint8 (height, width, 3)")
+        if (image.shape[1], image.shape[0]) == size:
+            return image
+        image = Image.fromarray(image)
+    return imaging.normalize(image, size, request.params.resize_mode)
+
+
+def encode_prompts(
+    model: LoadedModel, prompts: list[str]
+) -> tuple[torch.Tensor, list[int], list[bool]]:
+    """Step 3: text embeddings (B, 77, hidden), with each prompt's token count and truncation."""
+    tokenizer = model.tokenizer
+    max_length = model.tokenizer_max_length
+    full_lengths = [len(ids) for ids in tokenizer(prompts, truncation=False).input_ids]
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(model.device)
+    embeddings = model.text_encoder(ids)[0]
+    token_counts = [min(n, max_length) for n in full_lengths]
+    return embeddings, token_counts, [n > max_length for n in full_lengths]
+
+
+def encode_images(
+    model: LoadedModel, arrays: list[np.ndarray], requests: list[InversionRequest]
+) -> torch.Tensor:
+    """Step 2: clean latents z_0 = (E(x) - shift) * scaling_factor, in the state dtype."""
+    pixels = torch.from_numpy(np.stack(arrays)).to(model.device)
+    pixels = pixels.permute(0, 3, 1, 2).to(model.dtype) / 127.5 - 1.0
+    distribution = model.vae.encode(pixels).latent_dist
+    latents = distribution.mean.to(_state_dtype(model))
+    for row, request in enumerate(requests):
+        if request.params.encode_mode == "sample":
+            # A per-request generator: a row's noise does not depend on its batch-mates.
+            generator = torch.Generator(device="cpu").manual_seed(int(request.params.seed or 0))
+            noise = torch.randn(latents.shape[1:], generator=generator, dtype=latents.dtype)
+            std = distribution.std[row].to(latents.dtype)
+            latents[row] = latents[row] + std * noise.to(model.device)
+    return (latents - model.shift_factor) * model.scaling_factor
+
+
+def _state_dtype(model: LoadedModel) -> torch.dtype:
+    """The latent state is carried in float32 (float64 if the model is): fp16 only inside the UNet."""
+    return torch.float64 if model.dtype == torch.float64 else torch.float32
+
+
+# -- the inversion ----------------------------------------------------------------------
+
+
+def invert(
+    model: LoadedModel,
+    requests: Sequence[InversionRequest],
+    *,
+    progress: ProgressCallback | None = None,
+    check_canceled: CancelCheck | None = None,
+) -> list[InversionResult | None]:
+    """Invert every request; compatible ones share UNet calls. A canceled request gives None."""
+    results: list[InversionResult | None] = [None] * len(requests)
+    groups: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(batch_key(request.params, model), []).append(index)
+    for indices in groups.values():
+
+        def group_cancel(active: list[int], indices: list[int] = indices) -> Sequence[int]:
+            if check_canceled is None:
+                return ()
+            canceled = set(check_canceled([indices[i] for i in active]))
+            return [i for i in active if indices[i] in canceled]
+
+        group_results = invert_batch(
+            model, [requests[i] for i in indices], progress=progress, check_canceled=group_cancel
+        )
+        for index, result in zip(indices, group_results, strict=True):
+            results[index] = result
+    return results
+
+
+@torch.inference_mode()
+def invert_batch(
+    model: LoadedModel,
+    requests: Sequence[InversionRequest],
+    *,
+    progress: ProgressCallback | None = None,
+    check_canceled: CancelCheck | None = None,
+) -> list[InversionResult | None]:
+    """Invert compatible requests with one UNet call per step (two rows each under guidance)."""
+    from diffusers import DDIMInverseScheduler
+
+    if not requests:
+        return []
+    first = requests[0].params
+    key = batch_key(first, model)
+    if any(batch_key(r.params, model) != key for r in requests[1:]):
+        raise ValueError("invert_batch needs compatible requests; use invert() to group them")
+    started = time.perf_counter()
+    size = resolution_of(first, model)
+    steps = first.num_inference_steps
+    config = scheduler_config_for(first, model)
+
+    # 1. Images: decoded, oriented, RGB, resized, scaled to [-1, 1].
+    arrays = [image_array(r, size) for r in requests]
+    # 2. VAE encode: z_0.
+    z = encode_images(model, arrays, list(requests))
+    encoded = time.perf_counter()
+    # 3. Prompts: conditional embeddings, and unconditional ones in the same batch under guidance.
+    guided = first.uses_guidance
+    prompts = [r.params.prompt for r in requests]
+    negatives = [r.params.negative_prompt for r in requests] if guided else []
+    text, token_counts, truncated = encode_prompts(model, negatives + prompts)
+    token_counts, truncated = token_counts[len(negatives) :], truncated[len(negatives) :]
+    if guided:
+        uncond, cond = text.chunk(2)
+        scales = torch.tensor(
+            [r.params.guidance_scale for r in requests], device=model.device, dtype=z.dtype
+        ).view(-1, 1, 1, 1)
+    # 4. Scheduler: the model's config with the job's overrides, never the bare constructor.
+    scheduler = DDIMInverseScheduler.from_config(config)
+    scheduler.set_timesteps(steps)
+    # Python ints: comparing a CUDA timestep tensor inside step() would synchronise the host.
+    timesteps = [int(t) for t in scheduler.timesteps]
+
+    want_trajectory = [r.params.return_trajectory for r in requests]
+    trajectory: list[torch.Tensor] = [z.clone()] if any(want_trajectory) else []
+    active = list(range(len(requests)))
+    finished: dict[int, torch.Tensor] = {}
+    # 5. The loop: eps = unet(z, t, text); z = step(eps, t, z).prev_sample, for ascending t.
+    for step_index, t in enumerate(timesteps):
+        if check_canceled is not None:
+            canceled = set(check_canceled(list(active)))
+            if canceled:
+                keep = [row for row, index in enumerate(active) if index not in canceled]
+                active = [active[row] for row in keep]
+                if not active:
+                    break
+                rows = torch.tensor(keep, device=model.device)
+                z = z.index_select(0, rows)
+                trajectory = [state.index_select(0, rows) for state in trajectory]
+                if guided:
+                    uncond, cond = uncond.index_select(0, rows), cond.index_select(0, rows)
+                    scales = scales.index_select(0, rows)
+                else:
+                    text = text.index_select(0, rows)
+        model_input = z.to(model.dtype)
+        if guided:
+            eps_uncond, eps_cond = (
+                model.unet(
+                    torch.cat([model_input, model_input]),
+                    t,
+                    encoder_hidden_states=torch.cat([uncond, cond]),
+                )
+                .sample.to(z.dtype)
+                .chunk(2)
+            )
+            eps = eps_uncond + scales * (eps_cond - eps_uncond)
+        else:
+            eps = model.unet(model_input, t, encoder_hidden_states=text).sample.to(z.dtype)
+        z = scheduler.step(eps, t, z).prev_sample
+        if trajectory:
+            trajectory.append(z.clone())
+        if progress is not None:
+            progress(step_index + 1, steps)
+    for row, index in enumerate(active):
+        finished[index] = z[row]
+    done = time.perf_counter()
+
+    # 6. Results, on the CPU, each with its own metadata.
+    results: list[InversionResult | None] = []
+    timesteps_tensor = torch.tensor(timesteps, dtype=torch.int64)
+    width, height = size
+    stacked = torch.stack(trajectory).cpu() if trajectory and finished else None
+    for index, request in enumerate(requests):
+        if index not in finished:
+            results.append(None)
+            continue
+        params = request.params
+        out_dtype = torch.float16 if params.result_dtype == "float16" else torch.float32
+        if model.dtype == torch.float64 and params.result_dtype == "float32":
+            out_dtype = torch.float64
+        latents = finished[index].unsqueeze(0).to("cpu", out_dtype)
+        path = None
+        if want_trajectory[index] and stacked is not None:
+            path = stacked[:, active.index(index)].unsqueeze(1).to(out_dtype)
+        metadata = ResultMetadata(
+            model=model.name,
+            width=width,
+            height=height,
+            prompt=params.prompt,
+            negative_prompt=params.negative_prompt,
+            guidance_scale=params.guidance_scale,
+            token_count=token_counts[index],
+            truncated=truncated[index],
+            encode_mode=params.encode_mode,
+            seed=params.seed,
+            num_inference_steps=steps,
+            timesteps=timesteps,
+            scheduler_config=config,
+            latents_shape=list(latents.shape),
+            trajectory_shape=list(path.shape) if path is not None else None,
+            dtype=str(out_dtype).removeprefix("torch."),
+            engine_version=ENGINE_VERSION,
+        )
+        results.append(
+            InversionResult(
+                latents=latents,
+                timesteps=timesteps_tensor,
+                metadata=metadata,
+                trajectory=path,
+                timings={
+                    "encode_s": encoded - started,
+                    "loop_s": done - encoded,
+                    "total_s": time.perf_counter() - started,
+                    "batch_size": float(len(requests)),
+                },
+            )
+        )
+    return results
+
+
+def load_result(data: bytes) -> tuple[dict[str, torch.Tensor], ResultMetadata]:
+    """Read a safetensors result back: its tensors and its metadata."""
+    from safetensors.torch import load
+
+    header_length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_length])
+    return load(data), ResultMetadata.from_header(header.get("__metadata__", {}))

@@ -1,0 +1,58 @@
+"""The worker's settings (and the local CLI's): one class, prefix INVERSION_, read once."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from contract import QUEUE_NAME
+
+
+class WorkerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="INVERSION_", extra="ignore")
+
+    redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue.")
+    queue_name: str = Field(QUEUE_NAME, description="The RQ queue to drain.")
+    model: str = Field("tiny", description="A diffusers SD 1.x/2.x folder, a hub id, or 'tiny'.")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "auto"
+    allow_download: bool = Field(
+        False, description="Let a hub id that is not cached be downloaded at start-up."
+    )
+    model_cache_dir: Path | None = Field(
+        None, description="Where the tiny model is generated; default ~/.cache/ddim-inversion."
+    )
+    max_batch_size: int = Field(
+        0,
+        ge=0,
+        le=256,
+        description="Most images in one UNet batch; 0: derived from free GPU memory (CPU: 8).",
+    )
+    max_batch_wait_ms: int = Field(
+        20, ge=0, le=10_000, description="How long a worker holding one job waits for more."
+    )
+    progress_every: int = Field(1, ge=1, description="Write progress to Redis every N steps.")
+    heartbeat_s: float = Field(
+        2.0, gt=0, le=60, description="How often a worker proves it is alive while running jobs."
+    )
+    lost_after_s: float = Field(
+        10.0,
+        gt=0,
+        description="A running job whose worker has not been heard from for this long is lost.",
+    )
+    max_retries: int = Field(
+        2, ge=0, le=10, description="How often a job whose worker died is run again."
+    )
+    compile: Literal["none", "torch"] = Field(
+        "none", description="torch.compile the UNet per batch-size bucket (CUDA)."
+    )
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default.")
+
+
+@lru_cache
+def get_settings() -> WorkerSettings:
+    return WorkerSettings()
