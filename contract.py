@@ -24,7 +24,7 @@ KEY_PREFIX = "inversion:"
 """Prefix of every Redis key the service writes besides RQ's own."""
 
 MAX_TRAIN_TIMESTEPS = 10_000
-"""Upper bound on `num_train_timesteps`, so that a scheduler override cannot allocate without limit."""
+"""Upper bound on `num_train_timesteps`: an override cannot allocate without limit."""
 
 
 class JobStatus(str, enum.Enum):
@@ -42,7 +42,7 @@ class JobStatus(str, enum.Enum):
 
 
 class ErrorCode(str, enum.Enum):
-    """Stable machine-readable codes; the HTTP `code` of a problem and the `code` of a failed job."""
+    """Stable codes: the HTTP `code` of a problem and the `code` of a failed job."""
 
     # A job's failure codes.
     INVALID_INPUT = "invalid_input"

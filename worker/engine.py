@@ -151,7 +151,7 @@ def encode_images(
 
 
 def _state_dtype(model: LoadedModel) -> torch.dtype:
-    """The latent state is carried in float32 (float64 if the model is): fp16 only inside the UNet."""
+    """The latent state is float32 (float64 if the model is): fp16 only inside the UNet."""
     return torch.float64 if model.dtype == torch.float64 else torch.float32
 
 

@@ -6,6 +6,7 @@ offline `tiny` model exercises exactly the code a real checkpoint goes through.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -284,10 +285,9 @@ def tiny_model_dir(cache_dir: Path | None = None) -> Path:
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
         make_tiny_model(staging)
-        try:
+        # Another process may have won the race; its folder is identical.
+        with contextlib.suppress(OSError):
             staging.rename(target)
-        except OSError:  # another process won the race; its folder is identical
-            pass
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
