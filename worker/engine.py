@@ -136,18 +136,19 @@ def encode_images(
     model: LoadedModel, arrays: list[np.ndarray], requests: list[InversionRequest]
 ) -> torch.Tensor:
     """Step 2: clean latents z_0 = (E(x) - shift) * scaling_factor, in the state dtype."""
-    pixels = torch.from_numpy(np.stack(arrays)).to(model.device)
-    pixels = pixels.permute(0, 3, 1, 2).to(model.dtype) / 127.5 - 1.0
-    distribution = model.vae.encode(pixels).latent_dist
-    latents = distribution.mean.to(_state_dtype(model))
-    for row, request in enumerate(requests):
+    encoded = []
+    # One image at a time: a VAE encode is already a large GPU workload at 512x512, and a
+    # row's latent then cannot depend on its batch-mates (batched == solo, bit for bit).
+    for array, request in zip(arrays, requests, strict=True):
+        pixels = torch.from_numpy(array).to(model.device).permute(2, 0, 1).unsqueeze(0)
+        distribution = model.vae.encode(pixels.to(model.dtype) / 127.5 - 1.0).latent_dist
+        latent = distribution.mean.to(_state_dtype(model))
         if request.params.encode_mode == "sample":
-            # A per-request generator: a row's noise does not depend on its batch-mates.
             generator = torch.Generator(device="cpu").manual_seed(int(request.params.seed or 0))
-            noise = torch.randn(latents.shape[1:], generator=generator, dtype=latents.dtype)
-            std = distribution.std[row].to(latents.dtype)
-            latents[row] = latents[row] + std * noise.to(model.device)
-    return (latents - model.shift_factor) * model.scaling_factor
+            noise = torch.randn(latent.shape, generator=generator, dtype=latent.dtype)
+            latent = latent + distribution.std.to(latent.dtype) * noise.to(model.device)
+        encoded.append(latent)
+    return (torch.cat(encoded) - model.shift_factor) * model.scaling_factor
 
 
 def _state_dtype(model: LoadedModel) -> torch.dtype:

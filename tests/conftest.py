@@ -1,0 +1,207 @@
+"""Fixtures shared by every test: a private Redis, the tiny model, real service processes.
+
+Redis is a real `redis-server` started on a free port for the test session (never the
+machine's shared one), so tests can flush, stop and restart it freely.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLES = ROOT / "samples"
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for(predicate: Callable[[], object], timeout: float, what: str) -> object:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception:
+            value = None
+        if value:
+            return value
+        time.sleep(0.05)
+    raise TimeoutError(f"timed out after {timeout} s waiting for {what}")
+
+
+class RedisServer:
+    """A private redis-server process that tests may stop and start again on the same port."""
+
+    def __init__(self, directory: Path, extra: list[str] | None = None) -> None:
+        self.directory = directory
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.extra = extra or []
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            pytest.exit("redis-server is not installed (apt-get install redis-server)", 2)
+        args = [
+            binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+        ]
+        args += ["--save", "", "--appendonly", "no", *self.extra]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        import redis
+
+        client = redis.Redis.from_url(self.url)
+        wait_for(client.ping, 10, "redis-server to answer")
+        client.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(10)
+            self.process = None
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """A clean database for each test."""
+    import redis
+
+    client = redis.Redis.from_url(redis_server.url)
+    client.flushall()
+    client.close()
+    yield redis_server.url
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[object]:
+    import redis
+
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where the tiny model is generated once per session, for this process and subprocesses."""
+    from worker.models import tiny_model_dir
+
+    directory = tmp_path_factory.mktemp("models")
+    tiny_model_dir(directory)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_model(model_cache_dir: Path) -> object:
+    from worker.models import load_model
+
+    return load_model("tiny", device="cpu", dtype="float32", cache_dir=model_cache_dir)
+
+
+@pytest.fixture
+def service_env(redis_url: str, model_cache_dir: Path) -> dict[str, str]:
+    """Environment for gateway and worker subprocesses: this test's Redis, the cached model."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("INVERSION_")}
+    env.update(
+        INVERSION_REDIS_URL=redis_url,
+        INVERSION_MODEL="tiny",
+        INVERSION_MODEL_CACHE_DIR=str(model_cache_dir),
+        INVERSION_DEVICE="cpu",
+        INVERSION_THREADS="1",
+        HF_HUB_OFFLINE="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+class Processes:
+    """Service processes started by a test and stopped after it, whatever happens."""
+
+    def __init__(self, env: dict[str, str], logs: Path) -> None:
+        self.env = env
+        self.logs = logs
+        self.started: list[subprocess.Popen[bytes]] = []
+
+    def spawn(self, name: str, args: list[str], **env: str) -> subprocess.Popen[bytes]:
+        log = open(self.logs / f"{name}-{len(self.started)}.log", "wb")  # noqa: SIM115
+        process = subprocess.Popen(
+            args, env=self.env | env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT
+        )
+        self.started.append(process)
+        return process
+
+    def gateway(self, **env: str) -> str:
+        port = free_port()
+        self.spawn("gateway", [str(BIN / "ddim-invert"), "gateway", "--port", str(port)], **env)
+        url = f"http://127.0.0.1:{port}"
+        import httpx
+
+        wait_for(lambda: httpx.get(url + "/healthz").status_code == 200, 30, "the gateway")
+        return url
+
+    def worker(self, wait: bool = True, **env: str) -> subprocess.Popen[bytes]:
+        import redis
+
+        from contract import WORKERS_KEY
+
+        client = redis.Redis.from_url(self.env["INVERSION_REDIS_URL"])
+        before = set(client.hkeys(WORKERS_KEY))
+        process = self.spawn("worker", [str(BIN / "ddim-invert"), "worker"], **env)
+        if wait:
+            wait_for(
+                lambda: set(client.hkeys(WORKERS_KEY)) - before or process.poll() is not None,
+                60,
+                "a worker to register",
+            )
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"the worker exited with {process.returncode}: {self.log_text()}"
+                )
+        client.close()
+        return process
+
+    def log_text(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.logs.glob("*.log"))
+
+    def stop_all(self) -> None:
+        for process in self.started:
+            if process.poll() is None:
+                process.terminate()
+        for process in self.started:
+            try:
+                process.wait(15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+@pytest.fixture
+def processes(service_env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
+    procs = Processes(service_env, tmp_path)
+    yield procs
+    procs.stop_all()

@@ -1,0 +1,195 @@
+"""The batching worker, in-process against a real Redis, with the tiny model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+
+from contract import META_ERROR, META_RESULT, cancel_key, result_key
+from tests.jobs_helper import enqueue, queue_for, solo_latents
+from worker.batching import InversionWorker
+from worker.engine import load_result
+from worker.settings import WorkerSettings
+
+
+def make_worker(connection, model, max_batch_size: int, **settings) -> InversionWorker:
+    config = WorkerSettings(max_batch_wait_ms=0, **settings)
+    return InversionWorker(
+        [queue_for(connection)],
+        connection=connection,
+        model=model,
+        settings=config,
+        max_batch_size=max_batch_size,
+    )
+
+
+class UnetCalls:
+    """Counts UNet forward calls and their batch sizes."""
+
+    def __init__(self, unet) -> None:
+        self.sizes: list[int] = []
+        self.handle = unet.register_forward_pre_hook(self.hook)
+
+    def hook(self, module, args) -> None:
+        self.sizes.append(int(args[0].shape[0]))
+
+    def close(self) -> None:
+        self.handle.remove()
+
+
+@pytest.fixture
+def unet_calls(tiny_model):
+    calls = UnetCalls(tiny_model.unet)
+    yield calls
+    calls.close()
+
+
+def fetch(connection, job_id: str) -> Job:
+    return Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+
+
+def latents_of(connection, job_id: str) -> torch.Tensor:
+    tensors, _ = load_result(connection.get(result_key(job_id)))
+    return tensors["latents"]
+
+
+@pytest.mark.parametrize(("jobs", "batch"), [(5, 2), (4, 4), (3, 8)])
+def test_compatible_jobs_share_unet_calls_and_equal_solo_results(
+    redis_client, tiny_model, unet_calls, jobs, batch
+):
+    steps = 4
+    images = ["chelsea.png", "coffee.png", "astronaut.png"]
+    specs = [(images[i % 3], f"prompt number {i}") for i in range(jobs)]
+    ids = [
+        enqueue(redis_client, image, prompt=prompt, num_inference_steps=steps)
+        for image, prompt in specs
+    ]
+    worker = make_worker(redis_client, tiny_model, batch)
+    worker.work(burst=True)
+
+    assert worker.batches_run == math.ceil(jobs / batch)
+    assert len(unet_calls.sizes) == math.ceil(jobs / batch) * steps
+    for job_id, (image, prompt) in zip(ids, specs, strict=True):
+        job = fetch(redis_client, job_id)
+        assert job.get_status() == JobStatus.FINISHED
+        assert job.meta[META_RESULT]["prompt"] == prompt
+        solo = solo_latents(tiny_model, image, prompt=prompt, num_inference_steps=steps)
+        assert (latents_of(redis_client, job_id) - solo).abs().max() <= 1e-5
+    # Each job went through RQ's own registries: rq info sees them as finished.
+    assert set(queue_for(redis_client).finished_job_registry.get_job_ids()) == set(ids)
+
+
+def test_incompatible_jobs_all_finish_oldest_first(redis_client, tiny_model, unet_calls):
+    # a, c, e are compatible (4 steps); b and d are not (3 steps, and 128x64).
+    a = enqueue(redis_client, prompt="a", num_inference_steps=4)
+    b = enqueue(redis_client, prompt="b", num_inference_steps=3)
+    c = enqueue(redis_client, prompt="c", num_inference_steps=4)
+    d = enqueue(redis_client, prompt="d", num_inference_steps=4, resolution="128x64")
+    e = enqueue(redis_client, prompt="e", num_inference_steps=4)
+    worker = make_worker(redis_client, tiny_model, 8)
+    worker.work(burst=True)
+
+    jobs = {name: fetch(redis_client, i) for name, i in zip("abcde", [a, b, c, d, e], strict=True)}
+    assert all(job.get_status() == JobStatus.FINISHED for job in jobs.values())
+    # Batches: [a, c, e] (the oldest with its compatible jobs), then [b], then [d].
+    assert unet_calls.sizes == [3] * 4 + [1] * 3 + [1] * 4
+    started = sorted(jobs, key=lambda n: jobs[n].started_at)
+    assert started.index("b") < started.index("d")
+    assert latents_of(redis_client, d).shape == (1, 4, 8, 16)
+
+
+def test_job_canceled_mid_batch_stops_alone(redis_client, tiny_model):
+    steps = 6
+    ids = [enqueue(redis_client, prompt=f"p{i}", num_inference_steps=steps) for i in range(3)]
+    victim = ids[1]
+    worker = make_worker(redis_client, tiny_model, 4)
+    calls: list[int] = []
+
+    def cancel_at_step_three(module, args) -> None:
+        calls.append(int(args[0].shape[0]))
+        if len(calls) == 3:
+            redis_client.set(cancel_key(victim), "1")
+
+    handle = tiny_model.unet.register_forward_pre_hook(cancel_at_step_three)
+    try:
+        worker.work(burst=True)
+    finally:
+        handle.remove()
+    assert calls == [3, 3, 3, 2, 2, 2]
+    canceled = fetch(redis_client, victim)
+    assert canceled.get_status() == JobStatus.CANCELED
+    assert canceled.meta[META_ERROR]["code"] == "canceled"
+    assert redis_client.get(result_key(victim)) is None
+    for job_id in (ids[0], ids[2]):
+        assert fetch(redis_client, job_id).get_status() == JobStatus.FINISHED
+        solo = solo_latents(
+            tiny_model, "chelsea.png", prompt=f"p{ids.index(job_id)}", num_inference_steps=steps
+        )
+        assert (latents_of(redis_client, job_id) - solo).abs().max() <= 1e-5
+
+
+def test_out_of_memory_batch_is_split_and_retried(redis_client, tiny_model):
+    ids = [enqueue(redis_client, prompt=f"p{i}", num_inference_steps=3) for i in range(4)]
+    worker = make_worker(redis_client, tiny_model, 4)
+    sizes: list[int] = []
+
+    def oom_above_two(module, args) -> None:
+        sizes.append(int(args[0].shape[0]))
+        if args[0].shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    handle = tiny_model.unet.register_forward_pre_hook(oom_above_two)
+    try:
+        worker.work(burst=True)
+    finally:
+        handle.remove()
+    assert sizes == [4, 2, 2, 2, 2, 2, 2]
+    for i, job_id in enumerate(ids):
+        assert fetch(redis_client, job_id).get_status() == JobStatus.FINISHED
+        solo = solo_latents(tiny_model, "chelsea.png", prompt=f"p{i}", num_inference_steps=3)
+        assert (latents_of(redis_client, job_id) - solo).abs().max() <= 1e-5
+
+
+def test_job_that_cannot_fit_alone_fails_with_its_code(redis_client, tiny_model):
+    big = enqueue(redis_client, prompt="big", num_inference_steps=3, resolution=128)
+    small = enqueue(redis_client, prompt="small", num_inference_steps=3)
+    worker = make_worker(redis_client, tiny_model, 4)
+
+    def oom_on_large(module, args) -> None:
+        if args[0].shape[-1] > 8:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+
+    handle = tiny_model.unet.register_forward_pre_hook(oom_on_large)
+    try:
+        worker.work(burst=True)
+    finally:
+        handle.remove()
+    failed = fetch(redis_client, big)
+    assert failed.get_status() == JobStatus.FAILED
+    assert failed.meta[META_ERROR]["code"] == "gpu_out_of_memory"
+    assert fetch(redis_client, small).get_status() == JobStatus.FINISHED
+
+
+def test_job_timeout_fails_with_timeout_code(redis_client, tiny_model):
+    slow = enqueue(redis_client, prompt="slow", num_inference_steps=5, timeout=1)
+    fast = enqueue(redis_client, prompt="fast", num_inference_steps=5)
+    worker = make_worker(redis_client, tiny_model, 4)
+
+    def sleep_per_step(module, args) -> None:
+        import time
+
+        time.sleep(0.3)
+
+    handle = tiny_model.unet.register_forward_pre_hook(sleep_per_step)
+    try:
+        worker.work(burst=True)
+    finally:
+        handle.remove()
+    timed_out = fetch(redis_client, slow)
+    assert timed_out.get_status() == JobStatus.FAILED
+    assert timed_out.meta[META_ERROR]["code"] == "timeout"
+    assert fetch(redis_client, fast).get_status() == JobStatus.FINISHED

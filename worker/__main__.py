@@ -1,0 +1,5 @@
+import sys
+
+from worker.main import run
+
+sys.exit(run())

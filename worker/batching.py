@@ -1,0 +1,358 @@
+"""The worker: an RQ worker that runs compatible queued jobs together through the engine.
+
+RQ dequeues the oldest job as usual. Before running it, the worker looks along the queue
+for jobs that can share its UNet calls (same resolution, steps, scheduler config and
+guidance mode; prompts may differ), waits up to `max_batch_wait_ms` for more, claims them
+atomically, and runs them as one batch. Every job still goes through RQ's own lifecycle
+(started registry, meta, result, finished / failed / canceled registries), so `rq info`
+and rq-dashboard see each job; batching shows only in speed.
+
+1. Dequeue: RQ moves the oldest job to its intermediate queue (so the oldest is always
+   in the next batch: no job starves behind a stream of compatible ones).
+2. Gather: scan the head of the queue for compatible jobs and claim them with one Lua
+   script (LREM from the queue, RPUSH to the intermediate queue), up to the batch size.
+3. Start: each job gets RQ's execution record and `started` status.
+4. Run: one engine call; between steps, progress goes to every job's meta, cancel flags
+   and deadlines are read in one round trip, and a job that must stop drops out alone.
+5. Finish: each job succeeds, fails or is canceled on its own. An error in a batch of
+   several (out of GPU memory among them) splits it and runs the halves again, so only a
+   job that fails alone fails.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rq import Queue, SimpleWorker
+from rq.executions import Execution
+from rq.job import Job, JobStatus
+from rq.serializers import JSONSerializer
+from rq.utils import now
+
+from contract import (
+    META_ERROR,
+    META_PROGRESS,
+    META_RESULT,
+    WORKERS_KEY,
+    ErrorCode,
+    InvalidParameter,
+    JobPayload,
+    WorkerRecord,
+    cancel_key,
+    input_key,
+)
+from worker import jobs
+from worker.engine import InversionRequest, batch_key, invert
+from worker.models import LoadedModel
+from worker.settings import WorkerSettings
+
+CLAIM_SCRIPT = """
+local claimed = {}
+for _, id in ipairs(ARGV) do
+  if redis.call('LREM', KEYS[1], 1, id) == 1 then
+    redis.call('RPUSH', KEYS[2], id)
+    table.insert(claimed, id)
+  end
+end
+return claimed
+"""
+"""Claim job ids from the queue atomically: a job another worker took is simply skipped."""
+
+SCAN_FACTOR = 4
+"""How far along the queue to look for compatible jobs, in multiples of the batch size."""
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    import torch
+
+    return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
+
+
+@dataclass
+class Running:
+    """One job of a batch, with what the worker needs to finish it."""
+
+    job: Job
+    payload: JobPayload | None = None
+    execution: Execution | None = None
+    deadline: float = float("inf")
+    stop_code: ErrorCode | None = None
+    error: tuple[ErrorCode, str] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class InversionWorker(SimpleWorker):
+    """Never forks (CUDA cannot be used in a forked child); the model stays loaded."""
+
+    def __init__(
+        self,
+        queues: Sequence[Queue],
+        *,
+        model: LoadedModel,
+        settings: WorkerSettings,
+        max_batch_size: int,
+        **kwargs: Any,
+    ) -> None:
+        kwargs.setdefault("serializer", JSONSerializer)
+        # A short worker TTL makes RQ block for at most a few seconds between heartbeats.
+        kwargs.setdefault("worker_ttl", 20)
+        super().__init__(queues, **kwargs)
+        self.model = model
+        self.settings = settings
+        self.max_batch_size = max_batch_size
+        self._claim = self.connection.register_script(CLAIM_SCRIPT)
+        self._last_record = 0.0
+        self.batches_run = 0
+
+    # -- liveness -------------------------------------------------------------------------
+
+    def publish_record(self, force: bool = False) -> None:
+        """Tell gateways this worker is alive with its model loaded (throttled)."""
+        moment = time.time()
+        if not force and moment - self._last_record < self.settings.heartbeat_s:
+            return
+        record = WorkerRecord(
+            name=self.name,
+            model=self.model.info(),
+            heartbeat_at=moment,
+            max_batch_size=self.max_batch_size,
+        )
+        self.connection.hset(WORKERS_KEY, self.name, record.model_dump_json())
+        self._last_record = moment
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
+        super().heartbeat(timeout, pipeline)
+        if pipeline is None:
+            self.publish_record()
+
+    def register_birth(self) -> None:
+        super().register_birth()
+        self.publish_record(force=True)
+
+    def register_death(self) -> None:
+        self.connection.hdel(WORKERS_KEY, self.name)
+        super().register_death()
+
+    # -- 1-2. gathering a batch -------------------------------------------------------------
+
+    def _key_of(self, payload: JobPayload | None) -> str | None:
+        if payload is None:
+            return None
+        try:
+            return batch_key(payload.params, self.model)
+        except (InvalidParameter, ValueError):
+            return None
+
+    def gather(self, head: Running, queue: Queue) -> list[Running]:
+        """Compatible queued jobs claimed to run with `head`, waiting at most max_batch_wait_ms."""
+        key = self._key_of(head.payload)
+        if key is None or self.max_batch_size <= 1:
+            return []
+        extra: list[Running] = []
+        deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000.0
+        seen_incompatible: set[str] = set()
+        while len(extra) + 1 < self.max_batch_size:
+            depth = self.max_batch_size * SCAN_FACTOR
+            ids = [i.decode() for i in self.connection.lrange(queue.key, 0, depth - 1)]
+            candidates = [i for i in ids if i not in seen_incompatible]
+            wanted: list[str] = []
+            payloads: dict[str, JobPayload] = {}
+            for job in Job.fetch_many(
+                candidates, connection=self.connection, serializer=JSONSerializer
+            ):
+                if job is None:
+                    continue
+                try:
+                    payload = jobs.parse_payload(job.kwargs)
+                except jobs.JobFailed:
+                    seen_incompatible.add(job.id)
+                    continue
+                if self._key_of(payload) == key:
+                    wanted.append(job.id)
+                    payloads[job.id] = payload
+                else:
+                    seen_incompatible.add(job.id)
+                if len(wanted) + len(extra) + 1 >= self.max_batch_size:
+                    break
+            if wanted:
+                claimed = self._claim(keys=[queue.key, queue.intermediate_queue_key], args=wanted)
+                for raw in claimed:
+                    job_id = raw.decode() if isinstance(raw, bytes) else raw
+                    job = Job.fetch(job_id, connection=self.connection, serializer=JSONSerializer)
+                    extra.append(Running(job=job, payload=payloads[job_id]))
+            if len(extra) + 1 >= self.max_batch_size or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.002, max(0.0, deadline - time.monotonic())))
+        return extra
+
+    # -- 3-5. running a batch -------------------------------------------------------------
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        head = Running(job=job)
+        try:
+            head.payload = jobs.parse_payload(job.kwargs)
+        except jobs.JobFailed as exc:
+            head.error = (exc.code, exc.message)
+        batch = [head, *self.gather(head, queue)]
+        for item in batch:
+            self.start(item)
+        self.run(batch, queue)
+        self.set_state("idle")
+
+    def start(self, item: Running) -> None:
+        item.execution = self.prepare_execution(item.job)
+        self.prepare_job_execution(item.job, remove_from_intermediate_queue=True)
+        item.job.started_at = now()
+        item.meta = dict(item.job.meta)
+        timeout = item.job.timeout
+        if timeout is not None and timeout > 0:
+            item.deadline = time.monotonic() + float(timeout)
+
+    def run(self, batch: list[Running], queue: Queue) -> None:
+        """Run a started batch to the end; every job ends terminal exactly once."""
+        pending = [item for item in batch if item.error is None]
+        for item in batch:
+            if item.error is not None:
+                self.fail(item, queue, *item.error)
+        if pending:
+            # A job canceled between its dequeue and now never runs.
+            flags = self.connection.mget([cancel_key(i.job.id) for i in pending])
+            for item, flag in zip(list(pending), flags, strict=True):
+                if flag is not None:
+                    pending.remove(item)
+                    self.cancel(item, queue, ErrorCode.CANCELED)
+        requests: list[InversionRequest] = []
+        ready: list[Running] = []
+        for item in pending:
+            assert item.payload is not None
+            try:
+                requests.append(jobs.request_for(self.connection, item.job.id, item.payload))
+                ready.append(item)
+            except jobs.JobFailed as exc:
+                self.fail(item, queue, exc.code, exc.message)
+        if ready:
+            self.run_requests(ready, requests, queue)
+
+    def run_requests(
+        self, batch: list[Running], requests: list[InversionRequest], queue: Queue
+    ) -> None:
+        total = requests[0].params.num_inference_steps
+
+        def progress(step: int, steps: int) -> None:
+            if step % self.settings.progress_every and step != steps:
+                return
+            with self.connection.pipeline(transaction=False) as pipe:
+                for item in batch:
+                    if item.stop_code is None:
+                        item.meta[META_PROGRESS] = {"step": step, "total": steps}
+                        pipe.hset(item.job.key, "meta", JSONSerializer.dumps(item.meta))
+                pipe.execute()
+            self.heartbeat()
+
+        def check_canceled(active: list[int]) -> list[int]:
+            flags = self.connection.mget([cancel_key(batch[i].job.id) for i in active])
+            moment = time.monotonic()
+            stopped = []
+            for index, flag in zip(active, flags, strict=True):
+                if flag is not None:
+                    batch[index].stop_code = ErrorCode.CANCELED
+                elif moment > batch[index].deadline:
+                    batch[index].stop_code = ErrorCode.TIMEOUT
+                else:
+                    continue
+                stopped.append(index)
+            return stopped
+
+        progress(0, total)
+        try:
+            results = invert(self.model, requests, progress=progress, check_canceled=check_canceled)
+        except Exception as exc:
+            self.free_memory()
+            if len(batch) > 1:
+                # Isolation: a batch that fails is split, so only a job that fails alone fails.
+                self.log.warning("batch of %d failed (%s); splitting", len(batch), exc)
+                half = len(batch) // 2
+                for part in (slice(0, half), slice(half, None)):
+                    self.run_requests(batch[part], requests[part], queue)
+                return
+            item = batch[0]
+            if isinstance(exc, InvalidParameter):
+                self.fail(item, queue, ErrorCode.INVALID_INPUT, str(exc))
+            elif is_out_of_memory(exc):
+                self.fail(item, queue, ErrorCode.GPU_OUT_OF_MEMORY, f"out of GPU memory: {exc}")
+            else:
+                self.fail(item, queue, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
+            return
+        self.batches_run += 1
+        for item, result in zip(batch, results, strict=True):
+            if result is None:
+                self.cancel(item, queue, item.stop_code or ErrorCode.CANCELED)
+                continue
+            try:
+                metadata = jobs.store_result(
+                    self.connection,
+                    item.job.id,
+                    result,
+                    item.job.get_result_ttl(self.default_result_ttl),
+                )
+            except Exception as exc:
+                self.fail(item, queue, ErrorCode.INTERNAL, f"storing the result failed: {exc}")
+                continue
+            item.meta.pop(META_PROGRESS, None)
+            item.meta[META_PROGRESS] = {"step": total, "total": total}
+            item.meta[META_RESULT] = metadata
+            item.job.meta = item.meta
+            item.job.save_meta()
+            assert item.execution is not None
+            self._finalize_success(item.job, queue, item.execution, metadata)
+
+    # -- endings --------------------------------------------------------------------------
+
+    def fail(self, item: Running, queue: Queue, code: ErrorCode, message: str) -> None:
+        item.meta[META_ERROR] = jobs.error_meta(code, message)
+        item.job.meta = item.meta
+        item.job.save_meta()
+        error = jobs.JobFailed(code, message)
+        assert item.execution is not None
+        self._finalize_failure(item.job, queue, item.execution, (type(error), error, None))
+
+    def cancel(self, item: Running, queue: Queue, code: ErrorCode) -> None:
+        """A job stopped alone: canceled by its client, or past its timeout (a failure)."""
+        if code is ErrorCode.TIMEOUT:
+            timeout = item.job.timeout
+            self.fail(item, queue, code, f"the job ran past its timeout of {timeout} s")
+            return
+        item.meta[META_ERROR] = jobs.error_meta(ErrorCode.CANCELED, "canceled by the client")
+        item.job.meta = item.meta
+        item.job.save_meta()
+        with self.connection.pipeline() as pipe:
+            self.cleanup_execution(item.job, pipeline=pipe, execution=item.execution)
+            pipe.execute()
+        item.job.ended_at = now()
+        if item.job.get_status(refresh=True) != JobStatus.CANCELED:
+            item.job.cancel()
+        self.connection.delete(input_key(item.job.id))
+
+    def free_memory(self) -> None:
+        import gc
+
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def describe(worker: InversionWorker) -> str:
+    return json.dumps(
+        {"name": worker.name, "model": worker.model.name, "max_batch_size": worker.max_batch_size}
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("run `ddim-invert worker` or `python -m worker`")

@@ -1,0 +1,116 @@
+"""From an RQ job to an engine request and back: payloads in, results and errors out.
+
+`run_inversion` is the function RQ records for every job (contract.JOB_FUNCTION). The
+batching worker never calls it (it runs many jobs per UNet call), but a plain
+`rq worker --serializer rq.serializers.JSONSerializer` with a model loaded through
+`set_model` can, one job at a time, with the same results.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from redis import Redis
+
+from contract import (
+    META_ERROR,
+    META_RESULT,
+    ErrorCode,
+    InversionParams,
+    JobPayload,
+    input_key,
+    result_key,
+)
+from worker.engine import InversionRequest, InversionResult, invert
+from worker.models import LoadedModel
+
+_model: LoadedModel | None = None
+
+
+class JobFailed(Exception):
+    """A job that fails alone, with a contract error code; the worker lives on."""
+
+    def __init__(self, code: ErrorCode, message: str) -> None:
+        super().__init__(f"{code.value}: {message}")
+        self.code = code
+        self.message = message
+
+
+def set_model(model: LoadedModel) -> None:
+    """The model `run_inversion` uses when RQ itself calls it."""
+    global _model
+    _model = model
+
+
+def parse_payload(kwargs: dict[str, Any]) -> JobPayload:
+    try:
+        return JobPayload.model_validate(kwargs["payload"])
+    except Exception as exc:
+        raise JobFailed(ErrorCode.INVALID_INPUT, f"the job's payload is not valid: {exc}") from None
+
+
+def load_image(connection: Redis, job_id: str, payload: JobPayload) -> np.ndarray:
+    """The normalised RGB upload the gateway stored beside the job."""
+    data = connection.get(input_key(job_id))
+    expected = payload.image_width * payload.image_height * 3
+    if data is None:
+        raise JobFailed(ErrorCode.INVALID_INPUT, "the job's image has expired or was never stored")
+    if len(data) != expected:
+        raise JobFailed(ErrorCode.INVALID_INPUT, "the job's image has the wrong size")
+    array = np.frombuffer(data, dtype=np.uint8)
+    return array.reshape(payload.image_height, payload.image_width, 3)
+
+
+def request_for(connection: Redis, job_id: str, payload: JobPayload) -> InversionRequest:
+    return InversionRequest(image=load_image(connection, job_id, payload), params=payload.params)
+
+
+def store_result(connection: Redis, job_id: str, result: InversionResult, ttl: int | None) -> dict:
+    """Write the safetensors bytes with the job's result TTL; return what the job reports."""
+    data = result.to_safetensors()
+    if ttl is not None and ttl > 0:
+        connection.set(result_key(job_id), data, ex=ttl)
+    else:
+        connection.set(result_key(job_id), data)
+    connection.delete(input_key(job_id))
+    return result.metadata.model_dump(mode="json")
+
+
+def error_meta(code: ErrorCode, message: str) -> dict[str, str]:
+    return {"code": code.value, "message": message}
+
+
+def run_inversion(payload: dict[str, Any]) -> dict[str, Any]:
+    """RQ's entry point for one job, when a plain RQ worker runs it."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    if job is None or _model is None:
+        raise RuntimeError("run_inversion runs inside an RQ worker that called set_model()")
+    parsed = parse_payload({"payload": payload})
+    try:
+        request = request_for(job.connection, job.id, parsed)
+        (result,) = invert(_model, [request])
+    except JobFailed as exc:
+        job.meta[META_ERROR] = error_meta(exc.code, exc.message)
+        job.save_meta()
+        raise
+    assert result is not None
+    metadata = store_result(job.connection, job.id, result, job.result_ttl)
+    job.meta[META_RESULT] = metadata
+    job.save_meta()
+    return metadata
+
+
+__all__ = [
+    "InversionParams",
+    "JobFailed",
+    "error_meta",
+    "load_image",
+    "parse_payload",
+    "request_for",
+    "run_inversion",
+    "set_model",
+    "store_result",
+]

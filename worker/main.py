@@ -1,0 +1,93 @@
+"""The worker process: load the model once, warm it up, register, then drain the queue."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+from redis import Redis
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from contract import InversionParams
+from worker.batching import InversionWorker
+from worker.engine import InversionRequest, invert
+from worker.models import LoadedModel, ModelLoadError, load_model
+from worker.settings import WorkerSettings, get_settings
+
+log = logging.getLogger("worker")
+
+CPU_BATCH_SIZE = 8
+"""Default batch on the CPU: larger batches gain little there."""
+
+GPU_BYTES_PER_MEGAPIXEL = 2.5 * 2**30
+"""Rough peak UNet activation memory per image per megapixel in fp16 (SD 1.5), with margin."""
+
+
+def default_batch_size(model: LoadedModel) -> int:
+    """How many images fit: from free GPU memory at start, or CPU_BATCH_SIZE."""
+    import torch
+
+    if model.device.type != "cuda":
+        return CPU_BATCH_SIZE
+    free, _total = torch.cuda.mem_get_info(model.device)
+    width, height = model.native_resolution
+    per_image = GPU_BYTES_PER_MEGAPIXEL * (width * height / 2**20) * 2  # x2: guidance rows
+    return int(max(1, min(64, (free * 0.8) // per_image)))
+
+
+def warm_up(model: LoadedModel) -> float:
+    """One short inversion, so that the first job does not pay for lazy initialisation."""
+    started = time.perf_counter()
+    width, height = model.native_resolution
+    image = np.full((height, width, 3), 127, dtype=np.uint8)
+    invert(model, [InversionRequest(image, InversionParams(prompt="", num_inference_steps=2))])
+    return time.perf_counter() - started
+
+
+def build_worker(
+    settings: WorkerSettings, model: LoadedModel, connection: Redis
+) -> InversionWorker:
+    queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+    return InversionWorker(
+        [queue],
+        connection=connection,
+        model=model,
+        settings=settings,
+        max_batch_size=settings.max_batch_size or default_batch_size(model),
+    )
+
+
+def run(burst: bool = False) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = get_settings()
+    if settings.threads:
+        import torch
+
+        torch.set_num_threads(settings.threads)
+    try:
+        model = load_model(
+            settings.model,
+            device=settings.device,
+            dtype=settings.dtype,
+            allow_download=settings.allow_download,
+            cache_dir=settings.model_cache_dir,
+        )
+    except ModelLoadError as exc:
+        log.error("cannot load the model: %s", exc)
+        return 2
+    log.info(
+        "model %s loaded on %s (%s); warm-up took %.2f s",
+        model.name,
+        model.device,
+        model.dtype,
+        warm_up(model),
+    )
+    connection = Redis.from_url(
+        settings.redis_url, socket_connect_timeout=5, health_check_interval=10
+    )
+    worker = build_worker(settings, model, connection)
+    log.info("worker %s ready: max_batch_size %d", worker.name, worker.max_batch_size)
+    worker.work(burst=burst, logging_level="INFO")
+    return 0
