@@ -1,0 +1,187 @@
+"""The service end to end: real redis-server, real `ddim-invert gateway` and `worker` processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from safetensors.torch import load
+
+from tests.conftest import BIN, SAMPLES, wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def submit(base: str, image: str = "chelsea.png", **fields: object) -> dict:
+    data = {"prompt": "a photo of a cat"} | {k: str(v) for k, v in fields.items()}
+    with (SAMPLES / image).open("rb") as handle:
+        answer = httpx.post(
+            base + "/v1/inversions", data=data, files={"image": (image, handle, "image/png")}
+        )
+    assert answer.status_code == 202, answer.text
+    body = answer.json()
+    assert answer.headers["location"] == f"/v1/inversions/{body['id']}"
+    return body
+
+
+def status(base: str, job_id: str) -> dict:
+    answer = httpx.get(f"{base}/v1/inversions/{job_id}")
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def wait_status(base: str, job_id: str, wanted: set[str], timeout: float = 60) -> dict:
+    return wait_for(  # type: ignore[return-value]
+        lambda: (s := status(base, job_id))["status"] in wanted and s, timeout, f"{wanted}"
+    )
+
+
+def test_submit_poll_download_equals_local_cli(processes, tmp_path: Path, service_env):
+    base = processes.gateway()
+    processes.worker()
+    params = {"num_inference_steps": 12, "guidance_scale": 2.5, "negative_prompt": "blurry"}
+    job = submit(base, "coffee.png", prompt="a cup of coffee", **params)
+    assert job["status"] in ("queued", "running")
+    done = wait_status(base, job["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done
+    assert done["result"]["latents_shape"] == [1, 4, 8, 8]
+    assert done["result"]["prompt"] == "a cup of coffee"
+    assert done["params"]["num_inference_steps"] == 12
+
+    answer = httpx.get(f"{base}/v1/inversions/{job['id']}/latents")
+    assert answer.status_code == 200
+    served = load(answer.content)
+
+    out = tmp_path / "local.safetensors"
+    cli = subprocess.run(
+        [
+            str(BIN / "ddim-invert"),
+            "local",
+            str(SAMPLES / "coffee.png"),
+            "--prompt",
+            "a cup of coffee",
+            "--steps",
+            "12",
+            "--guidance-scale",
+            "2.5",
+            "--negative-prompt",
+            "blurry",
+            "--out",
+            str(out),
+        ],
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 0, cli.stderr
+    assert json.loads(cli.stdout.splitlines()[0])["shape"] == [1, 4, 8, 8]
+    local = load(out.read_bytes())
+    assert (served["latents"] - local["latents"]).abs().max() <= 1e-5
+    assert served["timesteps"].tolist() == local["timesteps"].tolist()
+
+    npy = httpx.get(f"{base}/v1/inversions/{job['id']}/latents", params={"format": "npy"})
+    assert npy.status_code == 200
+    import io
+
+    import numpy as np
+
+    array = np.load(io.BytesIO(npy.content))
+    assert np.abs(array - local["latents"].numpy()).max() <= 1e-5
+
+
+def test_trajectory_job(processes):
+    base = processes.gateway()
+    processes.worker()
+    job = submit(base, num_inference_steps=5, return_trajectory="true")
+    done = wait_status(base, job["id"], {"succeeded", "failed"})
+    assert done["status"] == "succeeded", done
+    tensors = load(httpx.get(f"{base}/v1/inversions/{job['id']}/latents").content)
+    assert tensors["trajectory"].shape == (6, 1, 4, 8, 8)
+    assert (tensors["trajectory"][-1] - tensors["latents"]).abs().max() == 0
+
+
+def test_unknown_id_is_404_and_latents_409_while_queued(processes):
+    base = processes.gateway()
+    answer = httpx.get(f"{base}/v1/inversions/6f1c2a53-3f7e-4f4e-9d7c-6b0c1f2b9a11")
+    assert answer.status_code == 404
+    assert answer.headers["content-type"].startswith("application/problem+json")
+    assert answer.json()["code"] == "not_found"
+    job = submit(base)  # no worker yet: it stays queued
+    queued = status(base, job["id"])
+    assert queued["status"] == "queued"
+    assert queued["queue_position"] == 0
+    early = httpx.get(f"{base}/v1/inversions/{job['id']}/latents")
+    assert early.status_code == 409
+    assert early.json()["code"] == "not_finished"
+
+
+def test_cancel_queued_job_never_runs(processes, redis_client):
+    base = processes.gateway()
+    doomed = submit(base, prompt="never")
+    kept = submit(base, prompt="kept", num_inference_steps=3)
+    answer = httpx.delete(f"{base}/v1/inversions/{doomed['id']}")
+    assert answer.status_code == 202
+    assert status(base, doomed["id"])["status"] == "canceled"
+    processes.worker()
+    assert wait_status(base, kept["id"], {"succeeded"})["status"] == "succeeded"
+    final = status(base, doomed["id"])
+    assert final["status"] == "canceled"
+    assert final.get("started_at") is None or final["timings"].get("started_at") is None
+
+
+def test_cancel_running_job_and_progress_seen(processes):
+    base = processes.gateway()
+    processes.worker()
+    job = submit(base, num_inference_steps=1000)
+    running = wait_for(
+        lambda: (
+            (s := status(base, job["id"]))["status"] == "running"
+            and (s.get("progress") or {}).get("step", 0) > 0
+            and s
+        ),
+        60,
+        "progress",
+    )
+    assert 0 < running["progress"]["step"] < running["progress"]["total"] == 1000
+    assert httpx.delete(f"{base}/v1/inversions/{job['id']}").status_code == 202
+    final = wait_status(base, job["id"], {"canceled", "succeeded", "failed"})
+    assert final["status"] == "canceled"
+    assert final["error"]["code"] == "canceled"
+    assert httpx.get(f"{base}/v1/inversions/{job['id']}/latents").status_code in (404, 409, 410)
+    # A finished (here canceled) job is deleted with DELETE.
+    assert httpx.delete(f"{base}/v1/inversions/{job['id']}").status_code == 204
+    assert httpx.get(f"{base}/v1/inversions/{job['id']}").status_code == 404
+
+
+def test_two_workers_drain_one_queue(processes, redis_client):
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    base = processes.gateway()
+    ids = [submit(base, prompt=f"job {i}", num_inference_steps=30)["id"] for i in range(6)]
+    processes.worker(INVERSION_MAX_BATCH_SIZE="1")
+    processes.worker(INVERSION_MAX_BATCH_SIZE="1")
+    for job_id in ids:
+        assert wait_status(base, job_id, {"succeeded", "failed"}, 120)["status"] == "succeeded"
+    names = {
+        Job.fetch(i, connection=redis_client, serializer=JSONSerializer).worker_name for i in ids
+    }
+    assert len(names) == 2
+
+
+def test_readyz_follows_workers(processes):
+    base = processes.gateway()
+    assert httpx.get(base + "/healthz").status_code == 200
+    assert httpx.get(base + "/readyz").status_code == 503
+    worker = processes.worker()
+    assert httpx.get(base + "/readyz").status_code == 200
+    worker.terminate()
+    worker.wait(20)
+    assert httpx.get(base + "/readyz").status_code == 503
+    started = time.monotonic()
+    assert time.monotonic() - started < 5
