@@ -21,13 +21,17 @@ and rq-dashboard see each job; batching shows only in speed.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
 from rq.job import Job, JobStatus
@@ -65,6 +69,30 @@ return claimed
 
 SCAN_FACTOR = 4
 """How far along the queue to look for compatible jobs, in multiples of the batch size."""
+
+
+@contextlib.contextmanager
+def redis_outage_tolerated(worker: SimpleWorker) -> Iterator[None]:
+    """Progress and cancel checks are best effort: the GPU keeps working through an outage."""
+    try:
+        yield
+    except (RedisConnectionError, RedisTimeoutError) as exc:
+        worker.log.warning("Redis unavailable during a batch (%s); continuing", exc)
+
+
+def wait_for_redis(worker: SimpleWorker, limit_s: float = 300.0) -> None:
+    """Before writing results, wait (with backoff) for Redis to come back after an outage."""
+    delay, waited = 0.2, 0.0
+    while True:
+        try:
+            worker.connection.ping()
+            return
+        except (RedisConnectionError, RedisTimeoutError):
+            if waited >= limit_s:
+                raise
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 5.0)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -107,6 +135,8 @@ class InversionWorker(SimpleWorker):
         self.max_batch_size = max_batch_size
         self._claim = self.connection.register_script(CLAIM_SCRIPT)
         self._last_record = 0.0
+        self._last_keep_alive = 0.0
+        self._last_reap = 0.0
         self.batches_run = 0
 
     # -- liveness -------------------------------------------------------------------------
@@ -129,6 +159,40 @@ class InversionWorker(SimpleWorker):
         super().heartbeat(timeout, pipeline)
         if pipeline is None:
             self.publish_record()
+            self.reap_lost_jobs()
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        """A running job's execution expires this long after its worker was last heard from."""
+        return max(1, math.ceil(self.settings.lost_after_s))
+
+    def keep_alive(self, batch: list[Running]) -> None:
+        """Extend every running job's execution, so that only a dead worker's jobs expire."""
+        moment = time.monotonic()
+        if moment - self._last_keep_alive < self.settings.heartbeat_s:
+            return
+        self._last_keep_alive = moment
+        for item in batch:
+            if item.execution is not None and item.stop_code is None:
+                self.maintain_heartbeats(item.job, item.execution)
+        self.heartbeat()
+
+    def reap_lost_jobs(self) -> None:
+        """Jobs whose worker stopped heartbeating (killed, machine gone) are retried or fail.
+
+        RQ's own StartedJobRegistry.cleanup does it: an expired execution is retried while the
+        job has retries left (the gateway enqueues with Retry(max_retries)), else it fails
+        with AbandonedJobError, which the gateway reports as `worker_lost`. Any live worker
+        runs it, every lost_after_s / 2.
+        """
+        moment = time.monotonic()
+        if moment - self._last_reap < self.settings.lost_after_s / 2:
+            return
+        self._last_reap = moment
+        for queue in self.queues:
+            try:
+                queue.started_job_registry.cleanup()
+            except Exception as exc:  # a reaping hiccup must not stop the worker
+                self.log.warning("reaping lost jobs failed: %s", exc)
 
     def register_birth(self) -> None:
         super().register_birth()
@@ -246,16 +310,18 @@ class InversionWorker(SimpleWorker):
         def progress(step: int, steps: int) -> None:
             if step % self.settings.progress_every and step != steps:
                 return
-            with self.connection.pipeline(transaction=False) as pipe:
+            with redis_outage_tolerated(self), self.connection.pipeline(transaction=False) as pipe:
                 for item in batch:
                     if item.stop_code is None:
                         item.meta[META_PROGRESS] = {"step": step, "total": steps}
                         pipe.hset(item.job.key, "meta", JSONSerializer.dumps(item.meta))
                 pipe.execute()
-            self.heartbeat()
+            self.keep_alive(batch)
 
         def check_canceled(active: list[int]) -> list[int]:
-            flags = self.connection.mget([cancel_key(batch[i].job.id) for i in active])
+            flags: list[Any] = [None] * len(active)
+            with redis_outage_tolerated(self):
+                flags = self.connection.mget([cancel_key(batch[i].job.id) for i in active])
             moment = time.monotonic()
             stopped = []
             for index, flag in zip(active, flags, strict=True):
@@ -289,6 +355,7 @@ class InversionWorker(SimpleWorker):
                 self.fail(item, queue, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
         self.batches_run += 1
+        wait_for_redis(self)
         for item, result in zip(batch, results, strict=True):
             if result is None:
                 self.cancel(item, queue, item.stop_code or ErrorCode.CANCELED)
@@ -318,6 +385,8 @@ class InversionWorker(SimpleWorker):
         item.job.meta = item.meta
         item.job.save_meta()
         error = jobs.JobFailed(code, message)
+        # A failure with a code is final: retries are for jobs whose worker was lost.
+        item.job.retries_left = 0
         assert item.execution is not None
         self._finalize_failure(item.job, queue, item.execution, (type(error), error, None))
 
