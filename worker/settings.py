@@ -18,8 +18,10 @@ class WorkerSettings(BaseSettings):
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue.")
     queue_name: str = Field(QUEUE_NAME, description="The RQ queue to drain.")
     model: str = Field("tiny", description="A diffusers SD 1.x/2.x folder, a hub id, or 'tiny'.")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
+        "auto", description="auto: float16 on CUDA, float32 on the CPU; float64 CPU only."
+    )
     allow_download: bool = Field(
         False, description="Let a hub id that is not cached be downloaded at start-up."
     )
@@ -51,6 +53,7 @@ class WorkerSettings(BaseSettings):
         "none", description="torch.compile the UNet per batch-size bucket (CUDA)."
     )
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default.")
+    warmup: bool = Field(True, description="Run a short inversion before registering as ready.")
 
 
 @lru_cache
