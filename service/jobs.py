@@ -1,0 +1,237 @@
+"""The gateway's side of the queue protocol (contract.py, bottom): enqueue and read jobs.
+
+No FastAPI here: plain functions over a Redis client and an RQ queue, so that the routes
+stay thin and the protocol reads in one place.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from datetime import datetime, timezone
+from typing import Any
+
+import numpy as np
+import redis
+from pydantic import ValidationError
+from rq import Queue
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
+from rq.serializers import JSONSerializer
+
+import contract
+from contract import ErrorCode, JobError, JobPayload, JobStatus, WorkerRecord
+from service.errors import ProblemError
+from service.schemas import JobParams, JobUrls, JobView, Timings
+from service.settings import GatewaySettings
+
+logger = logging.getLogger(__name__)
+
+STATUS_BY_RQ: dict[RQStatus, JobStatus] = {
+    RQStatus.CREATED: JobStatus.QUEUED,
+    RQStatus.QUEUED: JobStatus.QUEUED,
+    RQStatus.DEFERRED: JobStatus.QUEUED,
+    RQStatus.SCHEDULED: JobStatus.QUEUED,
+    RQStatus.READY_TO_ENQUEUE: JobStatus.QUEUED,
+    RQStatus.RATE_LIMITED: JobStatus.QUEUED,
+    RQStatus.STARTED: JobStatus.RUNNING,
+    RQStatus.FINISHED: JobStatus.SUCCEEDED,
+    RQStatus.FAILED: JobStatus.FAILED,
+    RQStatus.CANCELED: JobStatus.CANCELED,
+    RQStatus.STOPPED: JobStatus.CANCELED,
+}
+
+
+def live_workers(connection: redis.Redis, stale_s: float) -> list[WorkerRecord]:
+    """Workers whose heartbeat is fresher than `stale_s`, the most recent first."""
+    now = time.time()
+    records = []
+    for name, raw in connection.hgetall(contract.WORKERS_KEY).items():
+        try:
+            record = WorkerRecord.model_validate_json(raw)
+        except ValidationError:
+            logger.warning("ignoring unreadable worker record %r", name)
+            continue
+        if now - record.heartbeat_at <= stale_s:
+            records.append(record)
+    return sorted(records, key=lambda r: r.heartbeat_at, reverse=True)
+
+
+def enqueue(
+    connection: redis.Redis,
+    queue: Queue,
+    settings: GatewaySettings,
+    params: contract.InversionParams,
+    rgb: np.ndarray,
+    owner: str,
+) -> Job:
+    """Store the image, then enqueue the job: a queued job never lacks its input.
+
+    If the enqueue fails, the orphaned input is removed (and would expire anyway).
+    """
+    job_id = str(uuid.uuid4())
+    height, width = rgb.shape[:2]
+    payload = JobPayload(params=params, image_width=width, image_height=height, owner=owner)
+    key = contract.input_key(job_id)
+    connection.set(key, rgb.tobytes(), ex=settings.job_timeout_s + settings.result_ttl_s)
+    try:
+        return queue.enqueue_call(
+            contract.JOB_FUNCTION,
+            kwargs={"payload": payload.model_dump(mode="json")},
+            job_id=job_id,
+            timeout=settings.job_timeout_s,
+            result_ttl=settings.result_ttl_s,
+            failure_ttl=settings.failure_ttl_s,
+            description=f"inversion {job_id}",
+            meta={contract.META_OWNER: owner},
+        )
+    except BaseException:
+        connection.delete(key)
+        raise
+
+
+def load_job(connection: redis.Redis, job_id: str, owner: str) -> Job:
+    """The job, or a 404 problem: unknown, malformed id, or another owner's job alike."""
+    not_found = ProblemError(404, ErrorCode.NOT_FOUND, f"no inversion job {job_id!r}")
+    try:
+        uuid.UUID(job_id)
+    except ValueError:
+        raise not_found from None
+    try:
+        job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
+    except NoSuchJobError:
+        raise not_found from None
+    if job.meta.get(contract.META_OWNER, "") != owner:
+        raise not_found
+    return job
+
+
+def status_of(job: Job) -> JobStatus:
+    """The contract's five states from RQ's richer ones."""
+    return STATUS_BY_RQ.get(job.get_status(refresh=False), JobStatus.QUEUED)
+
+
+def job_error(job: Job, status: JobStatus) -> JobError | None:
+    """What the worker wrote, or a best guess from RQ when the worker could not write it."""
+    if status not in (JobStatus.FAILED, JobStatus.CANCELED):
+        return None
+    meta = job.meta.get(contract.META_ERROR)
+    if isinstance(meta, dict):
+        try:
+            return JobError.model_validate(meta)
+        except ValidationError:
+            logger.warning("job %s has an unreadable error meta %r", job.id, meta)
+    if status is JobStatus.CANCELED:
+        return JobError(code=ErrorCode.CANCELED, message="canceled")
+    result = job.latest_result()
+    exc = (result.exc_string or "") if result is not None else ""
+    lines = [line for line in exc.strip().splitlines() if line.strip()]
+    last = lines[-1].strip() if lines else "the job failed without a message"
+    code = ErrorCode.TIMEOUT if "JobTimeoutException" in exc else ErrorCode.INTERNAL
+    return JobError(code=code, message=last)
+
+
+def _aware(moment: datetime | None) -> datetime | None:
+    if moment is not None and moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment
+
+
+def created_at(job: Job) -> datetime:
+    """When the gateway created the job, timezone-aware (RQ stores UTC)."""
+    return _aware(job.created_at) or datetime.now(timezone.utc)
+
+
+def _seconds(start: datetime | None, end: datetime | None) -> float | None:
+    return round((end - start).total_seconds(), 3) if start and end else None
+
+
+def timings_of(job: Job) -> Timings:
+    queued = _aware(job.enqueued_at or job.created_at)
+    started = _aware(job.started_at)
+    ended = _aware(job.ended_at)
+    return Timings(
+        queued_at=queued,
+        started_at=started,
+        finished_at=ended,
+        queue_wait_s=_seconds(queued, started),
+        run_s=_seconds(started, ended),
+    )
+
+
+def _params_of(job: Job, result: contract.ResultMetadata | None) -> JobParams | None:
+    raw: Any = (job.kwargs or {}).get("payload", {}).get("params")
+    if raw is None:
+        return None
+    try:
+        params = JobParams.model_validate(raw)
+    except ValidationError:
+        logger.warning("job %s has unreadable params", job.id)
+        return None
+    if result is None:
+        return params
+    return params.model_copy(
+        update={
+            "resolved_resolution": (result.width, result.height),
+            "resolved_scheduler_config": result.scheduler_config,
+        }
+    )
+
+
+def _result_of(job: Job, status: JobStatus) -> contract.ResultMetadata | None:
+    raw = job.meta.get(contract.META_RESULT)
+    if status is not JobStatus.SUCCEEDED or raw is None:
+        return None
+    try:
+        return contract.ResultMetadata.model_validate(raw)
+    except ValidationError:
+        logger.warning("job %s has unreadable result metadata", job.id)
+        return None
+
+
+def job_view(job: Job, queue: Queue) -> JobView:
+    """The status body of a job, read from the job hash alone (plus its queue position)."""
+    status = status_of(job)
+    result = _result_of(job, status)
+    progress = None
+    if status is JobStatus.RUNNING and isinstance(job.meta.get(contract.META_PROGRESS), dict):
+        try:
+            progress = contract.Progress.model_validate(job.meta[contract.META_PROGRESS])
+        except ValidationError:
+            progress = None
+    return JobView(
+        id=job.id,
+        status=status,
+        created_at=created_at(job),
+        queue_position=queue.get_job_position(job.id) if status is JobStatus.QUEUED else None,
+        progress=progress,
+        timings=timings_of(job),
+        params=_params_of(job, result),
+        result=result,
+        error=job_error(job, status),
+        urls=JobUrls.for_job(job.id),
+    )
+
+
+def cancel_queued(connection: redis.Redis, job: Job) -> None:
+    """Take a queued job out of the queue for good and say why in its meta."""
+    try:
+        job.cancel()
+    except InvalidJobOperation:
+        logger.info("job %s was already canceled", job.id)
+    job.meta[contract.META_ERROR] = {
+        "code": ErrorCode.CANCELED.value,
+        "message": "canceled by the client",
+    }
+    job.save_meta()
+    connection.delete(contract.input_key(job.id))
+
+
+def delete(connection: redis.Redis, job: Job) -> None:
+    """Forget a finished job: the RQ job, its input, its result and any cancel flag."""
+    job.delete()
+    connection.delete(
+        contract.input_key(job.id), contract.result_key(job.id), contract.cancel_key(job.id)
+    )

@@ -1,0 +1,1 @@
+"""One router module per resource: inversions (the jobs) and health (probes, metrics)."""

@@ -1,0 +1,104 @@
+"""Response bodies of the HTTP API, as pydantic models so that OpenAPI documents them.
+
+The contract's models (InversionParams, ResultMetadata, JobError, Progress) are reused
+as they are: a client sees the same names the worker writes.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from contract import InversionParams, JobError, JobStatus, Progress, ResultMetadata
+
+
+class JobUrls(BaseModel):
+    """Where to poll, download and cancel; relative to the gateway's base URL."""
+
+    self: str
+    latents: str
+    cancel: str
+
+    @classmethod
+    def for_job(cls, job_id: str) -> JobUrls:
+        base = f"/v1/inversions/{job_id}"
+        return cls(self=base, latents=f"{base}/latents", cancel=base)
+
+
+class JobAccepted(BaseModel):
+    """The answer to a submission: the job exists and waits in the queue."""
+
+    id: str
+    status: JobStatus = JobStatus.QUEUED
+    created_at: datetime
+    urls: JobUrls
+
+    model_config = {
+        "json_schema_extra": {
+            "examples": [
+                {
+                    "id": "4b7f2c1e-2f8e-4a57-9a51-0d3c7a3b9e10",
+                    "status": "queued",
+                    "created_at": "2025-01-01T12:00:00Z",
+                    "urls": {
+                        "self": "/v1/inversions/4b7f2c1e-2f8e-4a57-9a51-0d3c7a3b9e10",
+                        "latents": "/v1/inversions/4b7f2c1e-2f8e-4a57-9a51-0d3c7a3b9e10/latents",
+                        "cancel": "/v1/inversions/4b7f2c1e-2f8e-4a57-9a51-0d3c7a3b9e10",
+                    },
+                }
+            ]
+        }
+    }
+
+
+class Timings(BaseModel):
+    """When the job moved between states; durations in seconds once both ends are known."""
+
+    queued_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    queue_wait_s: float | None = None
+    run_s: float | None = None
+
+
+class JobParams(InversionParams):
+    """The parameters as submitted, plus what they resolved to once a result exists."""
+
+    resolved_resolution: tuple[int, int] | None = Field(
+        None, description="(width, height) the latents were computed at."
+    )
+    resolved_scheduler_config: dict[str, Any] | None = Field(
+        None, description="The full DDIMInverseScheduler config the job ran with."
+    )
+
+
+class JobView(BaseModel):
+    """Everything a client may know about one job."""
+
+    id: str
+    status: JobStatus
+    created_at: datetime
+    queue_position: int | None = Field(None, description="0-based, while queued.")
+    progress: Progress | None = Field(None, description="While running.")
+    timings: Timings
+    params: JobParams | None = None
+    result: ResultMetadata | None = Field(None, description="Once succeeded.")
+    error: JobError | None = Field(None, description="Once failed or canceled.")
+    urls: JobUrls
+
+
+class WorkerView(BaseModel):
+    name: str
+    model: str
+    heartbeat_age_s: float
+
+
+class Readiness(BaseModel):
+    status: str = "ready"
+    workers: list[WorkerView]
+
+
+class Health(BaseModel):
+    status: str = "ok"

@@ -1,0 +1,133 @@
+"""Turning a multipart submission into valid parameters and a normalised RGB array.
+
+Cheap checks run first (form fields, lengths, limits), the image is decoded last and only
+within the size limits, so a hostile upload costs the gateway little.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, BinaryIO
+
+import numpy as np
+from PIL import Image
+from pydantic import ValidationError
+
+import contract
+import imaging
+from contract import ErrorCode, InvalidParameter, InversionParams, WorkerRecord
+from service.errors import ProblemError, describe_errors
+from service.settings import GatewaySettings
+
+CHUNK_BYTES = 1024 * 1024
+FORM_FIELDS: frozenset[str] = frozenset(InversionParams.model_fields) | {"image"}
+"""Every form field a submission may carry; anything else is refused by name."""
+
+_IMAGE_STATUS = {"unsupported_media_type": 415, "image_too_large": 413, "invalid_input": 422}
+
+
+def _invalid(field: str | None, detail: str) -> ProblemError:
+    return ProblemError(422, ErrorCode.VALIDATION_ERROR, detail, field=field)
+
+
+def reject_unknown_fields(names: set[str]) -> None:
+    """A misspelt parameter must fail loudly, not be silently ignored."""
+    unknown = sorted(names - FORM_FIELDS)
+    if unknown:
+        raise _invalid(
+            unknown[0],
+            f"unknown form field(s) {', '.join(unknown)}; valid: {', '.join(sorted(FORM_FIELDS))}",
+        )
+
+
+def build_params(fields: dict[str, Any], settings: GatewaySettings) -> InversionParams:
+    """The contract's parameters from the form fields given (None: not given, default)."""
+    given = {name: value for name, value in fields.items() if value is not None}
+    for name in ("prompt", "negative_prompt"):
+        text = given.get(name, "")
+        if len(text) > settings.max_prompt_chars:
+            raise _invalid(
+                name, f"{len(text)} characters; the limit is {settings.max_prompt_chars}"
+            )
+    if "scheduler" in given:
+        try:
+            scheduler = json.loads(given["scheduler"]) if given["scheduler"].strip() else {}
+        except json.JSONDecodeError as exc:
+            raise _invalid("scheduler", f"not valid JSON: {exc}") from None
+        if not isinstance(scheduler, dict):
+            raise _invalid("scheduler", "must be a JSON object of DDIMInverseScheduler overrides")
+        given["scheduler"] = scheduler
+    try:
+        params = InversionParams(**given)
+    except ValidationError as exc:
+        field, detail = describe_errors(exc.errors(include_url=False))
+        raise _invalid(field, detail) from None
+    if params.num_inference_steps > settings.max_steps:
+        raise _invalid(
+            "num_inference_steps",
+            f"{params.num_inference_steps} exceeds this service's limit of {settings.max_steps}",
+        )
+    return params
+
+
+def read_upload(file: BinaryIO, max_bytes: int) -> bytes:
+    """The upload's bytes, read in chunks, stopping as soon as it passes the limit."""
+    chunks: list[bytes] = []
+    total = 0
+    while chunk := file.read(CHUNK_BYTES):
+        total += len(chunk)
+        if total > max_bytes:
+            raise ProblemError(
+                413,
+                ErrorCode.PAYLOAD_TOO_LARGE,
+                f"the upload exceeds the limit of {max_bytes} bytes",
+                field="image",
+            )
+        chunks.append(chunk)
+    if not total:
+        raise _invalid("image", "the upload is empty")
+    return b"".join(chunks)
+
+
+def decode_image(data: bytes, settings: GatewaySettings) -> Image.Image:
+    """Decoded, within the pixel limit; the contract's image codes mapped to HTTP statuses."""
+    try:
+        return imaging.open_image(
+            data, max_pixels=settings.max_pixels, allowed_formats=settings.allowed_formats
+        )
+    except imaging.ImageRejected as exc:
+        code = ErrorCode(exc.code) if exc.code in _IMAGE_STATUS else ErrorCode.INVALID_INPUT
+        raise ProblemError(
+            _IMAGE_STATUS.get(exc.code, 422), code, exc.message, field="image"
+        ) from None
+
+
+def normalise(
+    image: Image.Image, params: InversionParams, worker: WorkerRecord | None
+) -> np.ndarray:
+    """The (height, width, 3) uint8 array the worker inverts.
+
+    With a live worker, the scheduler overrides are checked against its model's config
+    and the image is resized to the target size now, so that only that size travels.
+    Without one, the combination cannot be judged (the model's config decides it) and the
+    image travels unresized unless a resolution was asked for; the worker, using the same
+    imaging code, resizes it.
+    """
+    size = params.resolution
+    if worker is not None:
+        try:
+            contract.resolve_scheduler_config(
+                worker.model.scheduler_config, params.scheduler, params.num_inference_steps
+            )
+        except InvalidParameter as exc:
+            raise _invalid(exc.field, exc.message) from None
+        size = size or worker.model.native_resolution
+    try:
+        rgb = imaging.to_rgb(image)
+        if size is not None:
+            rgb = imaging.resize(rgb, (size[0], size[1]), params.resize_mode)
+        return np.asarray(rgb, dtype=np.uint8)
+    except (OSError, ValueError) as exc:
+        raise ProblemError(
+            422, ErrorCode.INVALID_INPUT, f"the image cannot be decoded: {exc}", field="image"
+        ) from None

@@ -1,0 +1,138 @@
+"""Fixtures for the gateway's unit tests: a FakeRedis behind the app, no real Redis."""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import fakeredis
+import pytest
+from fastapi.testclient import TestClient
+from PIL import Image
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+import contract
+from service.app import create_app
+from service.deps import get_redis
+from service.settings import GatewaySettings
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+
+SD15_SCHEDULER = {
+    "_class_name": "PNDMScheduler",
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "beta_start": 0.00085,
+    "clip_sample": False,
+    "num_train_timesteps": 1000,
+    "set_alpha_to_one": False,
+    "skip_prk_steps": True,
+    "steps_offset": 1,
+    "trained_betas": None,
+}
+
+
+@pytest.fixture
+def redis() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+@pytest.fixture
+def settings() -> GatewaySettings:
+    return GatewaySettings(redis_url="redis://unused.invalid:6379/0")
+
+
+@pytest.fixture
+def make_client(redis: fakeredis.FakeRedis) -> Iterator[Callable[..., TestClient]]:
+    """A client over a fresh app; keyword arguments override settings fields."""
+    clients: list[TestClient] = []
+
+    def make(**overrides: Any) -> TestClient:
+        settings = GatewaySettings(redis_url="redis://unused.invalid:6379/0", **overrides)
+        app = create_app(settings)
+        app.dependency_overrides[get_redis] = lambda: redis
+        client = TestClient(app, raise_server_exceptions=False)
+        client.__enter__()
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def client(make_client: Callable[..., TestClient]) -> TestClient:
+    return make_client()
+
+
+@pytest.fixture
+def queue(redis: fakeredis.FakeRedis) -> Queue:
+    return Queue(contract.QUEUE_NAME, connection=redis, serializer=JSONSerializer)
+
+
+@pytest.fixture
+def chelsea() -> bytes:
+    return (SAMPLES / "chelsea.png").read_bytes()
+
+
+@pytest.fixture
+def small_png() -> bytes:
+    """A 96x64 image: fast to decode, not square, so width and height cannot be swapped."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (96, 64), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _worker_record(name: str = "gpu-0", age_s: float = 0.0, **model: Any) -> contract.WorkerRecord:
+    info = {
+        "name": "stable-diffusion-v1-5",
+        "native_resolution": (512, 512),
+        "latent_channels": 4,
+        "vae_scale_factor": 8,
+        "tokenizer_max_length": 77,
+        "scheduler_config": SD15_SCHEDULER,
+        "dtype": "float16",
+        "device": "cuda:0",
+        **model,
+    }
+    return contract.WorkerRecord(
+        name=name,
+        model=contract.ModelInfo(**info),
+        heartbeat_at=time.time() - age_s,
+        max_batch_size=4,
+    )
+
+
+@pytest.fixture
+def live_worker(redis: fakeredis.FakeRedis) -> contract.WorkerRecord:
+    record = _worker_record()
+    redis.hset(contract.WORKERS_KEY, record.name, record.model_dump_json())
+    return record
+
+
+@pytest.fixture
+def worker_record() -> Callable[..., contract.WorkerRecord]:
+    """Build a WorkerRecord of an SD 1.5 model: name, age_s and ModelInfo overrides."""
+    return _worker_record
+
+
+@pytest.fixture
+def submit() -> Callable[..., Any]:
+    """POST an image and form fields to /v1/inversions."""
+    return _submit
+
+
+def _submit(
+    client: TestClient,
+    image: bytes,
+    prompt: str = "a cat",
+    filename: str = "image.png",
+    **fields: Any,
+) -> Any:
+    data = {"prompt": prompt, **{k: str(v) for k, v in fields.items()}}
+    return client.post("/v1/inversions", data=data, files={"image": (filename, image)})

@@ -1,0 +1,159 @@
+"""Probes, metrics, the shape of every generic error, settings and import hygiene."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import redis as redis_lib
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+import contract
+from service import jobs
+from service.app import create_app
+from service.deps import get_redis
+from service.settings import GatewaySettings, get_settings
+
+PROBLEM = "application/problem+json"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def assert_problem(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM)
+    body = response.json()
+    assert body["code"] == code and body["status"] == status
+    return body
+
+
+def test_healthz_does_not_touch_redis(make_client, monkeypatch):
+    client = make_client()
+    client.app.dependency_overrides[get_redis] = lambda: 1 / 0
+    response = client.get("/healthz")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+def test_readyz_without_workers_is_503(client, redis, worker_record):
+    response = client.get("/readyz")
+    assert_problem(response, 503, "service_unavailable")
+    assert response.headers["retry-after"]
+    stale = worker_record(age_s=120)
+    redis.hset(contract.WORKERS_KEY, stale.name, stale.model_dump_json())
+    assert_problem(client.get("/readyz"), 503, "service_unavailable")
+
+
+def test_readyz_with_a_fresh_worker_is_200(client, live_worker):
+    response = client.get("/readyz")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "ready"
+    assert body["workers"][0]["name"] == "gpu-0"
+    assert body["workers"][0]["model"] == "stable-diffusion-v1-5"
+
+
+def test_metrics(client, submit, small_png, live_worker):
+    assert submit(client, small_png).status_code == 202
+    client.get("/v1/inversions/not-a-uuid")
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for name in (
+        "inversion_http_requests_total",
+        "inversion_jobs_submitted_total 1.0",
+        "inversion_queue_depth 1.0",
+        'inversion_rq_registry_jobs{registry="finished"} 0.0',
+        "inversion_live_workers 1.0",
+    ):
+        assert name in text, name
+    assert 'route="/v1/inversions",status="202"' in text
+    assert 'route="/v1/inversions/{job_id}",status="404"' in text
+
+
+def test_two_apps_have_separate_registries(make_client):
+    first, second = make_client(), make_client()
+    first.get("/healthz")
+    assert second.get("/metrics").status_code == 200
+    assert first.app.state.metrics.registry is not second.app.state.metrics.registry
+
+
+def test_unknown_route_and_method(client):
+    assert_problem(client.get("/v2/nothing"), 404, "not_found")
+    response = client.put("/v1/inversions")
+    assert response.status_code == 405
+    assert response.headers["content-type"].startswith(PROBLEM)
+
+
+def test_redis_down_is_503_with_retry_after(make_client):
+    client = make_client()
+    down = redis_lib.Redis(
+        host="127.0.0.1",
+        port=1,
+        socket_timeout=0.2,
+        socket_connect_timeout=0.2,
+        retry=Retry(NoBackoff(), 0),
+    )
+    client.app.dependency_overrides[get_redis] = lambda: down
+    for path in ("/readyz", "/v1/inversions/" + "0" * 8 + "-0000-4000-8000-" + "0" * 12):
+        response = client.get(path)
+        assert_problem(response, 503, "service_unavailable")
+        assert response.headers["retry-after"] == "5"
+
+
+def test_unexpected_error_is_500_problem(client, monkeypatch):
+    def boom(*args, **kwargs):
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(jobs, "load_job", boom)
+    body = assert_problem(client.get("/v1/inversions/x"), 500, "internal")
+    assert "bug" not in body["detail"]
+
+
+def test_openapi_documents_the_api(client):
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    assert set(paths) >= {
+        "/v1/inversions",
+        "/v1/inversions/{job_id}",
+        "/v1/inversions/{job_id}/latents",
+        "/healthz",
+        "/readyz",
+        "/metrics",
+    }
+    assert "202" in paths["/v1/inversions"]["post"]["responses"]
+    assert "JobView" in spec["components"]["schemas"]
+    assert spec["components"]["schemas"]["JobAccepted"]["examples"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_settings_from_the_environment(monkeypatch):
+    monkeypatch.setenv("INVERSION_MAX_STEPS", "77")
+    monkeypatch.setenv("INVERSION_REDIS_URL", "redis://elsewhere:6380/2")
+    settings = GatewaySettings()
+    assert settings.max_steps == 77
+    assert settings.redis_url == "redis://elsewhere:6380/2"
+    assert settings.queue_name == contract.QUEUE_NAME
+    get_settings.cache_clear()
+    try:
+        assert get_settings().max_steps == 77
+        app = create_app()
+        assert app.dependency_overrides == {}
+    finally:
+        get_settings.cache_clear()
+
+
+def test_gateway_never_imports_the_gpu_stack():
+    code = (
+        "import sys, service.app, service.main;"
+        "service.app.create_app();"
+        "bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('torch', 'diffusers', 'transformers', 'worker')];"
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,244 @@
+"""GET and DELETE of a job, and its latents, through each state a worker moves it to.
+
+The worker is simulated with RQ's own APIs: the job is taken off the queue, its status,
+times and meta are written the way the worker writes them, and the result bytes stored.
+"""
+
+from __future__ import annotations
+
+import io
+import uuid
+from datetime import datetime, timedelta, timezone
+
+import numpy as np
+import pytest
+from rq.job import Job
+from rq.job import JobStatus as RQStatus
+from rq.serializers import JSONSerializer
+from safetensors.numpy import save as save_safetensors
+
+import contract
+
+PROBLEM = "application/problem+json"
+
+
+def assert_problem(response, status: int, code: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith(PROBLEM)
+    assert response.json()["code"] == code
+    return response.json()
+
+
+@pytest.fixture
+def job_id(client, submit, small_png) -> str:
+    response = submit(client, small_png, num_inference_steps=10)
+    assert response.status_code == 202
+    return response.json()["id"]
+
+
+def fetch(redis, job_id: str) -> Job:
+    return Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+
+
+def start(redis, queue, job_id: str, step: int = 3, total: int = 10) -> Job:
+    """What a worker does when it dequeues the job and reports progress."""
+    job = fetch(redis, job_id)
+    queue.remove(job_id)
+    job.started_at = datetime.now(timezone.utc)
+    job.meta[contract.META_PROGRESS] = {"step": step, "total": total}
+    job.set_status(RQStatus.STARTED)
+    job.save()
+    return job
+
+
+def result_metadata(steps: int = 10) -> contract.ResultMetadata:
+    return contract.ResultMetadata(
+        model="tiny",
+        width=64,
+        height=64,
+        prompt="a cat",
+        negative_prompt="",
+        guidance_scale=1.0,
+        token_count=4,
+        truncated=False,
+        encode_mode="mean",
+        seed=None,
+        num_inference_steps=steps,
+        timesteps=list(range(1, 1000, 1000 // steps))[:steps],
+        scheduler_config={**contract.SCHEDULER_DEFAULTS, "clip_sample": False},
+        latents_shape=[1, 4, 8, 8],
+        trajectory_shape=None,
+        dtype="float32",
+    )
+
+
+def finish(redis, queue, job_id: str) -> np.ndarray:
+    """What a worker does when the inversion succeeds; returns the latents it stored."""
+    job = start(redis, queue, job_id)
+    meta = result_metadata()
+    latents = np.arange(256, dtype=np.float32).reshape(1, 4, 8, 8)
+    data = save_safetensors(
+        {"latents": latents, "timesteps": np.array(meta.timesteps, dtype=np.int64)},
+        metadata=meta.to_header(),
+    )
+    redis.set(contract.result_key(job_id), data)
+    job.ended_at = job.started_at + timedelta(seconds=2)
+    job.meta[contract.META_RESULT] = meta.model_dump(mode="json")
+    job.set_status(RQStatus.FINISHED)
+    job.save()
+    return latents
+
+
+def fail(redis, queue, job_id: str, error: dict | None) -> None:
+    job = start(redis, queue, job_id)
+    job.ended_at = job.started_at + timedelta(seconds=1)
+    if error is not None:
+        job.meta[contract.META_ERROR] = error
+    job.set_status(RQStatus.FAILED)
+    job.save()
+
+
+# -- GET -----------------------------------------------------------------------------------
+
+
+def test_queued_job_reports_its_position(client, submit, small_png, job_id):
+    second = submit(client, small_png).json()["id"]
+    body = client.get(f"/v1/inversions/{job_id}").json()
+    assert body["status"] == "queued"
+    assert body["queue_position"] == 0
+    assert body["params"]["prompt"] == "a cat"
+    assert body["params"]["num_inference_steps"] == 10
+    assert body["timings"]["queued_at"]
+    assert "started_at" not in body["timings"]
+    assert "result" not in body and "error" not in body
+    assert body["urls"]["latents"] == f"/v1/inversions/{job_id}/latents"
+    assert client.get(f"/v1/inversions/{second}").json()["queue_position"] == 1
+
+
+@pytest.mark.parametrize("bad", [str(uuid.uuid4()), "not-a-uuid", "..%2F..%2Fetc"])
+def test_unknown_or_malformed_id_is_404(client, bad):
+    assert_problem(client.get(f"/v1/inversions/{bad}"), 404, "not_found")
+    assert_problem(client.get(f"/v1/inversions/{bad}/latents"), 404, "not_found")
+    assert_problem(client.delete(f"/v1/inversions/{bad}"), 404, "not_found")
+
+
+def test_running_job_reports_progress(client, redis, queue, job_id):
+    start(redis, queue, job_id, step=4, total=10)
+    body = client.get(f"/v1/inversions/{job_id}").json()
+    assert body["status"] == "running"
+    assert body["progress"] == {"step": 4, "total": 10}
+    assert "queue_position" not in body
+    assert body["timings"]["started_at"]
+    assert body["timings"]["queue_wait_s"] >= 0
+
+
+def test_succeeded_job_reports_result_and_resolved_params(client, redis, queue, job_id):
+    finish(redis, queue, job_id)
+    body = client.get(f"/v1/inversions/{job_id}").json()
+    assert body["status"] == "succeeded"
+    assert body["result"]["latents_shape"] == [1, 4, 8, 8]
+    assert body["params"]["resolved_resolution"] == [64, 64]
+    assert body["params"]["resolved_scheduler_config"]["clip_sample"] is False
+    assert body["timings"]["run_s"] == pytest.approx(2.0)
+    assert "progress" not in body
+
+
+def test_failed_job_reports_the_workers_error(client, redis, queue, job_id):
+    fail(redis, queue, job_id, {"code": "gpu_out_of_memory", "message": "CUDA out of memory"})
+    body = client.get(f"/v1/inversions/{job_id}").json()
+    assert body["status"] == "failed"
+    assert body["error"] == {"code": "gpu_out_of_memory", "message": "CUDA out of memory"}
+
+
+def test_failed_job_without_meta_is_internal(client, redis, queue, job_id):
+    fail(redis, queue, job_id, None)
+    body = client.get(f"/v1/inversions/{job_id}").json()
+    assert body["status"] == "failed"
+    assert body["error"]["code"] == "internal"
+
+
+# -- latents -------------------------------------------------------------------------------
+
+
+def test_latents_while_queued_or_running_is_409(client, redis, queue, job_id):
+    assert_problem(client.get(f"/v1/inversions/{job_id}/latents"), 409, "not_finished")
+    start(redis, queue, job_id)
+    assert_problem(client.get(f"/v1/inversions/{job_id}/latents"), 409, "not_finished")
+
+
+def test_latents_of_a_failed_job_is_409_no_result(client, redis, queue, job_id):
+    fail(redis, queue, job_id, {"code": "timeout", "message": "took too long"})
+    body = assert_problem(client.get(f"/v1/inversions/{job_id}/latents"), 409, "no_result")
+    assert "failed" in body["detail"]
+
+
+def test_latents_as_safetensors_and_npy(client, redis, queue, job_id):
+    latents = finish(redis, queue, job_id)
+    response = client.get(f"/v1/inversions/{job_id}/latents")
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert f'filename="{job_id}.safetensors"' in response.headers["content-disposition"]
+    assert response.content == redis.get(contract.result_key(job_id))
+
+    response = client.get(f"/v1/inversions/{job_id}/latents", params={"format": "npy"})
+    assert response.status_code == 200
+    assert f'filename="{job_id}.npy"' in response.headers["content-disposition"]
+    np.testing.assert_array_equal(np.load(io.BytesIO(response.content)), latents)
+
+    bad = client.get(f"/v1/inversions/{job_id}/latents", params={"format": "pickle"})
+    assert_problem(bad, 422, "validation_error")
+
+
+def test_expired_result_is_404(client, redis, queue, job_id):
+    finish(redis, queue, job_id)
+    redis.delete(contract.result_key(job_id))
+    assert_problem(client.get(f"/v1/inversions/{job_id}/latents"), 404, "not_found")
+
+
+# -- DELETE --------------------------------------------------------------------------------
+
+
+def test_cancel_a_queued_job(client, redis, queue, job_id):
+    response = client.delete(f"/v1/inversions/{job_id}")
+    assert response.status_code == 202
+    body = response.json()
+    assert body["status"] == "canceled"
+    assert body["error"] == {"code": "canceled", "message": "canceled by the client"}
+    assert job_id not in queue.job_ids
+    assert redis.exists(contract.cancel_key(job_id))
+    assert not redis.exists(contract.input_key(job_id))
+    assert client.get(f"/v1/inversions/{job_id}").json()["status"] == "canceled"
+    assert_problem(client.get(f"/v1/inversions/{job_id}/latents"), 409, "no_result")
+
+
+def test_cancel_a_running_job_asks_the_worker(client, redis, queue, job_id):
+    start(redis, queue, job_id)
+    response = client.delete(f"/v1/inversions/{job_id}")
+    assert response.status_code == 202
+    assert response.json()["status"] == "running"
+    assert 0 < redis.ttl(contract.cancel_key(job_id)) <= 600 + 60
+
+
+def test_delete_a_finished_job(client, redis, queue, job_id):
+    finish(redis, queue, job_id)
+    response = client.delete(f"/v1/inversions/{job_id}")
+    assert response.status_code == 204
+    assert response.content == b""
+    assert not redis.exists(contract.result_key(job_id))
+    assert not redis.exists(contract.input_key(job_id))
+    assert_problem(client.get(f"/v1/inversions/{job_id}"), 404, "not_found")
+    assert_problem(client.delete(f"/v1/inversions/{job_id}"), 404, "not_found")
+
+
+def test_delete_a_canceled_job(client, job_id):
+    assert client.delete(f"/v1/inversions/{job_id}").status_code == 202
+    assert client.delete(f"/v1/inversions/{job_id}").status_code == 204
+    assert_problem(client.get(f"/v1/inversions/{job_id}"), 404, "not_found")
+
+
+def test_another_owners_job_is_404(client, redis, job_id):
+    job = fetch(redis, job_id)
+    job.meta[contract.META_OWNER] = "someone-else"
+    job.save_meta()
+    assert_problem(client.get(f"/v1/inversions/{job_id}"), 404, "not_found")
+    assert_problem(client.delete(f"/v1/inversions/{job_id}"), 404, "not_found")
