@@ -1,0 +1,378 @@
+"""Static checks of the container deployment: no Docker engine needed, fast.
+
+The compose files, Dockerfiles and redis.conf are read as text/YAML and checked against the
+project: the files they reference exist, the gateway image stays free of torch, every
+`INVERSION_*` variable they set is a real settings field, and the CPU override really drops
+the GPU reservation (merged here the way `docker compose -f a -f b` merges, `!reset` included).
+"""
+
+from __future__ import annotations
+
+import ast
+import copy
+import importlib.metadata
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+yaml = pytest.importorskip("yaml")
+
+ROOT = Path(__file__).resolve().parent.parent
+DOCKER = ROOT / "docker"
+COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
+GATEWAY_DOCKERFILE = DOCKER / "gateway.Dockerfile"
+WORKER_DOCKERFILE = DOCKER / "worker.Dockerfile"
+REDIS_CONF = DOCKER / "redis.conf"
+
+HEAVY = ("torch", "diffusers", "transformers")
+
+PENDING_SETTINGS = {"INVERSION_GATEWAY_WORKERS"}
+"""Set in docker-compose.yml ahead of its settings field (GatewaySettings.gateway_workers,
+the number of uvicorn processes). Remove from here once the field exists."""
+
+
+# -- YAML with compose's merge tags ---------------------------------------------------------
+
+
+class _Reset:
+    """`!reset`: the override removes the attribute from the merged file."""
+
+
+RESET = _Reset()
+
+
+class _Override:
+    """`!override VALUE`: the override replaces the attribute instead of merging into it."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+class ComposeLoader(yaml.SafeLoader):
+    pass
+
+
+def _construct_reset(loader: yaml.SafeLoader, node: yaml.Node) -> _Reset:
+    return RESET
+
+
+def _construct_override(loader: yaml.SafeLoader, node: yaml.Node) -> _Override:
+    if isinstance(node, yaml.MappingNode):
+        return _Override(loader.construct_mapping(node, deep=True))
+    if isinstance(node, yaml.SequenceNode):
+        return _Override(loader.construct_sequence(node, deep=True))
+    return _Override(loader.construct_scalar(node))
+
+
+ComposeLoader.add_constructor("!reset", _construct_reset)
+ComposeLoader.add_constructor("!override", _construct_override)
+
+
+def load_compose(path: Path) -> dict[str, Any]:
+    data = yaml.load(path.read_text(), Loader=ComposeLoader)
+    assert isinstance(data, dict), f"{path.name} is not a mapping"
+    return data
+
+
+def merge(base: Any, override: Any) -> Any:
+    """A deep merge like compose's for mappings; other values are replaced."""
+    if isinstance(override, _Override):
+        return copy.deepcopy(override.value)
+    if isinstance(base, dict) and isinstance(override, dict):
+        merged = copy.deepcopy(base)
+        for key, value in override.items():
+            if value is RESET:
+                merged.pop(key, None)
+            elif key in merged:
+                merged[key] = merge(merged[key], value)
+            else:
+                merged[key] = copy.deepcopy(value)
+        return merged
+    return copy.deepcopy(override)
+
+
+def environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
+    return {str(k): str(v) for k, v in env.items()}
+
+
+def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
+    deploy = service.get("deploy") or {}
+    return ((deploy.get("resources") or {}).get("reservations") or {}).get("devices") or []
+
+
+def dockerfile_instructions(path: Path) -> str:
+    """The Dockerfile without comments, continuation lines joined."""
+    lines = [ln for ln in path.read_text().splitlines() if not ln.lstrip().startswith("#")]
+    return re.sub(r"\\\n", " ", "\n".join(lines))
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load_compose(COMPOSE)
+
+
+@pytest.fixture(scope="module")
+def compose_cpu(compose: dict[str, Any]) -> dict[str, Any]:
+    return merge(compose, load_compose(COMPOSE_CPU))
+
+
+# -- compose files --------------------------------------------------------------------------
+
+
+def test_compose_files_parse_and_reference_existing_dockerfiles(
+    compose: dict[str, Any], compose_cpu: dict[str, Any]
+) -> None:
+    assert {"redis", "gateway", "worker", "rq-dashboard"} <= set(compose["services"])
+    for merged in (compose, compose_cpu):
+        for name, service in merged["services"].items():
+            build = service.get("build")
+            if build is None:
+                continue
+            context = ROOT / (build if isinstance(build, str) else build.get("context", "."))
+            dockerfile = "Dockerfile" if isinstance(build, str) else build["dockerfile"]
+            assert (context / dockerfile).is_file(), f"{name}: {dockerfile} does not exist"
+
+
+def test_services_scale_without_fixed_names(compose: dict[str, Any]) -> None:
+    for name, service in compose["services"].items():
+        assert "container_name" not in service, f"{name} has a container_name"
+    assert "ports" not in compose["services"]["worker"], "workers must scale: no host ports"
+    assert "ports" not in compose["services"]["redis"], "redis must stay on the private network"
+
+
+def test_redis_service(compose: dict[str, Any]) -> None:
+    redis = compose["services"]["redis"]
+    assert redis["image"].startswith("redis:7")
+    assert "/usr/local/etc/redis/redis.conf" in " ".join(redis["command"])
+    mounts = [str(v) for v in redis["volumes"]]
+    assert any(
+        m.startswith("./docker/redis.conf:/usr/local/etc/redis/redis.conf") and m.endswith(":ro")
+        for m in mounts
+    )
+    data = [m for m in mounts if m.split(":")[1:2] == ["/data"]]
+    assert data and data[0].split(":")[0] in compose["volumes"], "/data is a named volume"
+    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+
+
+def test_gateway_service(compose: dict[str, Any]) -> None:
+    gateway = compose["services"]["gateway"]
+    assert gateway["build"]["dockerfile"] == "docker/gateway.Dockerfile"
+    assert any(str(p).endswith(":8000") for p in gateway["ports"])
+    assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
+    assert environment(gateway)["INVERSION_REDIS_URL"] == "redis://redis:6379/0"
+
+
+def test_worker_has_a_gpu_in_the_base_file_and_none_with_the_cpu_override(
+    compose: dict[str, Any], compose_cpu: dict[str, Any]
+) -> None:
+    worker = compose["services"]["worker"]
+    assert worker["build"]["dockerfile"] == "docker/worker.Dockerfile"
+    assert worker["depends_on"]["redis"]["condition"] == "service_healthy"
+    devices = gpu_devices(worker)
+    assert len(devices) == 1
+    assert devices[0]["driver"] == "nvidia"
+    assert devices[0]["count"] == 1
+    assert devices[0]["capabilities"] == ["gpu"]
+    env = environment(worker)
+    assert env["INVERSION_MODEL"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert env["INVERSION_REDIS_URL"] == "redis://redis:6379/0"
+    assert any(str(v).endswith(":/cache") for v in worker["volumes"])
+
+    cpu_worker = compose_cpu["services"]["worker"]
+    assert gpu_devices(cpu_worker) == []
+    cpu_env = environment(cpu_worker)
+    assert cpu_env["INVERSION_MODEL"] == "tiny"
+    assert cpu_env["INVERSION_DEVICE"] == "cpu"
+    assert cpu_env["INVERSION_REDIS_URL"] == "redis://redis:6379/0", "kept from the base file"
+    assert cpu_worker["build"]["args"]["BASE_IMAGE"].startswith("python:3.11")
+    assert cpu_worker["image"] != worker["image"], "CPU and CUDA images must not share a tag"
+
+
+def test_dashboard_is_behind_a_profile(compose: dict[str, Any]) -> None:
+    dashboard = compose["services"]["rq-dashboard"]
+    assert dashboard["profiles"] == ["dashboard"]
+    assert "RQ_DASHBOARD_REDIS_URL" in environment(dashboard)
+
+
+# -- Dockerfiles and redis.conf -------------------------------------------------------------
+
+
+def test_gateway_dockerfile_installs_the_gateway_extra_only() -> None:
+    text = dockerfile_instructions(GATEWAY_DOCKERFILE)
+    assert re.search(r"^FROM python:3\.11-slim\b", text, re.M)
+    assert re.search(r"pip install [^\n]*\"\.\[gateway\]\"", text)
+    for word in ("torch", "diffusers", "transformers", "[worker]", ".[gateway,"):
+        assert word not in text, f"the gateway image mentions {word}"
+    assert re.search(r"^COPY worker\b", text, re.M) is None, "the worker package is not needed"
+    assert re.search(r"^USER (?!root\b|0\b)\S+", text, re.M), "runs as a non-root user"
+    assert re.search(r"^EXPOSE 8000\b", text, re.M)
+    assert re.search(r"^HEALTHCHECK .*127\.0\.0\.1:8000/healthz", text, re.M)
+    assert re.search(r'^CMD \["ddim-invert", "gateway"\]', text, re.M)
+
+
+def test_worker_dockerfile_installs_the_worker_extra_keeping_the_image_torch() -> None:
+    text = dockerfile_instructions(WORKER_DOCKERFILE)
+    assert re.search(r"^ARG BASE_IMAGE=pytorch/pytorch:\S*cuda", text, re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}", text, re.M)
+    assert re.search(r"pip install [^\n]*--constraint \S+ \"\.\[worker\]\"", text)
+    assert re.search(r"^ARG TORCH_CPU_INDEX=https://download\.pytorch\.org/whl/cpu$", text, re.M)
+    assert '--index-url "${TORCH_CPU_INDEX}"' in text, "a CPU base gets the CPU build of torch"
+    assert re.search(r"^USER (?!root\b|0\b)\S+", text, re.M), "runs as a non-root user"
+    assert re.search(r"HF_HOME=/cache/huggingface", text)
+    assert re.search(r"^VOLUME /cache\b", text, re.M)
+    assert re.search(r'^CMD \["ddim-invert", "worker"\]', text, re.M)
+
+
+def test_redis_conf_persists_and_never_evicts() -> None:
+    conf: dict[str, str] = {}
+    for line in REDIS_CONF.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            key, _, value = line.partition(" ")
+            conf[key.lower()] = value.strip()
+    assert conf["appendonly"] == "yes"
+    assert conf["appendfsync"] == "everysec"
+    assert conf["maxmemory-policy"] == "noeviction"
+    assert conf["dir"] == "/data"
+
+
+# -- settings names -------------------------------------------------------------------------
+
+
+def _setting_env_names() -> set[str]:
+    from worker.settings import WorkerSettings
+
+    try:
+        from service.settings import GatewaySettings
+    except ImportError:  # pragma: no cover - the gateway is written concurrently
+        pytest.skip("service/settings.py is not there yet")
+    names: set[str] = set()
+    for cls in (WorkerSettings, GatewaySettings):
+        prefix = cls.model_config.get("env_prefix", "")
+        assert prefix == "INVERSION_"
+        names |= {prefix + field.upper() for field in cls.model_fields}
+    return names
+
+
+def test_every_inversion_variable_is_a_settings_field(
+    compose: dict[str, Any], compose_cpu: dict[str, Any]
+) -> None:
+    used: dict[str, str] = {}
+    for label, merged in (("docker-compose.yml", compose), ("+cpu override", compose_cpu)):
+        for name, service in merged["services"].items():
+            for var in environment(service):
+                if var.startswith("INVERSION_"):
+                    used[var] = f"{label}: {name}"
+    for path in (GATEWAY_DOCKERFILE, WORKER_DOCKERFILE):
+        for var in re.findall(r"\bINVERSION_[A-Z0-9_]+", dockerfile_instructions(path)):
+            used[var] = path.name
+    assert used, "no INVERSION_* variable found: the parsing is broken"
+    known = _setting_env_names()
+    unknown = {var: where for var, where in used.items() if var not in known | PENDING_SETTINGS}
+    assert not unknown, f"not a WorkerSettings/GatewaySettings field: {unknown}"
+
+
+# -- the gateway stays light ----------------------------------------------------------------
+
+
+def _pyproject() -> dict[str, Any]:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())
+
+
+def test_gateway_extra_has_no_heavy_dependency() -> None:
+    extras = _pyproject()["project"]["optional-dependencies"]
+    for requirement in extras["gateway"]:
+        name = re.split(r"[\s\[<>=!~;]", requirement, maxsplit=1)[0].lower()
+        assert name not in HEAVY, f"the gateway extra pulls {requirement}"
+
+
+def _third_party_imports(paths: list[Path]) -> set[str]:
+    local = {"service", "contract", "imaging", "worker", "client", "ddim_invert"}
+    modules: set[str] = set()
+    for path in paths:
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                modules |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    return {m for m in modules if m not in local and m not in sys.stdlib_module_names}
+
+
+def _installable_closure(requirements: list[str]) -> set[str]:
+    """Distribution names the requirements install, following installed metadata."""
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    seen: set[str] = set()
+    todo = [Requirement(r) for r in requirements]
+    while todo:
+        req = todo.pop()
+        name = canonicalize_name(req.name)
+        key = f"{name}[{','.join(sorted(req.extras))}]"
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            requires = importlib.metadata.requires(req.name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        for text in requires:
+            sub = Requirement(text)
+            if sub.marker is None or any(
+                sub.marker.evaluate({"extra": extra}) for extra in {"", *req.extras}
+            ):
+                todo.append(sub)
+    return {key.split("[")[0] for key in seen}
+
+
+def test_gateway_imports_are_installed_by_base_and_gateway_deps() -> None:
+    """What the gateway image installs (base deps + `gateway` extra) covers service/'s imports."""
+    from packaging.utils import canonicalize_name
+
+    project = _pyproject()["project"]
+    files = [*sorted((ROOT / "service").rglob("*.py")), ROOT / "contract.py", ROOT / "imaging.py"]
+    imports = _third_party_imports(files)
+    providers = importlib.metadata.packages_distributions()
+    installed = _installable_closure(
+        project["dependencies"] + project["optional-dependencies"]["gateway"]
+    )
+    missing = {}
+    for module in sorted(imports):
+        dists = {canonicalize_name(d) for d in providers.get(module, [module])}
+        if not dists & installed:
+            missing[module] = sorted(dists)
+    assert not missing, (
+        f"service/ imports modules the gateway image does not install: {missing}; "
+        "add them to the `gateway` extra (or the base dependencies) in pyproject.toml"
+    )
+    assert not imports & set(HEAVY), f"service/ imports {imports & set(HEAVY)}"
+
+
+def test_create_app_imports_no_torch_in_a_fresh_process() -> None:
+    if not (ROOT / "service" / "app.py").is_file():
+        pytest.skip("service/app.py is not there yet")
+    code = (
+        "import sys\n"
+        "from service.app import create_app\n"
+        "create_app()\n"
+        f"heavy = sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r})\n"
+        "print(','.join(heavy))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "", f"importing the gateway loaded {done.stdout.strip()}"
