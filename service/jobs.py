@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import redis
 from pydantic import ValidationError
-from rq import Queue
+from rq import Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
@@ -86,6 +86,8 @@ def enqueue(
             failure_ttl=settings.failure_ttl_s,
             description=f"inversion {job_id}",
             meta={contract.META_OWNER: owner},
+            # Retries are for lost workers only: a worker marks a failure with a code final.
+            retry=Retry(max=settings.max_retries) if settings.max_retries else None,
         )
     except BaseException:
         connection.delete(key)
@@ -129,6 +131,12 @@ def job_error(job: Job, status: JobStatus) -> JobError | None:
     exc = (result.exc_string or "") if result is not None else ""
     lines = [line for line in exc.strip().splitlines() if line.strip()]
     last = lines[-1].strip() if lines else "the job failed without a message"
+    if "AbandonedJobError" in exc:
+        # RQ's cleanup of a job whose worker stopped heartbeating, after its last retry.
+        return JobError(
+            code=ErrorCode.WORKER_LOST,
+            message="the worker running the job was lost and its retries are used up",
+        )
     code = ErrorCode.TIMEOUT if "JobTimeoutException" in exc else ErrorCode.INTERNAL
     return JobError(code=code, message=last)
 

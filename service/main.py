@@ -16,5 +16,7 @@ def run(host: str | None = None, port: int | None = None) -> int:
         host=host or settings.host,
         port=port or settings.port,
         proxy_headers=True,
+        workers=settings.http_workers,
+        log_level="warning",
     )
     return 0

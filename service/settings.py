@@ -29,6 +29,12 @@ class GatewaySettings(BaseSettings):
     port: int = Field(
         default=8000, ge=1, le=65535, description="Port `ddim-invert gateway` binds to."
     )
+    http_workers: int = Field(
+        1, ge=1, le=64, description="uvicorn worker processes of one gateway."
+    )
+    max_retries: int = Field(
+        2, ge=0, le=10, description="How often a job whose worker died is run again."
+    )
     max_upload_bytes: int = Field(
         default=20 * 1024 * 1024, ge=1, description="Largest image upload, in bytes (413 above)."
     )

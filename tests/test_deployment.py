@@ -36,7 +36,7 @@ REDIS_CONF = DOCKER / "redis.conf"
 
 HEAVY = ("torch", "diffusers", "transformers")
 
-PENDING_SETTINGS = {"INVERSION_GATEWAY_WORKERS"}
+PENDING_SETTINGS: set[str] = set()
 """Set in docker-compose.yml ahead of its settings field (GatewaySettings.gateway_workers,
 the number of uvicorn processes). Remove from here once the field exists."""
 

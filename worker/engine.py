@@ -140,7 +140,7 @@ def encode_images(
     # One image at a time: a VAE encode is already a large GPU workload at 512x512, and a
     # row's latent then cannot depend on its batch-mates (batched == solo, bit for bit).
     for array, request in zip(arrays, requests, strict=True):
-        pixels = torch.from_numpy(array).to(model.device).permute(2, 0, 1).unsqueeze(0)
+        pixels = torch.from_numpy(array.copy()).to(model.device).permute(2, 0, 1).unsqueeze(0)
         distribution = model.vae.encode(pixels.to(model.dtype) / 127.5 - 1.0).latent_dist
         latent = distribution.mean.to(_state_dtype(model))
         if request.params.encode_mode == "sample":

@@ -137,7 +137,7 @@ def test_cancel_queued_job_never_runs(processes, redis_client):
 def test_cancel_running_job_and_progress_seen(processes):
     base = processes.gateway()
     processes.worker()
-    job = submit(base, num_inference_steps=1000)
+    job = submit(base, num_inference_steps=900)
     running = wait_for(
         lambda: (
             (s := status(base, job["id"]))["status"] == "running"
@@ -147,7 +147,7 @@ def test_cancel_running_job_and_progress_seen(processes):
         60,
         "progress",
     )
-    assert 0 < running["progress"]["step"] < running["progress"]["total"] == 1000
+    assert 0 < running["progress"]["step"] < running["progress"]["total"] == 900
     assert httpx.delete(f"{base}/v1/inversions/{job['id']}").status_code == 202
     final = wait_status(base, job["id"], {"canceled", "succeeded", "failed"})
     assert final["status"] == "canceled"
@@ -163,9 +163,9 @@ def test_two_workers_drain_one_queue(processes, redis_client):
     from rq.serializers import JSONSerializer
 
     base = processes.gateway()
-    ids = [submit(base, prompt=f"job {i}", num_inference_steps=30)["id"] for i in range(6)]
     processes.worker(INVERSION_MAX_BATCH_SIZE="1")
     processes.worker(INVERSION_MAX_BATCH_SIZE="1")
+    ids = [submit(base, prompt=f"job {i}", num_inference_steps=150)["id"] for i in range(6)]
     for job_id in ids:
         assert wait_status(base, job_id, {"succeeded", "failed"}, 120)["status"] == "succeeded"
     names = {
