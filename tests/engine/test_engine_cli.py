@@ -1,0 +1,123 @@
+"""`ddim-invert local` end to end in subprocesses, against the in-process engine."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import imaging
+from contract import InversionParams
+from worker.engine import InversionRequest, invert, load_result
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(cli, env, *args, timeout=180):
+    return subprocess.run(
+        [*cli, "local", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _in_process(model, image: str, **params):
+    request = InversionRequest(
+        imaging.open_image((REPO / image).read_bytes()), InversionParams(**params)
+    )
+    return invert(model, [request])[0]
+
+
+def test_single_image_with_overrides(cli, cli_env, tmp_path, tiny, diff):
+    out = tmp_path / "OUT.safetensors"
+    proc = _run(
+        cli,
+        cli_env,
+        "samples/chelsea.png",
+        "--prompt",
+        "a cat",
+        "--steps",
+        "10",
+        "--scheduler",
+        "timestep_spacing=trailing",
+        "--trajectory",
+        "--out",
+        str(out),
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1
+    assert lines[0]["shape"] == [1, 4, 8, 8]
+    assert lines[0]["out"] == str(out)
+    tensors, metadata = load_result(out.read_bytes())
+    assert metadata.scheduler_config["timestep_spacing"] == "trailing"
+    expected = _in_process(
+        tiny,
+        "samples/chelsea.png",
+        prompt="a cat",
+        num_inference_steps=10,
+        return_trajectory=True,
+        scheduler={"timestep_spacing": "trailing"},
+    )
+    assert metadata == expected.metadata
+    assert diff(tensors["latents"], expected.latents) <= 1e-5
+    assert diff(tensors["trajectory"], expected.trajectory) <= 1e-5
+    assert tensors["timesteps"].tolist() == expected.timesteps.tolist()
+
+
+def test_out_dir_two_images(cli, cli_env, tmp_path, tiny, diff):
+    images = ["samples/chelsea.png", "samples/coffee.png"]
+    proc = _run(
+        cli, cli_env, *images, "--prompt", "a cat", "--steps", "10", "--out-dir", str(tmp_path)
+    )
+    assert proc.returncode == 0, proc.stderr
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert [line["file"] for line in lines] == images
+    for image, line in zip(images, lines, strict=True):
+        assert line["shape"] == [1, 4, 8, 8]
+        target = tmp_path / f"{Path(image).stem}.safetensors"
+        assert Path(line["out"]) == target
+        tensors, _ = load_result(target.read_bytes())
+        expected = _in_process(tiny, image, prompt="a cat", num_inference_steps=10)
+        assert diff(tensors["latents"], expected.latents) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    ("args", "needles"),
+    [
+        (["--resolution", "100"], ["resolution"]),
+        (["--model", "nobody-here/no-such-model"], ["not in the Hugging Face cache"]),
+        (["--scheduler", "beta_schedule=cosine"], ["beta_schedule"]),
+    ],
+)
+def test_refusals_exit_2(cli, cli_env, tmp_path, args, needles):
+    proc = _run(
+        cli, cli_env, "samples/chelsea.png", "--prompt", "x", "--out", str(tmp_path / "o"), *args
+    )
+    assert proc.returncode == 2, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_sdxl_folder_is_refused(cli, cli_env, tmp_path):
+    folder = tmp_path / "sdxl"
+    folder.mkdir()
+    index = {
+        "_class_name": "StableDiffusionXLPipeline",
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "tokenizer_2": ["transformers", "CLIPTokenizer"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+        "vae": ["diffusers", "AutoencoderKL"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(index))
+    proc = _run(cli, cli_env, "samples/chelsea.png", "--prompt", "x", "--model", str(folder))
+    assert proc.returncode == 2, proc.stderr
+    assert "StableDiffusionXLPipeline" in proc.stderr
+    assert "not supported" in proc.stderr
+    assert "Stable Diffusion 1.x/2.x" in proc.stderr
+    assert "Traceback" not in proc.stderr

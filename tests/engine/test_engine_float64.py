@@ -1,0 +1,31 @@
+"""float64 models run on the CPU and give float64 results, matching the equations closely."""
+
+from __future__ import annotations
+
+import torch
+
+from contract import InversionParams
+from worker.engine import InversionRequest, invert
+
+
+def test_float64_model_and_results(tiny64, ref64, tiny, sample_arrays, diff):
+    assert tiny64.dtype == torch.float64
+    assert next(tiny64.unet.parameters()).dtype == torch.float64
+    array = sample_arrays["astronaut"]
+    params = InversionParams(prompt="an astronaut", num_inference_steps=10, return_trajectory=True)
+    (result,) = invert(tiny64, [InversionRequest(array, params)])
+    assert result.latents.dtype == torch.float64
+    assert result.trajectory.dtype == torch.float64
+    assert result.metadata.dtype == "float64"
+
+    _, expected = ref64.invert(array, "an astronaut", 10)
+    assert expected.dtype == torch.float64
+    assert diff(result.trajectory, expected) <= 1e-10
+
+    (single,) = invert(tiny, [InversionRequest(array, params)])
+    assert single.latents.dtype == torch.float32
+    assert diff(single.latents, result.latents) <= 1e-3
+
+    half = params.model_copy(update={"result_dtype": "float16"})
+    (result16,) = invert(tiny64, [InversionRequest(array, half)])
+    assert result16.latents.dtype == torch.float16

@@ -1,0 +1,143 @@
+"""Image normalisation: orientation, modes, resizing, resolutions, animated files."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import imaging
+from contract import InvalidParameter, InversionParams, parse_resolution
+from worker.engine import InversionRequest, invert
+
+
+def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **kwargs)
+    return buffer.getvalue()
+
+
+def _gradient(width: int, height: int) -> Image.Image:
+    y, x = np.mgrid[0:height, 0:width]
+    array = np.stack([x * 255 // width, y * 255 // height, (x + y) % 256], axis=-1)
+    return Image.fromarray(array.astype(np.uint8), "RGB")
+
+
+def test_exif_orientation_is_applied():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    data = _encode(_gradient(48, 32), "JPEG", exif=exif, quality=95)
+    stored = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    assert stored.shape == (32, 48, 3)
+    upright = np.rot90(stored, k=-1)  # clockwise
+    assert upright.shape == (48, 32, 3)
+
+    assert imaging.to_rgb(imaging.open_image(data)).size == (32, 48)
+    assert np.array_equal(imaging.normalize(data, (32, 48)), upright)
+    expected = imaging.normalize(Image.fromarray(np.ascontiguousarray(upright)), (64, 128))
+    assert np.array_equal(imaging.normalize(data, (64, 128)), expected)
+
+
+def test_grey_l():
+    data = _encode(Image.new("L", (8, 8), 100), "PNG")
+    assert (imaging.normalize(data, (8, 8)) == 100).all()
+
+
+def test_rgba_alpha_onto_white():
+    image = Image.new("RGBA", (4, 4), (10, 20, 30, 255))
+    image.putpixel((0, 0), (10, 20, 30, 0))
+    image.putpixel((1, 0), (0, 0, 0, 128))
+    out = imaging.normalize(_encode(image, "PNG"), (4, 4))
+    assert out[0, 0].tolist() == [255, 255, 255]
+    assert out[1, 1].tolist() == [10, 20, 30]
+    assert all(abs(int(v) - 127) <= 1 for v in out[0, 1])
+
+
+def test_palette_with_transparency():
+    image = Image.new("P", (4, 4), 1)
+    image.putpalette([0, 0, 0, 200, 50, 10] + [0] * 762)
+    image.putpixel((0, 0), 0)
+    data = _encode(image, "PNG", transparency=0)
+    out = imaging.normalize(data, (4, 4))
+    assert out[0, 0].tolist() == [255, 255, 255]
+    assert out[2, 2].tolist() == [200, 50, 10]
+
+
+def test_cmyk():
+    image = Image.new("CMYK", (4, 4), (0, 0, 0, 0))
+    image.putpixel((1, 1), (0, 255, 255, 0))
+    out = imaging.normalize(_encode(image, "TIFF"), (4, 4))
+    assert out[0, 0].tolist() == [255, 255, 255]
+    assert out[1, 1].tolist() == [255, 0, 0]
+
+
+def test_sixteen_bit_is_scaled():
+    array = np.array([[65535, 0], [257 * 100, 257 * 200]], dtype=np.uint16)
+    image = Image.fromarray(array)
+    assert image.mode == "I;16"
+    out = imaging.normalize(_encode(image, "PNG"), (2, 2))
+    assert out[..., 0].tolist() == [[255, 0], [100, 200]]
+    assert (out[..., 0] == out[..., 2]).all()
+
+
+def test_grey_with_alpha():
+    image = Image.new("LA", (2, 1), (50, 255))
+    image.putpixel((1, 0), (50, 0))
+    out = imaging.normalize(_encode(image, "PNG"), (2, 1))
+    assert out[0, 0].tolist() == [50, 50, 50]
+    assert out[0, 1].tolist() == [255, 255, 255]
+
+
+def _bands() -> Image.Image:
+    array = np.zeros((100, 300, 3), dtype=np.uint8)
+    array[:, :100] = (255, 0, 0)
+    array[:, 100:200] = (0, 255, 0)
+    array[:, 200:] = (0, 0, 255)
+    return Image.fromarray(array)
+
+
+def test_center_crop_keeps_the_middle():
+    out = imaging.normalize(_bands(), (64, 64), "center_crop")
+    assert out.shape == (64, 64, 3)
+    # The middle third of the width, scaled to 64 high, is all that remains: green.
+    assert (out[:, 2:-2, 1] > 200).all() and (out[:, 2:-2, 0] < 50).all()
+
+
+def test_stretch_keeps_everything():
+    out = imaging.normalize(_bands(), (64, 64), "stretch")
+    assert out.shape == (64, 64, 3)
+    assert out[32, 2, 0] > 200 and out[32, 32, 1] > 200 and out[32, 61, 2] > 200
+    wide = imaging.normalize(_bands(), (128, 64), "stretch")
+    assert wide.shape == (64, 128, 3)
+
+
+@pytest.mark.parametrize("value", [100, "100", "64x100", "0", "abc", "64x64x64", 32, (64,)])
+def test_bad_resolutions(value):
+    with pytest.raises(InvalidParameter) as info:
+        parse_resolution(value)
+    assert info.value.field == "resolution"
+
+
+def test_good_resolutions():
+    assert parse_resolution(512) == (512, 512)
+    assert parse_resolution("128x64") == (128, 64)
+    assert parse_resolution([64, 192]) == (64, 192)
+    with pytest.raises(ValueError, match="resolution"):
+        InversionParams(prompt="x", resolution=100)
+
+
+def test_non_square_resolution(tiny, sample_arrays):
+    params = InversionParams(prompt="a cat", num_inference_steps=4, resolution="128x64")
+    (result,) = invert(tiny, [InversionRequest(sample_arrays["chelsea"], params)])
+    assert result.latents.shape == (1, 4, 8, 16)
+    assert (result.metadata.width, result.metadata.height) == (128, 64)
+
+
+def test_animated_gif_first_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255), (0, 255, 0))]
+    data = _encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 3
+    out = imaging.normalize(data, (8, 8))
+    assert (out[..., 0] > 240).all() and (out[..., 2] < 16).all()

@@ -1,0 +1,117 @@
+"""Scheduler overrides reach DDIMInverseScheduler; impossible ones fail before any UNet call."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from pydantic import ValidationError
+
+from contract import InvalidParameter, InversionParams
+from worker.engine import InversionRequest, invert
+
+STEPS = 10
+PROMPT = "a photo of a cat"
+
+OVERRIDES = {
+    "trailing": {"timestep_spacing": "trailing"},
+    "steps_offset_0": {"steps_offset": 0},
+    "alpha_to_one": {"set_alpha_to_one": True},
+    "linear": {"beta_schedule": "linear", "beta_start": 0.0001, "beta_end": 0.02},
+    "v_prediction": {"prediction_type": "v_prediction"},
+    "clip": {"clip_sample": True, "clip_sample_range": 0.5},
+    "zero_snr": {"rescale_betas_zero_snr": True, "timestep_spacing": "trailing"},
+    "trained_betas": {"trained_betas": np.linspace(0.0002, 0.015, 1000).tolist()},
+    "train_500": {"num_train_timesteps": 500},
+}
+
+
+def _run(model, array, scheduler, steps=STEPS):
+    params = InversionParams(prompt=PROMPT, num_inference_steps=steps, scheduler=scheduler)
+    (result,) = invert(model, [InversionRequest(array, params)])
+    return result
+
+
+@pytest.fixture(scope="module")
+def default_result(tiny, sample_arrays):
+    return _run(tiny, sample_arrays["chelsea"], {})
+
+
+def test_default_config_is_the_models(tiny, default_result):
+    config = default_result.metadata.scheduler_config
+    for key, value in tiny.scheduler_config.items():
+        if key in config:
+            assert config[key] == value, key
+    # The bare constructor's defaults (linear betas, clip_sample) must not leak in.
+    assert config["beta_schedule"] == "scaled_linear"
+    assert config["clip_sample"] is False
+    assert config["steps_offset"] == 1
+
+
+@pytest.mark.parametrize("name", list(OVERRIDES))
+def test_override(tiny, ref, sample_arrays, default_result, diff, name):
+    overrides = OVERRIDES[name]
+    array = sample_arrays["chelsea"]
+    result = _run(tiny, array, overrides)
+    config = result.metadata.scheduler_config
+    for key, value in overrides.items():
+        if isinstance(value, list):
+            assert len(config[key]) == len(value)
+            assert all(math.isclose(a, b) for a, b in zip(config[key], value, strict=True))
+        else:
+            assert config[key] == value, key
+    assert np.isfinite(result.latents.numpy()).all()
+    assert diff(result.latents, default_result.latents) > 1e-4, "the override changed nothing"
+    timesteps, expected = ref.diffusers_loop(array, PROMPT, STEPS, config)
+    assert result.timesteps.tolist() == timesteps
+    assert diff(result.latents, expected) <= 1e-5
+
+
+def test_trailing_timesteps(tiny, sample_arrays):
+    result = _run(tiny, sample_arrays["chelsea"], {"timestep_spacing": "trailing"})
+    assert result.timesteps.tolist() == [99 + 100 * i for i in range(STEPS)]
+
+
+@pytest.mark.parametrize(
+    ("steps", "scheduler", "field"),
+    [
+        (20, {"num_train_timesteps": 10}, "num_inference_steps"),
+        (10, {"trained_betas": [0.01] * 999}, "scheduler.trained_betas"),
+        (10, {"prediction_type": "sample", "set_alpha_to_one": True}, "scheduler.prediction_type"),
+        (10, {"steps_offset": 100}, "scheduler.steps_offset"),
+        (10, {"no_such_parameter": 1}, "scheduler.no_such_parameter"),
+        (10, {"beta_schedule": "cosine"}, "scheduler.beta_schedule"),
+        (10, {"num_train_timesteps": 0}, "scheduler.num_train_timesteps"),
+        (10, {"clip_sample_range": -1.0}, "scheduler.clip_sample_range"),
+    ],
+)
+def test_impossible_combinations(tiny, sample_arrays, unet_calls, steps, scheduler, field):
+    array = sample_arrays["chelsea"]
+    # Built without validation, as a caller that skipped the contract's checks would.
+    bad = InversionParams.model_construct(
+        **{
+            **InversionParams(prompt=PROMPT).model_dump(),
+            "num_inference_steps": steps,
+            "scheduler": scheduler,
+        }
+    )
+    good = InversionParams(prompt=PROMPT, num_inference_steps=STEPS)
+    # A valid request first: the batch is still refused before any compute.
+    requests = [InversionRequest(array, good), InversionRequest(array, bad)]
+    with pytest.raises(InvalidParameter) as info:
+        invert(tiny, requests)
+    assert info.value.field == field
+    assert field in str(info.value)
+    assert unet_calls == []
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "field"),
+    [({"no_such_parameter": 1}, "no_such_parameter"), ({"beta_schedule": "cosine"}, "cosine")],
+)
+def test_params_refuse_unknown_overrides(scheduler, field):
+    with pytest.raises(ValidationError) as info:
+        InversionParams(prompt=PROMPT, scheduler=scheduler)
+    assert "scheduler." in str(info.value)
+    assert field in str(info.value) or "beta_schedule" in str(info.value)
