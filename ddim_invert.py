@@ -4,7 +4,6 @@
   local IMAGE...         invert in-process, no Redis (the engine alone)
   gateway                run the HTTP gateway (uvicorn)
   worker                 run a GPU worker draining the queue
-  submit IMAGE           send an image to a running service (the Python client)
 
 Each subcommand imports only its own side: the gateway never loads torch.
 """
@@ -30,7 +29,7 @@ def _scheduler_override(text: str) -> tuple[str, Any]:
 
 
 def _add_inversion_params(parser: argparse.ArgumentParser) -> None:
-    """The engine parameters, shared by `local` and `submit`."""
+    """The engine parameters of `local`."""
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--steps", type=int, default=50, dest="num_inference_steps")
@@ -168,12 +167,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     return run(burst=args.burst)
 
 
-def cmd_submit(args: argparse.Namespace) -> int:
-    from client.cli import submit
-
-    return submit(args, _params_from_args(args))
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddim-invert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -204,14 +197,6 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     worker.set_defaults(func=cmd_worker)
 
-    submit = sub.add_parser("submit", help="submit an image to a running service")
-    submit.add_argument("image")
-    _add_inversion_params(submit)
-    submit.add_argument("--url", default=None, help="the gateway (INVERSION_CLIENT_URL)")
-    submit.add_argument("--wait", action="store_true", help="wait for the result")
-    submit.add_argument("--timeout", type=float, default=600.0)
-    submit.add_argument("--out", default=None, help="where to write the latents (with --wait)")
-    submit.set_defaults(func=cmd_submit)
     return parser
 
 
