@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
@@ -23,8 +26,13 @@ RFC 9457 `application/problem+json` with a stable `code`.
 """
 
 
-def create_app(settings: GatewaySettings | None = None) -> FastAPI:
-    """A new app; `settings` replaces the environment's (tests, embedding)."""
+def create_app(settings: GatewaySettings | None = None, redis_client: Any = None) -> FastAPI:
+    """A new app; `settings` replaces the environment's (tests, embedding).
+
+    `redis_client` replaces the client the lifespan would open from `redis_url` (it is not
+    closed at shutdown). The lifespan refuses to start without API keys unless auth is
+    disabled, and on a Redis that may evict keys.
+    """
     app = FastAPI(
         title="DDIM inversion service",
         version="1.0.0",
@@ -35,11 +43,22 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         app.dependency_overrides[get_settings] = lambda: settings
     effective = settings or get_settings()
     app.state.metrics = GatewayMetrics()
+    app.state.redis_client = redis_client
     install_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=effective.max_upload_bytes + FORM_OVERHEAD_BYTES
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+    if effective.cors_origins:
+        # Outermost: preflights are answered before the body limit, metrics or auth.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=list(effective.cors_origins),
+            allow_credentials=effective.cors_allow_credentials,
+            allow_methods=["GET", "POST", "DELETE"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
+            expose_headers=["Location", "Retry-After"],
+        )
     app.include_router(inversions.router)
     app.include_router(health.router)
     return app

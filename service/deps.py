@@ -1,7 +1,7 @@
 """Annotated dependencies, so that route signatures read like prose.
 
-`OwnerDep` is where authentication will plug in: today every caller is the anonymous
-owner "", and every job lookup already compares it with the job's recorded owner.
+`OwnerDep` authenticates the caller: its value is the SHA-256 of the caller's API key (""
+while auth is disabled), and every job lookup compares it with the job's recorded owner.
 """
 
 from __future__ import annotations
@@ -9,10 +9,12 @@ from __future__ import annotations
 from typing import Annotated
 
 import redis
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from rq import Queue
 from rq.serializers import JSONSerializer
 
+from service import auth
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings, get_settings
 
@@ -31,9 +33,25 @@ def get_queue(connection: RedisDep, settings: SettingsDep) -> Queue:
     return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
 
 
-def get_owner() -> str:
-    """The caller's owner id (a hash of its API key once auth exists); "" means anonymous."""
-    return ""
+_bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`")
+_api_key_header = APIKeyHeader(
+    name="X-API-Key", auto_error=False, description="The API key, instead of a Bearer token."
+)
+
+
+def get_owner(
+    settings: SettingsDep,
+    bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+    x_api_key: Annotated[str | None, Security(_api_key_header)],
+) -> str:
+    """The caller's owner id: the SHA-256 of its API key, "" while auth is disabled.
+
+    401 (`unauthorized`, `WWW-Authenticate: Bearer`) without a key or with an unknown one.
+    """
+    if settings.auth_disabled:
+        return auth.ANONYMOUS
+    authorization = f"{bearer.scheme} {bearer.credentials}" if bearer is not None else None
+    return auth.authenticate(auth.presented_key(authorization, x_api_key), settings.api_key_hashes)
 
 
 def get_metrics(request: Request) -> GatewayMetrics:

@@ -1,38 +1,100 @@
 """The gateway's one Redis client: opened by the app's lifespan, closed when it stops.
 
 Responses stay bytes (`decode_responses=False`): RQ stores zlib-compressed job data and
-reads it back as bytes. Short socket timeouts turn a Redis outage into a quick 503 rather
-than a hung request.
+reads it back as bytes. Short socket timeouts and no retries turn a Redis outage into a
+quick 503 rather than a hung request.
+
+At startup the lifespan also refuses a Redis that may evict keys: an evicted job hash,
+input or result would vanish without a trace.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import redis
 from fastapi import FastAPI
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from service.settings import GatewaySettings, get_settings
 
+logger = logging.getLogger(__name__)
+
+REQUIRED_EVICTION_POLICY = "noeviction"
+
 
 def open_redis(settings: GatewaySettings) -> redis.Redis:
-    """A pooled client; it connects lazily, so a gateway starts even while Redis is down."""
+    """A pooled client; it connects lazily, so a gateway starts even while Redis is down.
+
+    No retries (redis-py retries 3 times with backoff by default): one request waits at most
+    about `redis_timeout_s` per command before it answers 503.
+    """
     return redis.Redis.from_url(
         settings.redis_url,
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
+        retry=Retry(NoBackoff(), 0),
         decode_responses=False,
     )
 
 
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def check_eviction_policy(client: Any) -> str | None:
+    """Raise RuntimeError unless Redis's maxmemory-policy is noeviction.
+
+    Returns the policy, or None when it could not be read: CONFIG refused (managed Redis:
+    a warning) or Redis unreachable (the gateway starts anyway; /readyz reports 503).
+    """
+    try:
+        reply = client.config_get("maxmemory-policy")
+    except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+        logger.warning("redis is unreachable at startup (%s); starting anyway", exc)
+        return None
+    except redis.exceptions.ResponseError as exc:
+        logger.warning(
+            "cannot read redis maxmemory-policy (%s); make sure it is %s, or jobs could be "
+            "silently evicted",
+            exc,
+            REQUIRED_EVICTION_POLICY,
+        )
+        return None
+    values = {_text(k): _text(v) for k, v in dict(reply or {}).items()}
+    policy = values.get("maxmemory-policy")
+    if policy is None:
+        logger.warning("redis did not report its maxmemory-policy; starting anyway")
+        return None
+    if policy != REQUIRED_EVICTION_POLICY:
+        raise RuntimeError(
+            f"redis maxmemory-policy is {policy!r}: jobs, inputs and results could be silently "
+            f"evicted; set `maxmemory-policy {REQUIRED_EVICTION_POLICY}` on this Redis"
+        )
+    return policy
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Open the client with the app's settings (an override if a test installed one)."""
+    """Check the settings, open the client (unless one was given) and check Redis's policy."""
     settings_factory = app.dependency_overrides.get(get_settings, get_settings)
-    client = open_redis(settings_factory())
+    settings: GatewaySettings = settings_factory()
+    settings.require_auth_configured()
+    given = getattr(app.state, "redis_client", None)
+    client = given if given is not None else open_redis(settings)
+    try:
+        check_eviction_policy(client)
+    except BaseException:
+        if given is None:
+            client.close()
+        raise
     app.state.redis = client
     try:
         yield
     finally:
-        client.close()
+        if given is None:
+            client.close()

@@ -6,10 +6,13 @@ Nothing else in the gateway reads the environment. Routes receive the settings t
 
 from __future__ import annotations
 
+import json
+import re
 from functools import lru_cache
+from typing import Annotated, Any
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import contract
 import imaging
@@ -74,6 +77,90 @@ class GatewaySettings(BaseSettings):
     allowed_formats: tuple[str, ...] = Field(
         default=imaging.ALLOWED_FORMATS, description="Image formats accepted, as Pillow names them."
     )
+    api_key_hashes: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description=(
+            "Hex SHA-256 of each accepted API key (JSON list or comma-separated). Clients send "
+            "the key as `Authorization: Bearer <key>` or `X-API-Key: <key>`; the key's hash "
+            "owns the jobs it submits."
+        ),
+    )
+    auth_disabled: bool = Field(
+        default=False,
+        description=(
+            "Serve without API keys (local use only): every caller is one anonymous owner. "
+            "Without it, the gateway refuses to start when no api_key_hashes are set."
+        ),
+    )
+    max_queued_per_key: int = Field(
+        default=100,
+        ge=1,
+        description="Jobs one API key may have queued or running at once (429 above).",
+    )
+    rate_limit_per_minute: int = Field(
+        default=600,
+        ge=1,
+        description="Submissions one API key may make per clock minute (429 above).",
+    )
+    cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description=(
+            "Browser origins allowed by CORS (JSON list or comma-separated); empty: CORS off."
+        ),
+    )
+    cors_allow_credentials: bool = Field(
+        default=False,
+        description="Let browsers send credentials cross-origin (never with a `*` origin).",
+    )
+
+    @field_validator("api_key_hashes", "cors_origins", mode="before")
+    @classmethod
+    def _split_list(cls, value: Any) -> Any:
+        """A JSON list or a comma-separated string (as environment variables give them)."""
+        if isinstance(value, bytes):
+            value = value.decode()
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("["):
+                value = json.loads(text)
+            else:
+                value = [part for part in (p.strip() for p in text.split(",")) if part]
+        if isinstance(value, (list, tuple)):
+            return tuple(str(v).strip() for v in value if str(v).strip())
+        return value
+
+    @field_validator("api_key_hashes")
+    @classmethod
+    def _hex_sha256(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """Each hash is 64 hex digits, compared in lower case."""
+        hashes = tuple(v.lower() for v in value)
+        bad = [v for v in hashes if not _SHA256_HEX.fullmatch(v)]
+        if bad:
+            raise ValueError(
+                f"{len(bad)} entries are not a hex SHA-256 (64 hex digits); store the "
+                "hash of each key, never the key itself"
+            )
+        return hashes
+
+    @model_validator(mode="after")
+    def _no_wildcard_with_credentials(self) -> GatewaySettings:
+        if self.cors_allow_credentials and "*" in self.cors_origins:
+            raise ValueError(
+                "cors_origins '*' together with cors_allow_credentials=true would let any "
+                "site act with a user's credentials; list the allowed origins explicitly"
+            )
+        return self
+
+    def require_auth_configured(self) -> None:
+        """Raise unless API keys are configured or auth is explicitly disabled (startup)."""
+        if not self.auth_disabled and not self.api_key_hashes:
+            raise RuntimeError(
+                "no API keys are configured: set INVERSION_API_KEY_HASHES or "
+                "INVERSION_AUTH_DISABLED=true for local use"
+            )
+
+
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @lru_cache

@@ -134,6 +134,7 @@ def service_env(redis_url: str, model_cache_dir: Path) -> dict[str, str]:
         INVERSION_MODEL_CACHE_DIR=str(model_cache_dir),
         INVERSION_DEVICE="cpu",
         INVERSION_THREADS="1",
+        INVERSION_AUTH_DISABLED="true",
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )

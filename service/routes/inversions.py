@@ -11,14 +11,21 @@ from safetensors.numpy import load as load_safetensors
 
 import contract
 from contract import ErrorCode, JobStatus
-from service import jobs, uploads
-from service.deps import MetricsDep, OwnerDep, QueueDep, RedisDep, SettingsDep
+from service import jobs, limits, uploads
+from service.deps import MetricsDep, OwnerDep, QueueDep, RedisDep, SettingsDep, get_owner
 from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, ProblemError
 from service.schemas import JobAccepted, JobUrls, JobView
 
-router = APIRouter(prefix="/v1/inversions", tags=["inversions"])
-
 _PROBLEM = {"description": "Problem details (RFC 9457)", "content": {PROBLEM_MEDIA_TYPE: {}}}
+
+router = APIRouter(
+    prefix="/v1/inversions",
+    tags=["inversions"],
+    # First of every route's dependencies: a caller without a valid key gets 401 before
+    # any 404 or 422 could tell it something.
+    dependencies=[Depends(get_owner)],
+    responses={401: _PROBLEM},
+)
 
 
 async def reject_unknown_form_fields(request: Request) -> None:
@@ -88,6 +95,7 @@ def submit_inversion(
         },
         settings,
     )
+    limits.check_submission(redis, settings, owner)
     depth = queue.count
     if depth >= settings.max_queue_depth:
         raise ProblemError(
@@ -101,6 +109,7 @@ def submit_inversion(
     workers = jobs.live_workers(redis, settings.worker_stale_s)
     rgb = uploads.normalise(decoded, params, workers[0] if workers else None)
     job = jobs.enqueue(redis, queue, settings, params, rgb, owner)
+    limits.record_submission(redis, settings, owner, job.id)
     metrics.submissions.inc()
     urls = JobUrls.for_job(job.id)
     response.headers["Location"] = urls.self

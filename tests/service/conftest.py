@@ -43,17 +43,21 @@ def redis() -> fakeredis.FakeRedis:
 
 @pytest.fixture
 def settings() -> GatewaySettings:
-    return GatewaySettings(redis_url="redis://unused.invalid:6379/0")
+    return GatewaySettings(redis_url="redis://unused.invalid:6379/0", auth_disabled=True)
 
 
 @pytest.fixture
 def make_client(redis: fakeredis.FakeRedis) -> Iterator[Callable[..., TestClient]]:
-    """A client over a fresh app; keyword arguments override settings fields."""
+    """A client over a fresh app; keyword arguments override settings fields.
+
+    Auth is disabled unless a test passes `auth_disabled=False` (and `api_key_hashes`).
+    """
     clients: list[TestClient] = []
 
     def make(**overrides: Any) -> TestClient:
-        settings = GatewaySettings(redis_url="redis://unused.invalid:6379/0", **overrides)
-        app = create_app(settings)
+        fields = {"redis_url": "redis://unused.invalid:6379/0", "auth_disabled": True}
+        settings = GatewaySettings(**{**fields, **overrides})
+        app = create_app(settings, redis_client=redis)
         app.dependency_overrides[get_redis] = lambda: redis
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()
