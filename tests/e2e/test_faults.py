@@ -1,0 +1,220 @@
+"""Faults end to end: a worker killed mid-job, Redis down and back, Redis restarted with AOF.
+
+Real redis-server, real `ddim-invert gateway` and `worker` processes. Tests that stop Redis
+use a private RedisServer of their own, so the session's Redis is never touched.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from tests.conftest import BIN, ROOT, SAMPLES, Processes, RedisServer, free_port, wait_for
+
+pytestmark = pytest.mark.e2e
+
+FAST_WORKER = {"INVERSION_LOST_AFTER_S": "3", "INVERSION_HEARTBEAT_S": "0.5"}
+"""Worker timings short enough that a lost job is noticed within a few seconds."""
+
+TERMINAL = {"succeeded", "failed", "canceled"}
+
+NO_AUTH = {"INVERSION_AUTH_DISABLED": "true"}
+"""These tests are about faults, not API keys (harmless before the gateway had auth)."""
+
+
+def submit_answer(base: str, **fields: object) -> httpx.Response:
+    data = {"prompt": "a photo of a cat"} | {k: str(v) for k, v in fields.items()}
+    with (SAMPLES / "chelsea.png").open("rb") as handle:
+        return httpx.post(
+            base + "/v1/inversions",
+            data=data,
+            files={"image": ("chelsea.png", handle, "image/png")},
+            timeout=30,
+        )
+
+
+def submit(base: str, **fields: object) -> str:
+    answer = submit_answer(base, **fields)
+    assert answer.status_code == 202, answer.text
+    return answer.json()["id"]
+
+
+def status(base: str, job_id: str) -> dict:
+    answer = httpx.get(f"{base}/v1/inversions/{job_id}", timeout=10)
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def wait_terminal(base: str, job_id: str, timeout: float) -> dict:
+    return wait_for(  # type: ignore[return-value]
+        lambda: (s := status(base, job_id))["status"] in TERMINAL and s,
+        timeout,
+        f"job {job_id} to end",
+    )
+
+
+def wait_running(base: str, job_id: str, timeout: float = 30) -> dict:
+    return wait_for(  # type: ignore[return-value]
+        lambda: (
+            (s := status(base, job_id))["status"] == "running"
+            and (s.get("progress") or {}).get("step", 0) > 0
+            and s
+        ),
+        timeout,
+        "the job to run with progress",
+    )
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[list[RedisServer]]:
+    """Private servers a test constructs and starts itself; all are stopped afterwards."""
+    servers: list[RedisServer] = []
+    yield servers
+    for server in servers:
+        server.stop()
+
+
+def private(
+    servers: list[RedisServer], tmp_path: Path, service_env: dict[str, str], extra: list[str]
+) -> tuple[RedisServer, Processes]:
+    directory = tmp_path / f"redis-{len(servers)}"
+    directory.mkdir()
+    server = RedisServer(directory, extra=extra)
+    servers.append(server)
+    server.start()
+    logs = tmp_path / f"logs-{len(servers)}"
+    logs.mkdir()
+    return server, Processes(service_env | NO_AUTH | {"INVERSION_REDIS_URL": server.url}, logs)
+
+
+@pytest.fixture
+def stop_later() -> Iterator[list[Processes]]:
+    started: list[Processes] = []
+    yield started
+    for procs in started:
+        procs.stop_all()
+
+
+# -- 1. a worker killed mid-job ---------------------------------------------------------------
+
+
+def test_killed_worker_job_is_retried_on_another(processes):
+    base = processes.gateway(INVERSION_MAX_RETRIES="2", **NO_AUTH)
+    first = processes.worker(**FAST_WORKER)
+    job_id = submit(base, num_inference_steps=600, resolution=64)
+    wait_running(base, job_id)
+    first.kill()
+    first.wait(10)
+    started = time.monotonic()
+    processes.worker(**FAST_WORKER)
+    final = wait_terminal(base, job_id, 30)
+    assert final["status"] == "succeeded", (final, processes.log_text())
+    assert time.monotonic() - started < 40
+    latents = httpx.get(f"{base}/v1/inversions/{job_id}/latents", timeout=10)
+    assert latents.status_code == 200
+
+
+def test_killed_worker_without_retries_fails_worker_lost(processes):
+    base = processes.gateway(INVERSION_MAX_RETRIES="0", **NO_AUTH)
+    first = processes.worker(**FAST_WORKER)
+    job_id = submit(base, num_inference_steps=600, resolution=64)
+    wait_running(base, job_id)
+    first.kill()
+    first.wait(10)
+    processes.worker(**FAST_WORKER)
+    final = wait_terminal(base, job_id, 30)
+    assert final["status"] == "failed", (final, processes.log_text())
+    assert final["error"]["code"] == "worker_lost", final
+
+
+# -- 2. Redis unavailable, then back ------------------------------------------------------------
+
+
+def test_redis_outage_503_then_recovers(tmp_path, service_env, private_redis, stop_later):
+    server, procs = private(private_redis, tmp_path, service_env, [])
+    stop_later.append(procs)
+    base = procs.gateway()
+    procs.worker(**FAST_WORKER)
+    assert wait_for(lambda: httpx.get(base + "/readyz").status_code == 200, 10, "ready")
+
+    server.stop()
+    started = time.monotonic()
+    posted = submit_answer(base, num_inference_steps=3)
+    got = httpx.get(f"{base}/v1/inversions/{uuid.uuid4()}", timeout=30)
+    elapsed = time.monotonic() - started
+    for answer in (posted, got):
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["content-type"].startswith("application/problem+json")
+        assert int(answer.headers["retry-after"]) > 0
+    assert elapsed < 10, elapsed
+    assert httpx.get(base + "/healthz", timeout=10).status_code == 200
+    assert httpx.get(base + "/readyz", timeout=10).status_code == 503
+
+    server.start()  # same port, empty (no persistence): the worker must re-publish itself
+    wait_for(
+        lambda: httpx.get(base + "/readyz", timeout=10).status_code == 200,
+        20,
+        "readiness after Redis came back",
+    )
+    job_id = submit(base, num_inference_steps=3)
+    final = wait_terminal(base, job_id, 30)
+    assert final["status"] == "succeeded", (final, procs.log_text())
+    assert all(p.poll() is None for p in procs.started), "no process may have exited"
+
+
+# -- 3. Redis restarted with persistence --------------------------------------------------------
+
+AOF = ["--appendonly", "yes", "--appendfsync", "everysec", "--maxmemory-policy", "noeviction"]
+
+
+def test_redis_restart_keeps_queued_jobs(tmp_path, service_env, private_redis, stop_later):
+    server, procs = private(private_redis, tmp_path, service_env, AOF)
+    stop_later.append(procs)
+    client = redis.Redis.from_url(server.url, decode_responses=True)
+    assert client.config_get("appendonly") == {"appendonly": "yes"}
+    client.close()
+    base = procs.gateway()
+    ids = [submit(base, prompt=f"job {i}", num_inference_steps=3) for i in range(3)]
+    time.sleep(1.5)  # everysec fsync
+    server.stop()  # SIGTERM: a graceful shutdown
+    server.start()
+    procs.worker(**FAST_WORKER)
+    for job_id in ids:
+        final = wait_terminal(base, job_id, 30)
+        assert final["status"] == "succeeded", (final, procs.log_text())
+
+
+# -- 4. an evicting Redis -----------------------------------------------------------------------
+
+
+def _gateway_checks_eviction() -> bool:
+    return any("maxmemory-policy" in p.read_text() for p in (ROOT / "service").rglob("*.py"))
+
+
+@pytest.mark.skipif(
+    not _gateway_checks_eviction(),
+    reason="the gateway does not check Redis's maxmemory-policy at start-up yet",
+)
+def test_gateway_refuses_evicting_redis(tmp_path, service_env, private_redis, stop_later):
+    evicting = ["--maxmemory-policy", "allkeys-lru"]
+    _server, procs = private(private_redis, tmp_path, service_env, evicting)
+    stop_later.append(procs)
+    port = free_port()
+    gateway = procs.spawn("gateway", [str(BIN / "ddim-invert"), "gateway", "--port", str(port)])
+    url = f"http://127.0.0.1:{port}/healthz"
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and gateway.poll() is None:
+        try:
+            answered = httpx.get(url, timeout=1).status_code == 200
+        except httpx.HTTPError:
+            answered = False
+        assert not answered, "the gateway started against an evicting Redis"
+        time.sleep(0.1)
+    # It exited non-zero, or it is still not answering /healthz after 20 s.
+    assert gateway.poll() is None or gateway.returncode != 0, procs.log_text()
