@@ -107,7 +107,7 @@ def stop_later() -> Iterator[list[Processes]]:
 def test_killed_worker_job_is_retried_on_another(processes):
     base = processes.gateway(INVERSION_MAX_RETRIES="2", **NO_AUTH)
     first = processes.worker(**FAST_WORKER)
-    job_id = submit(base, num_inference_steps=600, resolution=64)
+    job_id = submit(base, num_inference_steps=300, resolution=64)
     wait_running(base, job_id)
     first.kill()
     first.wait(10)
@@ -123,7 +123,7 @@ def test_killed_worker_job_is_retried_on_another(processes):
 def test_killed_worker_without_retries_fails_worker_lost(processes):
     base = processes.gateway(INVERSION_MAX_RETRIES="0", **NO_AUTH)
     first = processes.worker(**FAST_WORKER)
-    job_id = submit(base, num_inference_steps=600, resolution=64)
+    job_id = submit(base, num_inference_steps=300, resolution=64)
     wait_running(base, job_id)
     first.kill()
     first.wait(10)
