@@ -111,6 +111,7 @@ def test_killed_worker_job_is_retried_on_another(processes):
     wait_running(base, job_id)
     first.kill()
     first.wait(10)
+    assert status(base, job_id)["status"] == "running"  # killed mid-job, not after it
     started = time.monotonic()
     processes.worker(**FAST_WORKER)
     final = wait_terminal(base, job_id, 30)
@@ -127,6 +128,7 @@ def test_killed_worker_without_retries_fails_worker_lost(processes):
     wait_running(base, job_id)
     first.kill()
     first.wait(10)
+    assert status(base, job_id)["status"] == "running"  # killed mid-job, not after it
     processes.worker(**FAST_WORKER)
     final = wait_terminal(base, job_id, 30)
     assert final["status"] == "failed", (final, processes.log_text())
