@@ -250,6 +250,25 @@ class InversionParams(BaseModel):
     scheduler: dict[str, Any] = Field(
         default_factory=dict, description="DDIMInverseScheduler overrides, by parameter name."
     )
+    refine_iterations: int = Field(
+        0,
+        ge=0,
+        le=50,
+        description=(
+            "Fixed-point iterations per step making the step the exact inverse of DDIM "
+            "sampling (AIDI, Pan et al. 2023); each costs one more UNet call per step. "
+            "0: plain DDIM inversion."
+        ),
+    )
+    refine_tolerance: float = Field(
+        1e-4,
+        gt=0,
+        le=1,
+        description=(
+            "A step's refinement stops once the relative change ||dz|| / ||z|| of the "
+            "iterate falls below this (or refine_iterations run out)."
+        ),
+    )
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -325,6 +344,12 @@ class ResultMetadata(BaseModel):
     trajectory_shape: list[int] | None
     dtype: str
     engine_version: str = ENGINE_VERSION
+    refine_iterations: list[int] | None = Field(
+        None, description="Per step, the fixed-point refinement iterations that ran; None: off."
+    )
+    refine_residuals: list[float] | None = Field(
+        None, description="Per step, the refinement's final relative change ||dz|| / ||z||."
+    )
 
     def to_header(self) -> dict[str, str]:
         """safetensors metadata is str -> str: scalars as text, structures as JSON."""

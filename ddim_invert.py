@@ -48,6 +48,20 @@ def _add_inversion_params(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="DDIMInverseScheduler overrides, e.g. timestep_spacing=trailing",
     )
+    parser.add_argument(
+        "--refine-iterations",
+        type=int,
+        default=0,
+        metavar="N",
+        help="fixed-point iterations per step for exact inversion (one UNet call each); 0: off",
+    )
+    parser.add_argument(
+        "--refine-tolerance",
+        type=float,
+        default=1e-4,
+        metavar="X",
+        help="stop a step's refinement once the relative change is below X",
+    )
 
 
 def _params_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -63,6 +77,8 @@ def _params_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "return_trajectory": args.return_trajectory,
         "result_dtype": args.result_dtype,
         "scheduler": dict(args.scheduler),
+        "refine_iterations": args.refine_iterations,
+        "refine_tolerance": args.refine_tolerance,
     }
 
 
@@ -148,6 +164,11 @@ def cmd_local(args: argparse.Namespace) -> int:
             "dtype": result.metadata.dtype,
             "token_count": result.metadata.token_count,
             "truncated": result.metadata.truncated,
+            "refine_iterations": (
+                sum(result.metadata.refine_iterations)
+                if result.metadata.refine_iterations is not None
+                else None
+            ),
             "timings": {"load_model_s": round(load_s, 4)}
             | {k: round(v, 4) for k, v in result.timings.items()},
         }

@@ -12,6 +12,19 @@ cumulative product of (1 - beta) and eps = unet(z_t, t_next, text), one step is
 and diffusers' `DDIMInverseScheduler.step` computes exactly that (with its prediction
 types and clipping). The noise is predicted at z_t but labelled with t_next: the same
 convention as the diffusers pipelines and the null-text inversion reference code.
+
+That step is only approximately the inverse of DDIM sampling: the sampler going from
+z_next back to z_t evaluates eps = unet(z_next, t_next), not unet(z_t, t_next). With
+`refine_iterations` > 0 each step is made exact by fixed-point iteration (AIDI, Pan et al.
+2023): with the step's a_t, a_next and z_t held fixed,
+
+    (3)  z_next <- sqrt(a_next) * x0(z_t, e) + sqrt(1 - a_next) * e,   e = unet(z_next, t_next)
+
+until ||dz_next|| / ||z_next|| < refine_tolerance. At the fixed point, diffusers'
+`DDIMScheduler.step(unet(z_next, t_next), t_next, z_next)` (same config, eta 0) gives z_t
+back exactly: the sampler's step from t_next goes to t_next - T/steps, the inverse step's
+source, with the same alphas and the same eps. Exact for `prediction_type` epsilon without
+clipping or thresholding.
 """
 
 from __future__ import annotations
@@ -101,7 +114,16 @@ def batch_key(params: InversionParams, model: LoadedModel) -> str:
     width, height = resolution_of(params, model)
     config = scheduler_config_for(params, model)
     return json.dumps(
-        [width, height, params.num_inference_steps, params.uses_guidance, config], sort_keys=True
+        [
+            width,
+            height,
+            params.num_inference_steps,
+            params.uses_guidance,
+            config,
+            params.refine_iterations,
+            params.refine_tolerance,
+        ],
+        sort_keys=True,
     )
 
 
@@ -225,6 +247,40 @@ def invert_batch(
         scales = torch.tensor(
             [r.params.guidance_scale for r in requests], device=model.device, dtype=z.dtype
         ).view(-1, 1, 1, 1)
+
+    def predict_noise(
+        state: torch.Tensor, t: int, rows: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """eps = unet(state, t, text), guided as asked; `rows` picks the active rows' texts."""
+        model_input = state.to(model.dtype)
+        if guided:
+            row_uncond, row_cond, row_scales = uncond, cond, scales
+            if rows is not None:
+                row_uncond, row_cond = uncond.index_select(0, rows), cond.index_select(0, rows)
+                row_scales = scales.index_select(0, rows)
+            eps_uncond, eps_cond = (
+                model.unet(
+                    torch.cat([model_input, model_input]),
+                    t,
+                    encoder_hidden_states=torch.cat([row_uncond, row_cond]),
+                )
+                .sample.to(state.dtype)
+                .chunk(2)
+            )
+            return eps_uncond + row_scales * (eps_cond - eps_uncond)
+        row_text = text if rows is None else text.index_select(0, rows)
+        return model.unet(model_input, t, encoder_hidden_states=row_text).sample.to(state.dtype)
+
+    def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        """Per row, ||new - old|| / ||new||."""
+        delta = (new - old).flatten(1).norm(dim=1)
+        return delta / new.flatten(1).norm(dim=1).clamp_min(torch.finfo(new.dtype).tiny)
+
+    refine_iterations = first.refine_iterations
+    refine_tolerance = first.refine_tolerance
+    # Per request: for each step, the refinement iterations run and the final relative change.
+    refine_counts: list[list[int]] = [[] for _ in requests]
+    refine_residuals: list[list[float]] = [[] for _ in requests]
     # 4. Scheduler: the model's config with the job's overrides, never the bare constructor.
     scheduler = DDIMInverseScheduler.from_config(config)
     scheduler.set_timesteps(steps)
@@ -252,21 +308,35 @@ def invert_batch(
                     scales = scales.index_select(0, rows)
                 else:
                     text = text.index_select(0, rows)
-        model_input = z.to(model.dtype)
-        if guided:
-            eps_uncond, eps_cond = (
-                model.unet(
-                    torch.cat([model_input, model_input]),
-                    t,
-                    encoder_hidden_states=torch.cat([uncond, cond]),
-                )
-                .sample.to(z.dtype)
-                .chunk(2)
-            )
-            eps = eps_uncond + scales * (eps_cond - eps_uncond)
-        else:
-            eps = model.unet(model_input, t, encoder_hidden_states=text).sample.to(z.dtype)
-        z = scheduler.step(eps, t, z).prev_sample
+        z_next = scheduler.step(predict_noise(z, t), t, z).prev_sample
+        # 6. Exact inversion (3): z_next <- step(unet(z_next, t), t, z). The sampler's step
+        # from z_next labelled t evaluates the UNet at (z_next, t) and lands on t - T/steps,
+        # this step's source: at the fixed point it gives z back. Converged rows are frozen
+        # (and leave the UNet batch), so a row's result does not depend on its batch-mates.
+        if refine_iterations:
+            counts = [0] * len(active)
+            residuals = [0.0] * len(active)
+            pending = list(range(len(active)))
+            for _ in range(refine_iterations):
+                rows = torch.tensor(pending, device=model.device)
+                source = z.index_select(0, rows)
+                guess = z_next.index_select(0, rows)
+                refined = scheduler.step(predict_noise(guess, t, rows), t, source).prev_sample
+                change = relative_change(refined, guess).tolist()
+                z_next = z_next.index_copy(0, rows, refined)
+                still = []
+                for row, value in zip(pending, change, strict=True):
+                    counts[row] += 1
+                    residuals[row] = float(value)
+                    if not value < refine_tolerance:
+                        still.append(row)
+                pending = still
+                if not pending:
+                    break
+            for row, index in enumerate(active):
+                refine_counts[index].append(counts[row])
+                refine_residuals[index].append(residuals[row])
+        z = z_next
         if trajectory:
             trajectory.append(z.clone())
         if progress is not None:
@@ -275,7 +345,7 @@ def invert_batch(
         finished[index] = z[row]
     done = time.perf_counter()
 
-    # 6. Results, on the CPU, each with its own metadata.
+    # 7. Results, on the CPU, each with its own metadata.
     results: list[InversionResult | None] = []
     timesteps_tensor = torch.tensor(timesteps, dtype=torch.int64)
     width, height = size
@@ -310,6 +380,8 @@ def invert_batch(
             trajectory_shape=list(path.shape) if path is not None else None,
             dtype=str(out_dtype).removeprefix("torch."),
             engine_version=ENGINE_VERSION,
+            refine_iterations=refine_counts[index] if refine_iterations else None,
+            refine_residuals=refine_residuals[index] if refine_iterations else None,
         )
         results.append(
             InversionResult(
