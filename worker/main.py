@@ -12,6 +12,7 @@ from rq.serializers import JSONSerializer
 
 from contract import InversionParams
 from worker.batching import InversionWorker
+from worker.compile import compile_unet, warm_up_buckets
 from worker.engine import InversionRequest, invert
 from worker.models import LoadedModel, ModelLoadError, load_model
 from worker.settings import WorkerSettings, get_settings
@@ -47,7 +48,7 @@ def warm_up(model: LoadedModel) -> float:
 
 
 def build_worker(
-    settings: WorkerSettings, model: LoadedModel, connection: Redis
+    settings: WorkerSettings, model: LoadedModel, connection: Redis, max_batch_size: int
 ) -> InversionWorker:
     queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
     return InversionWorker(
@@ -55,7 +56,7 @@ def build_worker(
         connection=connection,
         model=model,
         settings=settings,
-        max_batch_size=settings.max_batch_size or default_batch_size(model),
+        max_batch_size=max_batch_size,
     )
 
 
@@ -84,10 +85,18 @@ def run(burst: bool = False) -> int:
         model.dtype,
         warm_up(model),
     )
+    max_batch_size = settings.max_batch_size or default_batch_size(model)
+    if settings.compile != "none":
+        started = time.perf_counter()
+        compile_unet(model, settings.compile, max_rows=2 * max_batch_size)
+        warm_up_buckets(model)
+        log.info(
+            "compiled the UNet (%s) in %.1f s", settings.compile, time.perf_counter() - started
+        )
     connection = Redis.from_url(
         settings.redis_url, socket_connect_timeout=5, health_check_interval=10
     )
-    worker = build_worker(settings, model, connection)
+    worker = build_worker(settings, model, connection, max_batch_size)
     log.info("worker %s ready: max_batch_size %d", worker.name, worker.max_batch_size)
     worker.work(burst=burst, logging_level="INFO")
     return 0

@@ -49,8 +49,10 @@ class WorkerSettings(BaseSettings):
     max_retries: int = Field(
         2, ge=0, le=10, description="How often a job whose worker died is run again."
     )
-    compile: Literal["none", "torch"] = Field(
-        "none", description="torch.compile the UNet per batch-size bucket (CUDA)."
+    compile: Literal["none", "torch", "torch-cudagraphs"] = Field(
+        "none",
+        description="Compile the UNet per batch-size bucket (batches padded to powers of two), "
+        "warmed up before the worker reports ready; torch-cudagraphs adds CUDA graphs.",
     )
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default.")
     warmup: bool = Field(True, description="Run a short inversion before registering as ready.")
