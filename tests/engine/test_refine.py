@@ -1,0 +1,124 @@
+"""Exact inversion by fixed-point refinement: DDIM sampling undoes the refined inversion.
+
+Each refined step is checked the strongest way there is: diffusers' own DDIMScheduler,
+configured from the result's scheduler config, samples the returned latents back to the
+clean latent, with the same prompt embedding and no guidance.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import imaging
+from contract import InversionParams, ResultMetadata
+from worker.engine import InversionRequest, InversionResult, encode_prompts, invert
+from worker.models import LoadedModel, load_model
+
+SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+PROMPT = "a cat on a sofa"
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("refine-model-cache")
+
+
+@pytest.fixture(scope="module")
+def tiny32(cache_dir: Path) -> LoadedModel:
+    return load_model("tiny", device="cpu", dtype="float32", cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny64(cache_dir: Path) -> LoadedModel:
+    return load_model("tiny", device="cpu", dtype="float64", cache_dir=cache_dir)
+
+
+@pytest.fixture(scope="module")
+def chelsea() -> object:
+    return imaging.open_image((SAMPLES / "chelsea.png").read_bytes())
+
+
+def run(model: LoadedModel, image: object, **params: object) -> InversionResult:
+    full = {"prompt": PROMPT, "num_inference_steps": 50, "return_trajectory": True} | params
+    (result,) = invert(model, [InversionRequest(image, InversionParams(**full))])
+    assert result is not None
+    return result
+
+
+@torch.inference_mode()
+def reconstruction_error(model: LoadedModel, result: InversionResult) -> float:
+    """||x_rec - x0|| / ||x0||, x_rec sampled back from the latents by diffusers' DDIMScheduler."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(result.metadata.scheduler_config)
+    scheduler.set_timesteps(result.metadata.num_inference_steps)
+    text = encode_prompts(model, [result.metadata.prompt])[0]
+    z = result.latents.to(model.dtype)
+    for t in scheduler.timesteps:
+        eps = model.unet(z, t, encoder_hidden_states=text).sample
+        z = scheduler.step(eps, t, z).prev_sample
+    clean = result.trajectory[0].to(model.dtype)
+    return float((z - clean).norm() / clean.norm())
+
+
+def test_refinement_makes_float32_inversion_1000x_more_exact(tiny32, chelsea):
+    plain = run(tiny32, chelsea)
+    refined = run(tiny32, chelsea, refine_iterations=20, refine_tolerance=1e-7)
+    plain_error = reconstruction_error(tiny32, plain)
+    refined_error = reconstruction_error(tiny32, refined)
+    assert torch.equal(plain.trajectory[0], refined.trajectory[0])
+    assert plain_error > 0.1, plain_error  # plain DDIM inversion of a random model is far off
+    assert refined_error * 1000 <= plain_error, (plain_error, refined_error)
+
+    assert plain.metadata.refine_iterations is None
+    assert plain.metadata.refine_residuals is None
+    counts = refined.metadata.refine_iterations
+    residuals = refined.metadata.refine_residuals
+    assert counts is not None and residuals is not None
+    assert len(counts) == len(residuals) == 50
+    assert all(1 <= n <= 20 for n in counts)
+    assert all(r >= 0 for r in residuals)
+    # A step stops early only once converged.
+    assert all(n == 20 or r < 1e-7 for n, r in zip(counts, residuals, strict=True))
+    # The metadata survives the safetensors header.
+    header = ResultMetadata.from_header(refined.metadata.to_header())
+    assert header.refine_iterations == counts
+    assert header.refine_residuals == residuals
+    # Headers written before refinement existed still parse.
+    old = {k: v for k, v in plain.metadata.to_header().items() if not k.startswith("refine_")}
+    assert ResultMetadata.from_header(old).refine_iterations is None
+
+
+def test_refinement_in_float64_is_exact(tiny64, chelsea):
+    refined = run(tiny64, chelsea, refine_iterations=50, refine_tolerance=1e-10)
+    assert refined.latents.dtype == torch.float64
+    error = reconstruction_error(tiny64, refined)
+    assert error < 1e-6, error
+    assert max(refined.metadata.refine_residuals) < 1e-6
+
+
+def test_refinement_batched_equals_solo(tiny32, chelsea):
+    coffee = imaging.open_image((SAMPLES / "coffee.png").read_bytes())
+    common = {"num_inference_steps": 10, "refine_iterations": 8, "refine_tolerance": 1e-6}
+    a = InversionParams(prompt=PROMPT, **common)
+    b = InversionParams(prompt="a cup of coffee", **common)
+    batched = invert(tiny32, [InversionRequest(chelsea, a), InversionRequest(coffee, b)])
+    solo = [
+        invert(tiny32, [InversionRequest(chelsea, a)])[0],
+        invert(tiny32, [InversionRequest(coffee, b)])[0],
+    ]
+    for together, alone in zip(batched, solo, strict=True):
+        assert together is not None and alone is not None
+        assert float((together.latents - alone.latents).abs().max()) <= 1e-5
+        assert together.metadata.refine_iterations is not None
+        assert len(together.metadata.refine_iterations) == 10
+        assert len(together.metadata.refine_residuals) == 10
+
+
+def test_params_validate():
+    for bad in ({"refine_iterations": -1}, {"refine_iterations": 51}, {"refine_tolerance": 0}):
+        with pytest.raises(ValueError):
+            InversionParams(prompt="x", **bad)
