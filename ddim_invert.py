@@ -4,6 +4,7 @@
   local IMAGE...         invert in-process, no Redis (the engine alone)
   gateway                run the HTTP gateway (uvicorn)
   worker                 run a GPU worker draining the queue
+  submit IMAGE           send an image to a running service (the Python client)
 
 Each subcommand imports only its own side: the gateway never loads torch.
 """
@@ -176,6 +177,12 @@ def cmd_local(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from client.cli import run_submit
+
+    return run_submit(args, _params_from_args(args))
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     from service.main import run
 
@@ -213,6 +220,15 @@ def build_parser() -> argparse.ArgumentParser:
     gateway.add_argument("--host", default=None)
     gateway.add_argument("--port", type=int, default=None)
     gateway.set_defaults(func=cmd_gateway)
+
+    submit = sub.add_parser("submit", help="send an image to a running service")
+    submit.add_argument("image", metavar="IMAGE")
+    _add_inversion_params(submit)
+    submit.add_argument("--url", default=None, help="gateway URL (INVERSION_CLIENT_URL)")
+    submit.add_argument("--wait", action="store_true", help="wait for the job, then download")
+    submit.add_argument("--timeout", type=float, default=None, metavar="S", help="wait at most S s")
+    submit.add_argument("--out", default=None, help="--wait writes here (IMAGE-stem.safetensors)")
+    submit.set_defaults(func=cmd_submit)
 
     worker = sub.add_parser("worker", help="run a worker that drains the queue")
     worker.add_argument("--burst", action="store_true", help="exit when the queue is empty")
