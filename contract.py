@@ -107,6 +107,16 @@ SCHEDULER_DEFAULTS: dict[str, Any] = {
 """DDIMInverseScheduler's own constructor defaults, used where a model's config is silent."""
 
 
+def _finite_number(value: Any) -> bool:
+    """An int or float (not a bool) within the float range and not NaN or infinite."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int past the float range
+        return False
+
+
 def _check_override(name: str, value: Any) -> Any:
     """One override's type and value, or InvalidParameter naming the valid choices."""
     field = f"scheduler.{name}"
@@ -126,16 +136,13 @@ def _check_override(name: str, value: Any) -> Any:
     if kind == "float":
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InvalidParameter(field, "must be a number")
-        if not math.isfinite(value):
+        if not _finite_number(value):
             raise InvalidParameter(field, "must be finite")
         return float(value)
     if kind == "list[float]":
         if value is None:
             return None
-        if not isinstance(value, list) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-            for v in value
-        ):
+        if not isinstance(value, list) or not all(_finite_number(v) for v in value):
             raise InvalidParameter(field, "must be a list of finite numbers or null")
         return [float(v) for v in value]
     choices = kind.split("|")

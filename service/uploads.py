@@ -52,7 +52,7 @@ def build_params(fields: dict[str, Any], settings: GatewaySettings) -> Inversion
     if "scheduler" in given:
         try:
             scheduler = json.loads(given["scheduler"]) if given["scheduler"].strip() else {}
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:  # RecursionError: nested too deep
             raise _invalid("scheduler", f"not valid JSON: {exc}") from None
         if not isinstance(scheduler, dict):
             raise _invalid("scheduler", "must be a JSON object of DDIMInverseScheduler overrides")
@@ -67,6 +67,14 @@ def build_params(fields: dict[str, Any], settings: GatewaySettings) -> Inversion
             "num_inference_steps",
             f"{params.num_inference_steps} exceeds this service's limit of {settings.max_steps}",
         )
+    if params.resolution is not None:
+        width, height = params.resolution
+        if width * height > settings.max_pixels:
+            # Unbounded, the gateway would allocate the resized image (MemoryError, 500).
+            raise _invalid(
+                "resolution",
+                f"{width}x{height} = {width * height} pixels; the limit is {settings.max_pixels}",
+            )
     return params
 
 
