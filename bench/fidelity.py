@@ -7,7 +7,7 @@ against the clean latent x0 and the number of UNet calls the inversion made (cou
 forward pre-hook), then a final `RESULT {json}`.
 
     python bench/fidelity.py                       # tiny model, CPU
-    python bench/fidelity.py --steps 50 --refine-iterations 20
+    python bench/fidelity.py --steps 50 --refine-iterations 20 --iterations64 50
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny")
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--refine-iterations", type=int, default=20)
+    parser.add_argument("--refine-iterations", type=int, default=20, help="float32 refinement")
+    parser.add_argument("--iterations64", type=int, default=50, help="float64 refinement")
     parser.add_argument("--tolerance32", type=float, default=1e-7)
     parser.add_argument("--tolerance64", type=float, default=1e-10)
     parser.add_argument("--images", nargs="*", default=None, help="default: every samples/*.png")
@@ -95,7 +96,7 @@ def main() -> int:
     methods = [
         ("plain", fp32, 0, 1e-4),
         ("refined_fp32", fp32, args.refine_iterations, args.tolerance32),
-        ("refined_fp64", fp64, args.refine_iterations, args.tolerance64),
+        ("refined_fp64", fp64, args.iterations64, args.tolerance64),
     ]
     rows: list[dict[str, Any]] = []
     print(f"{'image':<12} {'method':<14} {'rel. error':>12} {'UNet calls':>11} {'seconds':>8}")
