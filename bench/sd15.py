@@ -7,12 +7,11 @@ without a download. Loaded back through `worker.models.load_model(folder)`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from worker.models import SD15_SCHEDULER_CONFIG, _quiet_libraries, _tiny_tokenizer
+from worker.models import _quiet_libraries, _tiny_tokenizer, write_pipeline_index
 
 SEED = 0
 
@@ -83,20 +82,5 @@ def make_sd15_model(directory: str | Path) -> Path:
     )
     unet.save_pretrained(directory / "unet")
     del unet
-    (directory / "scheduler").mkdir(exist_ok=True)
-    (directory / "scheduler" / "scheduler_config.json").write_text(
-        json.dumps(SD15_SCHEDULER_CONFIG, indent=2)
-    )
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.30.0",
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-    }
-    (directory / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    write_pipeline_index(directory)
     return directory

@@ -24,7 +24,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,26 +59,6 @@ def start_redis() -> tuple[str, subprocess.Popen[bytes]]:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-
-
-def plain_diffusers_loop(model, arrays: list[np.ndarray], prompts: list[str], steps: int) -> None:
-    """What a user writes with diffusers: encode, DDIMInverseScheduler, unet + step."""
-    from diffusers import DDIMInverseScheduler
-
-    with torch.no_grad():
-        pixels = torch.from_numpy(np.stack(arrays)).to(model.device).permute(0, 3, 1, 2)
-        pixels = pixels.to(model.dtype) / 127.5 - 1.0
-        latents = model.vae.encode(pixels).latent_dist.mean * model.vae.config.scaling_factor
-        ids = model.tokenizer(
-            prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
-        ).input_ids.to(model.device)
-        text = model.text_encoder(ids)[0]
-        scheduler = DDIMInverseScheduler.from_config(model.scheduler_config)
-        scheduler.set_timesteps(steps, device=model.device)
-        for t in scheduler.timesteps:
-            eps = model.unet(latents, t, encoder_hidden_states=text).sample
-            latents = scheduler.step(eps, t, latents).prev_sample
-    sync(model.device)
 
 
 def enqueue_all(connection, arrays, prompts, steps, size) -> list[str]:
@@ -119,6 +98,7 @@ def main() -> int:
 
     import redis
 
+    from bench.engine import plain_loop
     from worker.batching import InversionWorker
     from worker.main import warm_up
     from worker.models import load_model
@@ -145,13 +125,15 @@ def main() -> int:
     reference: dict[str, float] = {}
     for batch in [int(b) for b in args.reference_batches.split(",")]:
         batch = min(batch, args.jobs)
-        plain_diffusers_loop(model, arrays[:batch], prompts[:batch], 2)  # warm this shape
+        plain_loop(model, arrays[:batch], prompts[:batch], 2)  # warm this shape
+        sync(model.device)
         rounds = max(1, args.jobs // batch)
         started = time.perf_counter()
         for begin in range(0, rounds * batch, batch):
-            plain_diffusers_loop(
+            plain_loop(
                 model, arrays[begin : begin + batch], prompts[begin : begin + batch], args.steps
             )
+        sync(model.device)
         reference[f"plain_bs{batch}"] = rounds * batch / (time.perf_counter() - started)
         print(f"plain diffusers loop, batch {batch}: {reference[f'plain_bs{batch}']:.2f} images/s")
     out["reference_images_per_s"] = reference

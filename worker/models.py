@@ -253,9 +253,14 @@ def make_tiny_model(directory: str | Path) -> Path:
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    text_encoder.save_pretrained(directory / "text_encoder")
-    vae.save_pretrained(directory / "vae")
-    unet.save_pretrained(directory / "unet")
+    for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
+        module.save_pretrained(directory / name)
+    write_pipeline_index(directory)
+    return directory
+
+
+def write_pipeline_index(directory: Path) -> None:
+    """The scheduler config (SD 1.5's) and model_index.json of an SD pipeline folder."""
     scheduler_dir = directory / "scheduler"
     scheduler_dir.mkdir(exist_ok=True)
     (scheduler_dir / "scheduler_config.json").write_text(
@@ -273,7 +278,6 @@ def make_tiny_model(directory: str | Path) -> Path:
         "feature_extractor": [None, None],
     }
     (directory / "model_index.json").write_text(json.dumps(model_index, indent=2))
-    return directory
 
 
 def tiny_model_dir(cache_dir: Path | None = None) -> Path:
