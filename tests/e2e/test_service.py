@@ -185,3 +185,20 @@ def test_readyz_follows_workers(processes):
     assert httpx.get(base + "/readyz").status_code == 503
     started = time.monotonic()
     assert time.monotonic() - started < 5
+
+
+def test_sigterm_finishes_the_running_job_then_exits(processes):
+    base = processes.gateway()
+    worker = processes.worker()
+    job = submit(base, num_inference_steps=300)
+    wait_for(
+        lambda: (
+            (s := status(base, job["id"]))["status"] == "running"
+            and (s.get("progress") or {}).get("step", 0) > 0
+        ),
+        60,
+        "the job to run",
+    )
+    worker.terminate()  # SIGTERM: a warm shutdown
+    assert worker.wait(60) == 0
+    assert status(base, job["id"])["status"] == "succeeded"
