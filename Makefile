@@ -11,7 +11,7 @@ $(BIN)/ddim-invert: pyproject.toml
 	# torch first and pinned: the CPU build 2.13.0 on disk, never a CUDA download.
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "torch==2.13.0"
-	$(BIN)/pip install -q -e ".[gateway,worker,dev]"
+	$(BIN)/pip install -q -e ".[gateway,worker,dev,client]"
 	touch $@
 
 install: $(BIN)/ddim-invert

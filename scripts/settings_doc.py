@@ -9,13 +9,14 @@ from pydantic_settings import BaseSettings
 
 
 def table(cls: type[BaseSettings]) -> str:
+    prefix = cls.model_config.get("env_prefix") or "INVERSION_"
     rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
     for name, field in cls.model_fields.items():
         default = field.default
         shown = "" if default is None else str(default)
         if isinstance(default, tuple):
             shown = ",".join(default)
-        rows.append(f"| `INVERSION_{name.upper()}` | `{shown}` | {field.description or ''} |")
+        rows.append(f"| `{prefix}{name.upper()}` | `{shown}` | {field.description or ''} |")
     return "\n".join(rows)
 
 
@@ -24,6 +25,7 @@ END = "<!-- settings:end -->"
 
 
 def tables() -> str:
+    from client.settings import ClientSettings
     from service.settings import GatewaySettings
     from worker.settings import WorkerSettings
 
@@ -32,6 +34,8 @@ def tables() -> str:
         + table(GatewaySettings)
         + "\n\n### Worker (`ddim-invert worker`, and `ddim-invert local`)\n\n"
         + table(WorkerSettings)
+        + "\n\n### Client (`client.InversionClient`, and `ddim-invert submit`)\n\n"
+        + table(ClientSettings)
     )
 
 

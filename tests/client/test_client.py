@@ -1,0 +1,442 @@
+"""The Python client and `ddim-invert submit` against a real gateway and worker.
+
+Only the retry tests use httpx.MockTransport: they test the client's retry policy, which a
+healthy server never exercises.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from safetensors.numpy import load as load_numpy
+
+import client._common
+import client.aio
+import client.sync
+from client import (
+    AsyncInversionClient,
+    AsyncJob,
+    ClientSettings,
+    InversionClient,
+    InversionError,
+    Job,
+    JobFailed,
+)
+from tests.conftest import BIN, ROOT, SAMPLES
+
+CHELSEA = SAMPLES / "chelsea.png"
+
+
+def engine_latents(tiny_model, prompt: str, **params: object) -> np.ndarray:
+    """What `ddim-invert local` computes for chelsea.png, in-process."""
+    import imaging
+    from contract import InversionParams
+    from worker.engine import InversionRequest, invert
+
+    inversion = InversionParams(prompt=prompt, **params)
+    size = inversion.resolution or tiny_model.native_resolution
+    rgb = imaging.normalize(CHELSEA.read_bytes(), size, inversion.resize_mode)
+    (result,) = invert(tiny_model, [InversionRequest(rgb, inversion)])
+    assert result is not None
+    return result.latents.numpy()
+
+
+# -- against the real service ----------------------------------------------------------
+
+
+def test_submit_wait_latents_equal_the_engine(processes, tiny_model):
+    base = processes.gateway()
+    processes.worker()
+    seen: list[tuple[int, int]] = []
+    with InversionClient(base) as inversions:
+        job = inversions.submit(
+            CHELSEA, "a photo of a cat", num_inference_steps=6, guidance_scale=2.0
+        )
+        assert isinstance(job, Job)
+        assert job.status in ("queued", "running")
+        assert job.wait(timeout=60, on_progress=lambda s, t: seen.append((s, t))) is job
+        assert job.status == "succeeded", job.data
+        assert job.data["result"]["latents_shape"] == [1, 4, 8, 8]
+        assert seen and seen[-1] == (6, 6)
+        assert all(total == 6 and 0 <= step <= 6 for step, total in seen)
+
+        expected = engine_latents(
+            tiny_model, "a photo of a cat", num_inference_steps=6, guidance_scale=2.0
+        )
+        latents = job.latents()
+        import torch
+
+        assert isinstance(latents, torch.Tensor)
+        assert tuple(latents.shape) == (1, 4, 8, 8)
+        assert np.abs(latents.numpy() - expected).max() <= 1e-5
+
+        array = job.latents(format="numpy")
+        assert isinstance(array, np.ndarray)
+        assert np.abs(array - expected).max() <= 1e-5
+
+        result = job.result(format="numpy")
+        assert set(result["tensors"]) == {"latents", "timesteps"}
+        assert result["metadata"]["prompt"] == "a photo of a cat"
+        assert result["metadata"]["num_inference_steps"] == 6
+        assert result["metadata"]["latents_shape"] == [1, 4, 8, 8]
+
+        again = inversions.get(job.id)
+        assert again.status == "succeeded"
+        assert again.data["id"] == job.id
+
+
+def test_image_as_bytes_and_file_object_and_params(processes):
+    base = processes.gateway()
+    processes.worker()
+    with InversionClient(base) as inversions:
+        from_bytes = inversions.submit(
+            CHELSEA.read_bytes(),
+            "x",
+            num_inference_steps=3,
+            return_trajectory=True,
+            resolution=(128, 64),
+            scheduler={"timestep_spacing": "trailing"},
+        )
+        with CHELSEA.open("rb") as handle:
+            from_file = inversions.submit(handle, "x", num_inference_steps=3)
+        tensors = from_bytes.wait(timeout=60).result()["tensors"]
+        assert tuple(tensors["trajectory"].shape) == (4, 1, 4, 8, 16)
+        assert from_bytes.data["params"]["scheduler"] == {"timestep_spacing": "trailing"}
+        assert from_file.wait(timeout=60).status == "succeeded"
+
+
+def test_cancel_a_queued_job(processes, tmp_path: Path):
+    base = processes.gateway()  # no worker: the job stays queued
+    with InversionClient(base) as inversions:
+        job = inversions.submit(CHELSEA, "never", num_inference_steps=3)
+        assert job.status == "queued"
+        with pytest.raises(TimeoutError):
+            job.wait(timeout=0.3)
+        with pytest.raises(InversionError) as early:
+            job.latents()
+        assert (early.value.status, early.value.code) == (409, "not_finished")
+        assert job.cancel() is job
+        assert job.status == "canceled"
+        with pytest.raises(JobFailed) as failed:
+            job.wait(timeout=5)
+        assert failed.value.code == "canceled"
+        assert job.wait(timeout=5, raise_on_failure=False).status == "canceled"
+        # A finished job is deleted by a second cancel().
+        job.cancel()
+        with pytest.raises(InversionError) as gone:
+            job.refresh()
+        assert (gone.value.status, gone.value.code) == (404, "not_found")
+
+
+def test_problems_raise_inversion_error_with_code(processes):
+    base = processes.gateway()
+    with InversionClient(base) as inversions:
+        with pytest.raises(InversionError) as invalid:
+            inversions.submit(CHELSEA, "x", resolution=100)
+        assert invalid.value.status == 422
+        assert invalid.value.code == "validation_error"
+        assert invalid.value.field == "resolution"
+        assert invalid.value.detail
+        with pytest.raises(InversionError) as media:
+            inversions.submit(b"not an image at all", "x")
+        assert (media.value.status, media.value.code) == (415, "unsupported_media_type")
+        with pytest.raises(InversionError) as missing:
+            inversions.get("6f1c2a53-3f7e-4f4e-9d7c-6b0c1f2b9a11")
+        assert (missing.value.status, missing.value.code) == (404, "not_found")
+
+
+def test_api_key_is_sent(processes):
+    import hashlib
+
+    key = "s3cret-client-key"
+    base = processes.gateway(
+        INVERSION_AUTH_DISABLED="false",
+        INVERSION_API_KEY_HASHES=hashlib.sha256(key.encode()).hexdigest(),
+    )
+    with InversionClient(base) as anonymous, pytest.raises(InversionError) as refused:
+        anonymous.submit(CHELSEA, "x", num_inference_steps=3)
+    assert (refused.value.status, refused.value.code) == (401, "unauthorized")
+    settings = ClientSettings(url=base, api_key=key)  # type: ignore[arg-type]
+    with InversionClient(settings=settings) as keyed:
+        job = keyed.submit(CHELSEA, "x", num_inference_steps=3)
+        assert keyed.get(job.id).status == "queued"
+
+
+def test_async_client_submit_wait_latents(processes, tiny_model):
+    base = processes.gateway()
+    processes.worker()
+    expected = engine_latents(tiny_model, "a photo of a cat", num_inference_steps=4)
+
+    async def main() -> tuple[AsyncJob, np.ndarray, object, str]:
+        async with AsyncInversionClient(base) as inversions:
+            job = await inversions.submit(CHELSEA, "a photo of a cat", num_inference_steps=4)
+            assert isinstance(job, AsyncJob)
+            await job.wait(timeout=60)
+            array = await job.latents(format="numpy")
+            tensor = await job.latents()
+            with pytest.raises(InversionError) as invalid:
+                await inversions.submit(CHELSEA, "x", resolution=100)
+            fetched = await inversions.get(job.id)
+            return job, array, tensor, invalid.value.code + ":" + fetched.status
+
+    job, array, tensor, codes = asyncio.run(main())
+    assert job.status == "succeeded"
+    assert np.abs(array - expected).max() <= 1e-5
+    assert np.abs(tensor.numpy() - expected).max() <= 1e-5  # type: ignore[attr-defined]
+    assert codes == "validation_error:succeeded"
+
+
+def test_async_cancel_a_queued_job(processes):
+    base = processes.gateway()
+
+    async def main() -> str:
+        async with AsyncInversionClient(base) as inversions:
+            job = await inversions.submit(CHELSEA, "never", num_inference_steps=3)
+            await job.cancel()
+            with pytest.raises(JobFailed):
+                await job.wait(timeout=5)
+            return job.status
+
+    assert asyncio.run(main()) == "canceled"
+
+
+def test_cli_submit_wait_writes_latents(processes, service_env, tmp_path: Path):
+    base = processes.gateway()
+    processes.worker()
+    out = tmp_path / "chelsea.safetensors"
+    cli = subprocess.run(
+        [
+            str(BIN / "ddim-invert"),
+            "submit",
+            str(CHELSEA),
+            "--prompt",
+            "x",
+            "--steps",
+            "3",
+            "--wait",
+            "--out",
+            str(out),
+            "--url",
+            base,
+        ],
+        env=service_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 0, cli.stderr
+    submitted, finished = (json.loads(line) for line in cli.stdout.splitlines())
+    assert submitted["status"] in ("queued", "running")
+    assert finished == {"id": submitted["id"], "status": "succeeded", "out": str(out)}
+    tensors = load_numpy(out.read_bytes())
+    assert tensors["latents"].shape == (1, 4, 8, 8)
+
+
+def test_cli_submit_exit_codes(processes, service_env, tmp_path: Path):
+    base = processes.gateway()
+    command = [str(BIN / "ddim-invert"), "submit", str(CHELSEA), "--prompt", "x", "--url", base]
+    refused = subprocess.run(
+        [*command, "--resolution", "100"], env=service_env, capture_output=True, text=True
+    )
+    assert refused.returncode == 2
+    assert "validation_error" in refused.stderr
+    # No worker: the job stays queued, so waiting times out.
+    waited = subprocess.run(
+        [*command, "--wait", "--timeout", "0.5", "--out", str(tmp_path / "f.safetensors")],
+        env=service_env,
+        capture_output=True,
+        text=True,
+    )
+    assert waited.returncode == 1
+    assert "did not finish" in waited.stderr
+    unreachable = subprocess.run(
+        [*command[:-1], "http://127.0.0.1:9"],
+        env=service_env | {"INVERSION_CLIENT_MAX_RETRIES": "0"},
+        capture_output=True,
+        text=True,
+    )
+    assert unreachable.returncode == 2
+    assert "connection_error" in unreachable.stderr
+
+
+# -- retries, with a mock transport ------------------------------------------------------
+
+ACCEPTED = {
+    "id": "4b7f2c1e-2f8e-4a57-9a51-0d3c7a3b9e10",
+    "status": "queued",
+    "created_at": "2025-01-01T12:00:00Z",
+    "urls": {"self": "/v1/inversions/4b7f2c1e-2f8e-4a57-9a51-0d3c7a3b9e10"},
+}
+
+
+def problem(status: int, code: str, **headers: str) -> httpx.Response:
+    body = {"status": status, "code": code, "detail": f"{code} detail", "title": "x"}
+    return httpx.Response(
+        status, json=body, headers={"content-type": "application/problem+json", **headers}
+    )
+
+
+class Script:
+    """A MockTransport handler answering from a list, recording every request."""
+
+    def __init__(self, *answers: httpx.Response | Exception) -> None:
+        self.answers = list(answers)
+        self.requests: list[httpx.Request] = []
+
+    def __call__(self, request: httpx.Request) -> httpx.Response:
+        self.requests.append(request)
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+@pytest.fixture
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    recorded: list[float] = []
+
+    async def async_sleep(seconds: float) -> None:
+        recorded.append(seconds)
+
+    monkeypatch.setattr(client.sync.time, "sleep", recorded.append)
+    monkeypatch.setattr(client.aio.asyncio, "sleep", async_sleep)
+    return recorded
+
+
+def mock_client(script: Script, **settings: object) -> InversionClient:
+    config = ClientSettings(url="http://gateway.test", **settings)  # type: ignore[arg-type]
+    return InversionClient(
+        settings=config, http=httpx.Client(transport=httpx.MockTransport(script))
+    )
+
+
+def test_429_with_retry_after_then_202_succeeds_after_one_retry(sleeps):
+    script = Script(
+        problem(429, "rate_limited", **{"Retry-After": "0"}), httpx.Response(202, json=ACCEPTED)
+    )
+    job = mock_client(script).submit(b"png", "a cat", num_inference_steps=5, return_trajectory=True)
+    assert job.id == ACCEPTED["id"]
+    assert len(script.requests) == 2
+    assert sleeps == [0.0]
+    # The retry resends the whole multipart body: image and form fields.
+    body = script.requests[1].read()
+    assert b"a cat" in body and b"png" in body and b'name="return_trajectory"\r\n\r\ntrue' in body
+
+
+def test_max_retries_is_honoured(sleeps):
+    script = Script(problem(503, "service_unavailable", **{"Retry-After": "3"}))
+    with pytest.raises(InversionError) as refused:
+        mock_client(script, max_retries=2).submit(b"png", "x")
+    assert (refused.value.status, refused.value.code) == (503, "service_unavailable")
+    assert len(script.requests) == 3
+    assert sleeps == [3.0, 3.0]
+
+    never = Script(problem(429, "queue_full"))
+    with pytest.raises(InversionError):
+        mock_client(never, max_retries=0).submit(b"png", "x")
+    assert len(never.requests) == 1
+
+
+def test_backoff_is_exponential_without_retry_after(sleeps):
+    script = Script(problem(429, "rate_limited"))
+    with pytest.raises(InversionError):
+        mock_client(script, max_retries=3, backoff_s=0.5).get("abc")
+    assert sleeps == [0.5, 1.0, 2.0]
+
+
+def test_other_errors_are_not_retried(sleeps):
+    script = Script(problem(422, "validation_error"), httpx.Response(202, json=ACCEPTED))
+    with pytest.raises(InversionError) as refused:
+        mock_client(script).submit(b"png", "x")
+    assert refused.value.code == "validation_error"
+    assert len(script.requests) == 1 and sleeps == []
+    proxy = Script(httpx.Response(502, text="Bad Gateway"))
+    with pytest.raises(InversionError) as bad:
+        mock_client(proxy).get("abc")
+    assert (bad.value.status, bad.value.code) == (502, "http_error")
+
+
+def test_connection_errors_are_retried_but_a_sent_submission_is_not(sleeps):
+    script = Script(httpx.ConnectError("refused"), httpx.Response(202, json=ACCEPTED))
+    assert mock_client(script).submit(b"png", "x").id == ACCEPTED["id"]
+    assert len(script.requests) == 2
+
+    lost = Script(httpx.ReadTimeout("no answer"), httpx.Response(202, json=ACCEPTED))
+    with pytest.raises(InversionError) as failed:
+        mock_client(lost).submit(b"png", "x")
+    assert failed.value.code == "connection_error" and failed.value.status is None
+    assert len(lost.requests) == 1  # it may have been queued: never submitted twice
+
+    poll = Script(httpx.ReadTimeout("slow"), httpx.Response(200, json=ACCEPTED))
+    assert mock_client(poll).get(ACCEPTED["id"]).status == "queued"
+    assert len(poll.requests) == 2
+
+
+def test_api_key_header_and_settings_from_environment(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setenv("INVERSION_CLIENT_URL", "http://env.test/")
+    monkeypatch.setenv("INVERSION_CLIENT_API_KEY", "k-123")
+    monkeypatch.setenv("INVERSION_CLIENT_MAX_RETRIES", "7")
+    script = Script(httpx.Response(200, json=ACCEPTED))
+    inversions = InversionClient(http=httpx.Client(transport=httpx.MockTransport(script)))
+    assert inversions.url == "http://env.test"
+    assert inversions.settings.max_retries == 7
+    assert "k-123" not in repr(inversions.settings)
+    inversions.get("abc")
+    assert str(script.requests[0].url) == "http://env.test/v1/inversions/abc"
+    assert script.requests[0].headers["authorization"] == "Bearer k-123"
+    explicit = InversionClient(
+        "http://other.test", api_key="k-9", http=httpx.Client(transport=httpx.MockTransport(script))
+    )
+    explicit.get("abc")
+    assert script.requests[1].headers["authorization"] == "Bearer k-9"
+
+
+def test_async_retries(sleeps):
+    script = Script(
+        problem(429, "rate_limited", **{"Retry-After": "0"}), httpx.Response(202, json=ACCEPTED)
+    )
+
+    async def main() -> str:
+        settings = ClientSettings(url="http://gateway.test", max_retries=1)
+        async with httpx.AsyncClient(transport=httpx.MockTransport(script)) as http:
+            inversions = AsyncInversionClient(settings=settings, http=http)
+            job = await inversions.submit(io.BytesIO(b"png"), "x")
+            limited = Script(problem(429, "rate_limited", **{"Retry-After": "0"}))
+            other = AsyncInversionClient(
+                settings=settings,
+                http=httpx.AsyncClient(transport=httpx.MockTransport(limited)),
+            )
+            with pytest.raises(InversionError):
+                await other.get("abc")
+            assert len(limited.requests) == 2
+            return job.id
+
+    assert asyncio.run(main()) == ACCEPTED["id"]
+    assert len(script.requests) == 2
+
+
+def test_form_values():
+    form = client._common.form_value
+    assert form(True) == "true" and form(False) == "false"
+    assert json.loads(form({"steps_offset": 1})) == {"steps_offset": 1}
+    assert form((768, 512)) == "768x512"
+    assert form(2.5) == "2.5" and form("512") == "512"
+    assert client._common.parse_retry_after("7") == 7.0
+    assert client._common.parse_retry_after("soon") is None
+
+
+def test_importing_the_client_does_not_import_torch():
+    code = (
+        "import sys; import client, client.cli; "
+        "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
