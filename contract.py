@@ -401,6 +401,10 @@ WORKERS_KEY = KEY_PREFIX + "workers"
 """Hash: worker name -> WorkerRecord JSON; how gateways learn that a model is loaded."""
 
 
+THROUGHPUT_KEY = KEY_PREFIX + "throughput"
+"""Hash: worker name -> {"images_per_s": EWMA, "updated_at": unix time}, after each batch."""
+
+
 def input_key(job_id: str) -> str:
     """Raw RGB uint8 bytes of the normalised upload, row-major (height, width, 3)."""
     return f"{KEY_PREFIX}input:{job_id}"
@@ -425,6 +429,9 @@ class JobPayload(BaseModel):
     image_width: int = Field(ge=1, description="Width of the stored RGB array.")
     image_height: int = Field(ge=1, description="Height of the stored RGB array.")
     owner: str = Field("", description="Hash of the API key that created the job; '' if none.")
+    webhook_url: str | None = Field(
+        None, description="Where the worker POSTs the job's end (not an engine parameter)."
+    )
 
 
 class WorkerRecord(BaseModel):

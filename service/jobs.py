@@ -6,7 +6,9 @@ stay thin and the protocol reads in one place.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 import uuid
 from datetime import datetime, timezone
@@ -66,14 +68,18 @@ def enqueue(
     params: contract.InversionParams,
     rgb: np.ndarray,
     owner: str,
+    job_id: str | None = None,
+    webhook_url: str | None = None,
 ) -> Job:
     """Store the image, then enqueue the job: a queued job never lacks its input.
 
     If the enqueue fails, the orphaned input is removed (and would expire anyway).
     """
-    job_id = str(uuid.uuid4())
+    job_id = job_id or str(uuid.uuid4())
     height, width = rgb.shape[:2]
-    payload = JobPayload(params=params, image_width=width, image_height=height, owner=owner)
+    payload = JobPayload(
+        params=params, image_width=width, image_height=height, owner=owner, webhook_url=webhook_url
+    )
     key = contract.input_key(job_id)
     connection.set(key, rgb.tobytes(), ex=settings.job_timeout_s + settings.result_ttl_s)
     try:
@@ -199,9 +205,40 @@ def _result_of(job: Job, status: JobStatus) -> contract.ResultMetadata | None:
         return None
 
 
-def job_view(job: Job, queue: Queue) -> JobView:
-    """The status body of a job, read from the job hash alone (plus its queue position)."""
+def throughput(connection: redis.Redis, workers: list[WorkerRecord]) -> float | None:
+    """Images per second of the live workers together, from what each records per batch."""
+    names = [w.name for w in workers]
+    if not names:
+        return None
+    total = 0.0
+    for raw in connection.hmget(contract.THROUGHPUT_KEY, names):
+        if raw is None:
+            continue
+        try:
+            rate = float(json.loads(raw)["images_per_s"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        if math.isfinite(rate) and rate > 0:
+            total += rate
+    return total or None
+
+
+def estimate_wait_s(position: int | None, images_per_s: float | None) -> float | None:
+    """Seconds until a job at 0-based `position` has run: (position + 1) / throughput."""
+    if position is None or position < 0 or not images_per_s or images_per_s <= 0:
+        return None
+    return round((position + 1) / images_per_s, 1)
+
+
+def job_view(job: Job, queue: Queue, stale_s: float | None = None) -> JobView:
+    """The status body of a job, read from the job hash (plus its queue position and, while
+    queued, an estimated wait from the live workers' throughput; `stale_s` None: no estimate)."""
     status = status_of(job)
+    position = queue.get_job_position(job.id) if status is JobStatus.QUEUED else None
+    estimate = None
+    if position is not None and stale_s is not None:
+        rate = throughput(queue.connection, live_workers(queue.connection, stale_s))
+        estimate = estimate_wait_s(position, rate)
     result = _result_of(job, status)
     progress = None
     if status is JobStatus.RUNNING and isinstance(job.meta.get(contract.META_PROGRESS), dict):
@@ -213,7 +250,8 @@ def job_view(job: Job, queue: Queue) -> JobView:
         id=job.id,
         status=status,
         created_at=created_at(job),
-        queue_position=queue.get_job_position(job.id) if status is JobStatus.QUEUED else None,
+        queue_position=position,
+        estimated_wait_s=estimate,
         progress=progress,
         timings=timings_of(job),
         params=_params_of(job, result),

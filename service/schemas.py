@@ -81,6 +81,11 @@ class JobView(BaseModel):
     status: JobStatus
     created_at: datetime
     queue_position: int | None = Field(None, description="0-based, while queued.")
+    estimated_wait_s: float | None = Field(
+        None,
+        description="While queued: (queue_position + 1) / the live workers' recent images/s; "
+        "absent while unknown.",
+    )
     progress: Progress | None = Field(None, description="While running.")
     timings: Timings
     params: JobParams | None = None

@@ -112,8 +112,21 @@ class GatewaySettings(BaseSettings):
         default=False,
         description="Let browsers send credentials cross-origin (never with a `*` origin).",
     )
+    max_prefer_wait_s: int = Field(
+        default=60,
+        ge=0,
+        le=3600,
+        description="Longest `Prefer: wait=N` a submission may hold its request open for.",
+    )
+    webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
+        default=(),
+        description=(
+            "Hosts a `webhook_url` may name (comma-separated; exact, or `*.suffix`); "
+            "empty: webhooks are refused."
+        ),
+    )
 
-    @field_validator("api_key_hashes", "cors_origins", mode="before")
+    @field_validator("api_key_hashes", "cors_origins", "webhook_allowed_hosts", mode="before")
     @classmethod
     def _split_list(cls, value: Any) -> Any:
         """A JSON list or a comma-separated string (as environment variables give them)."""

@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -42,6 +43,7 @@ from contract import (
     META_ERROR,
     META_PROGRESS,
     META_RESULT,
+    THROUGHPUT_KEY,
     WORKERS_KEY,
     ErrorCode,
     InvalidParameter,
@@ -54,6 +56,7 @@ from worker import jobs
 from worker.engine import InversionRequest, batch_key, invert
 from worker.models import LoadedModel
 from worker.settings import WorkerSettings
+from worker.webhooks import WebhookSender
 
 CLAIM_SCRIPT = """
 local claimed = {}
@@ -69,6 +72,9 @@ return claimed
 
 SCAN_FACTOR = 4
 """How far along the queue to look for compatible jobs, in multiples of the batch size."""
+
+THROUGHPUT_ALPHA = 0.3
+"""Weight of the newest batch in the images/s EWMA that gateways estimate waits from."""
 
 
 @contextlib.contextmanager
@@ -138,6 +144,13 @@ class InversionWorker(SimpleWorker):
         self._last_keep_alive = 0.0
         self._last_reap = 0.0
         self.batches_run = 0
+        self.images_per_s: float | None = None
+        self.webhooks = WebhookSender(
+            settings.webhook_secret,
+            attempts=settings.webhook_attempts,
+            backoff_s=settings.webhook_backoff_s,
+            timeout_s=settings.webhook_timeout_s,
+        )
 
     # -- liveness -------------------------------------------------------------------------
 
@@ -199,7 +212,9 @@ class InversionWorker(SimpleWorker):
         self.publish_record(force=True)
 
     def register_death(self) -> None:
+        self.webhooks.flush(5.0)
         self.connection.hdel(WORKERS_KEY, self.name)
+        self.connection.hdel(THROUGHPUT_KEY, self.name)
         super().register_death()
 
     # -- 1-2. gathering a batch -------------------------------------------------------------
@@ -339,6 +354,7 @@ class InversionWorker(SimpleWorker):
             return stopped
 
         progress(0, total)
+        started = time.perf_counter()
         try:
             results = invert(self.model, requests, progress=progress, check_canceled=check_canceled)
         except Exception as exc:
@@ -360,6 +376,7 @@ class InversionWorker(SimpleWorker):
             return
         self.batches_run += 1
         wait_for_redis(self)
+        self.record_throughput(len(batch), time.perf_counter() - started)
         for item, result in zip(batch, results, strict=True):
             if result is None:
                 self.cancel(item, queue, item.stop_code or ErrorCode.CANCELED)
@@ -381,6 +398,33 @@ class InversionWorker(SimpleWorker):
             item.job.save_meta()
             assert item.execution is not None
             self._finalize_success(item.job, queue, item.execution, metadata)
+            self.notify(item, "succeeded")
+
+    def record_throughput(self, images: int, seconds: float) -> None:
+        """Update this worker's images/s EWMA in THROUGHPUT_KEY (for queue wait estimates)."""
+        if images <= 0 or seconds <= 0:
+            return
+        rate = images / seconds
+        previous = self.images_per_s
+        if previous is not None:
+            rate = THROUGHPUT_ALPHA * rate + (1 - THROUGHPUT_ALPHA) * previous
+        self.images_per_s = rate
+        record = {"images_per_s": self.images_per_s, "updated_at": time.time()}
+        with redis_outage_tolerated(self):
+            self.connection.hset(THROUGHPUT_KEY, self.name, json.dumps(record))
+
+    def notify(self, item: Running, status: str) -> None:
+        """Queue the job's webhook if its submitter asked for one; never blocks."""
+        url = item.payload.webhook_url if item.payload is not None else None
+        if not url:
+            return
+        body: dict[str, Any] = {"id": item.job.id, "status": status}
+        if item.meta.get(META_ERROR) and status != "succeeded":
+            body["error"] = item.meta[META_ERROR]
+        if status == "succeeded" and item.meta.get(META_RESULT):
+            body["result"] = item.meta[META_RESULT]
+        body["finished_at"] = datetime.now(timezone.utc).isoformat()
+        self.webhooks.send(url, item.job.id, body)
 
     # -- endings --------------------------------------------------------------------------
 
@@ -393,6 +437,7 @@ class InversionWorker(SimpleWorker):
         item.job.retries_left = 0
         assert item.execution is not None
         self._finalize_failure(item.job, queue, item.execution, (type(error), error, None))
+        self.notify(item, "failed")
 
     def cancel(self, item: Running, queue: Queue, code: ErrorCode) -> None:
         """A job stopped alone: canceled by its client, or past its timeout (a failure)."""
@@ -410,6 +455,7 @@ class InversionWorker(SimpleWorker):
         if item.job.get_status(refresh=True) != JobStatus.CANCELED:
             item.job.cancel()
         self.connection.delete(input_key(item.job.id))
+        self.notify(item, "canceled")
 
     def free_memory(self) -> None:
         import gc

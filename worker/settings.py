@@ -56,6 +56,20 @@ class WorkerSettings(BaseSettings):
     )
     threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default.")
     warmup: bool = Field(True, description="Run a short inversion before registering as ready.")
+    webhook_secret: str = Field(
+        "",
+        description="HMAC-SHA256 key of `X-Inversion-Signature` on webhook deliveries; "
+        "empty: deliveries go unsigned.",
+    )
+    webhook_attempts: int = Field(
+        5, ge=1, le=20, description="Tries per webhook delivery before it is dropped."
+    )
+    webhook_backoff_s: float = Field(
+        1.0, ge=0, le=600, description="Wait before a webhook's 2nd try; doubled for each next."
+    )
+    webhook_timeout_s: float = Field(
+        5.0, gt=0, le=60, description="Timeout of one webhook delivery attempt."
+    )
 
 
 @lru_cache

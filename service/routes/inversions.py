@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import io
+import uuid
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, File, Form, Request, Response, UploadFile, status
+from fastapi import (
+    APIRouter,
+    Depends,
+    File,
+    Form,
+    Header,
+    Request,
+    Response,
+    UploadFile,
+    status,
+)
+from fastapi.responses import JSONResponse, StreamingResponse
 from safetensors.numpy import load as load_safetensors
+from starlette.concurrency import run_in_threadpool
 
 import contract
 from contract import ErrorCode, JobStatus
-from service import jobs, limits, uploads
+from service import jobs, limits, protocol, uploads
 from service.deps import MetricsDep, OwnerDep, QueueDep, RedisDep, SettingsDep, get_owner
 from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, ProblemError
 from service.schemas import JobAccepted, JobUrls, JobView
@@ -46,6 +59,11 @@ def _field(description: str, example: str | None = None) -> Any:
     summary="Submit an image for DDIM inversion",
     dependencies=[Depends(reject_unknown_form_fields)],
     responses={
+        200: {
+            "model": JobView,
+            "description": "The job ended within `Prefer: wait=N`, or an Idempotency-Key "
+            "replay of an ended job: the full status body",
+        },
         413: _PROBLEM,
         415: _PROBLEM,
         422: _PROBLEM,
@@ -53,7 +71,8 @@ def _field(description: str, example: str | None = None) -> Any:
         503: _PROBLEM,
     },
 )
-def submit_inversion(
+async def submit_inversion(
+    request: Request,
     response: Response,
     redis: RedisDep,
     queue: QueueDep,
@@ -74,46 +93,125 @@ def submit_inversion(
     scheduler: Annotated[
         str | None, _field("JSON object of DDIMInverseScheduler overrides.", '{"steps_offset": 1}')
     ] = None,
-) -> JobAccepted:
+    refine_iterations: Annotated[
+        int | None, _field("Fixed-point refinement iterations per step (0: off).", "0")
+    ] = None,
+    refine_tolerance: Annotated[
+        float | None, _field("Relative change that ends a step's refinement.", "0.0001")
+    ] = None,
+    webhook_url: Annotated[
+        str | None, _field("POSTed the job's end (allowed hosts only).", "https://example.com/hook")
+    ] = None,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            description="Same key and payload: the same job, never a second one.",
+        ),
+    ] = None,
+    prefer: Annotated[
+        str | None, Header(description="`wait=N`: answer 200 if the job ends within N s.")
+    ] = None,
+) -> Any:
     """Validate everything a worker would refuse, store the normalised image, enqueue.
 
     Answers 202 with the job's URLs; poll `GET /v1/inversions/{id}` until it succeeds.
+    With `Prefer: wait=N` it first waits up to N seconds (capped) and answers 200 with the
+    full status body if the job ended. An `Idempotency-Key` seen before with the same
+    payload answers the original job (200 once ended) and queues nothing.
     """
-    params = uploads.build_params(
-        {
-            "prompt": prompt,
-            "negative_prompt": negative_prompt,
-            "num_inference_steps": num_inference_steps,
-            "guidance_scale": guidance_scale,
-            "resolution": resolution,
-            "resize_mode": resize_mode,
-            "encode_mode": encode_mode,
-            "seed": seed,
-            "return_trajectory": return_trajectory,
-            "result_dtype": result_dtype,
-            "scheduler": scheduler,
-        },
+    fields = {
+        "prompt": prompt,
+        "negative_prompt": negative_prompt,
+        "num_inference_steps": num_inference_steps,
+        "guidance_scale": guidance_scale,
+        "resolution": resolution,
+        "resize_mode": resize_mode,
+        "encode_mode": encode_mode,
+        "seed": seed,
+        "return_trajectory": return_trajectory,
+        "result_dtype": result_dtype,
+        "scheduler": scheduler,
+        "refine_iterations": refine_iterations,
+        "refine_tolerance": refine_tolerance,
+    }
+    job_id, replayed = await run_in_threadpool(
+        _accept,
+        redis,
+        queue,
         settings,
+        owner,
+        metrics,
+        image,
+        fields,
+        webhook_url,
+        idempotency_key,
     )
-    limits.check_submission(redis, settings, owner)
-    depth = queue.count
-    if depth >= settings.max_queue_depth:
-        raise ProblemError(
-            429,
-            ErrorCode.QUEUE_FULL,
-            f"{depth} jobs are waiting; the limit is {settings.max_queue_depth}",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
+    wait_s = protocol.preferred_wait(request.headers.getlist("prefer"), settings.max_prefer_wait_s)
+    headers = {"Location": JobUrls.for_job(job_id).self}
+    if replayed:
+        headers["Idempotent-Replayed"] = "true"
+    if wait_s is not None:
+        headers["Preference-Applied"] = f"wait={wait_s}"
+        await protocol.wait_until_ended(redis, job_id, wait_s)
+    job = await run_in_threadpool(jobs.load_job, redis, job_id, owner)
+    view = await run_in_threadpool(jobs.job_view, job, queue, settings.worker_stale_s)
+    if view.status.is_terminal:
+        body: Any = view.model_dump(mode="json", exclude_none=True)
+        return JSONResponse(body, status_code=status.HTTP_200_OK, headers=headers)
+    accepted = JobAccepted(
+        id=job_id, status=view.status, created_at=view.created_at, urls=view.urls
+    )
+    return JSONResponse(
+        accepted.model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED, headers=headers
+    )
+
+
+def _accept(
+    redis: Any,
+    queue: Any,
+    settings: Any,
+    owner: str,
+    metrics: Any,
+    image: UploadFile,
+    fields: dict[str, Any],
+    webhook_url: str | None,
+    idempotency_key: str | None,
+) -> tuple[str, bool]:
+    """The synchronous half of a submission: (job id, whether an earlier one is replayed)."""
+    params = uploads.build_params(fields, settings)
+    webhook_url = uploads.check_webhook_url(webhook_url, settings.webhook_allowed_hosts)
+    key = protocol.check_key(idempotency_key)
     data = uploads.read_upload(image.file, settings.max_upload_bytes)
-    decoded = uploads.decode_image(data, settings)
-    workers = jobs.live_workers(redis, settings.worker_stale_s)
-    rgb = uploads.normalise(decoded, params, workers[0] if workers else None)
-    job = jobs.enqueue(redis, queue, settings, params, rgb, owner)
+    job_id = str(uuid.uuid4())
+    if key is not None:
+        digest = uploads.payload_hash(data, params, webhook_url)
+        existing = protocol.claim(redis, owner, key, digest, job_id, settings.result_ttl_s)
+        if existing is not None:
+            return existing, True
+    try:
+        limits.check_submission(redis, settings, owner)
+        depth = queue.count
+        if depth >= settings.max_queue_depth:
+            raise ProblemError(
+                429,
+                ErrorCode.QUEUE_FULL,
+                f"{depth} jobs are waiting; the limit is {settings.max_queue_depth}",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        decoded = uploads.decode_image(data, settings)
+        workers = jobs.live_workers(redis, settings.worker_stale_s)
+        rgb = uploads.normalise(decoded, params, workers[0] if workers else None)
+        job = jobs.enqueue(
+            redis, queue, settings, params, rgb, owner, job_id=job_id, webhook_url=webhook_url
+        )
+    except BaseException:
+        if key is not None:
+            protocol.release(redis, owner, key, job_id)
+        raise
     limits.record_submission(redis, settings, owner, job.id)
     metrics.submissions.inc()
-    urls = JobUrls.for_job(job.id)
-    response.headers["Location"] = urls.self
-    return JobAccepted(id=job.id, created_at=jobs.created_at(job), urls=urls)
+    return job.id, False
 
 
 @router.get(
@@ -123,9 +221,11 @@ def submit_inversion(
     summary="The state of a job",
     responses={404: _PROBLEM},
 )
-def get_inversion(job_id: str, redis: RedisDep, queue: QueueDep, owner: OwnerDep) -> JobView:
+def get_inversion(
+    job_id: str, redis: RedisDep, queue: QueueDep, settings: SettingsDep, owner: OwnerDep
+) -> JobView:
     """Queue position while queued, progress while running, result metadata or error after."""
-    return jobs.job_view(jobs.load_job(redis, job_id, owner), queue)
+    return jobs.job_view(jobs.load_job(redis, job_id, owner), queue, settings.worker_stale_s)
 
 
 @router.get(
@@ -191,4 +291,37 @@ def delete_inversion(
         jobs.delete(redis, job)
         return Response(status_code=status.HTTP_204_NO_CONTENT)
     job.refresh()
-    return jobs.job_view(job, queue)
+    return jobs.job_view(job, queue, settings.worker_stale_s)
+
+
+@router.get(
+    "/{job_id}/events",
+    summary="Server-Sent Events of a job until it ends",
+    response_class=StreamingResponse,
+    responses={
+        200: {
+            "description": "`text/event-stream`: `status` (the status body, on each change of "
+            "status or queue position), `progress` (`{step, total}`, on each new step), then "
+            "`end` (`{id, status}`) once the job is terminal, and the stream closes",
+            "content": {"text/event-stream": {}},
+        },
+        404: _PROBLEM,
+    },
+)
+async def inversion_events(
+    job_id: str, redis: RedisDep, queue: QueueDep, settings: SettingsDep, owner: OwnerDep
+) -> StreamingResponse:
+    """Follow a job without polling: the same owner rules as `GET /v1/inversions/{id}`."""
+    await run_in_threadpool(jobs.load_job, redis, job_id, owner)
+
+    def read() -> tuple[JobView, Any]:
+        job = jobs.load_job(redis, job_id, owner)
+        return jobs.job_view(job, queue, settings.worker_stale_s), job.meta.get(
+            contract.META_PROGRESS
+        )
+
+    return StreamingResponse(
+        protocol.job_events(read),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )

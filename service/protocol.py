@@ -1,0 +1,201 @@
+"""HTTP protocol features around a job: Idempotency-Key, `Prefer: wait=N` and the SSE stream.
+
+- Idempotency: `inversion:idem:{owner}:{key}` -> {"payload_hash", "job_id"}, written with
+  SET NX before the job is enqueued (so two concurrent submissions with one key make one
+  job), expiring with the result TTL. The same key with another payload is a 422.
+- `Prefer: wait=N` (RFC 7240): the submission waits up to N seconds for the job to end.
+- Events: `GET /v1/inversions/{id}/events` streams `status`, `progress` and `end` events.
+
+Waiting and streaming poll Redis from async code, each read in the threadpool, so that no
+event loop blocks and no thread is held between polls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import redis
+from pydantic import BaseModel
+from rq.job import Job
+from starlette.concurrency import run_in_threadpool
+
+import contract
+from contract import ErrorCode
+from service.errors import ProblemError
+
+IDEMPOTENCY_HEADER = "Idempotency-Key"
+_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
+_WAIT_PATTERN = re.compile(r"^\s*wait\s*=\s*\"?(\d{1,9})\"?\s*$", re.IGNORECASE)
+
+WAIT_POLL_S = 0.05
+"""How often a `Prefer: wait` submission reads its job's status."""
+EVENTS_POLL_S = 0.1
+"""How often the event stream reads its job."""
+KEEPALIVE_S = 15.0
+"""An SSE comment this often, so that proxies do not close a quiet stream."""
+CLAIM_WAIT_S = 5.0
+"""How long a submission whose key another request holds waits for that job to exist."""
+
+TERMINAL_RQ = frozenset({b"finished", b"failed", b"canceled", b"stopped"})
+
+
+# -- Idempotency-Key ---------------------------------------------------------------------
+
+
+def idempotency_key(owner: str, key: str) -> str:
+    return f"{contract.KEY_PREFIX}idem:{owner}:{key}"
+
+
+def check_key(value: str | None) -> str | None:
+    """The header's value, or 422 when it is not 1-255 visible ASCII characters."""
+    if value is None:
+        return None
+    if not _KEY_PATTERN.fullmatch(value):
+        raise ProblemError(
+            422,
+            ErrorCode.VALIDATION_ERROR,
+            "Idempotency-Key must be 1 to 255 visible ASCII characters (a UUID is ideal)",
+            field=IDEMPOTENCY_HEADER,
+        )
+    return value
+
+
+def _mismatch() -> ProblemError:
+    return ProblemError(
+        422,
+        ErrorCode.VALIDATION_ERROR,
+        "this Idempotency-Key was used with a different image or different parameters",
+        field=IDEMPOTENCY_HEADER,
+    )
+
+
+def claim(
+    connection: redis.Redis,
+    owner: str,
+    key: str,
+    payload_hash: str,
+    job_id: str,
+    ttl_s: int,
+    sleep: Callable[[float], None] = time.sleep,
+) -> str | None:
+    """None when this request now owns the key for `job_id` (it must enqueue that job, or
+    `release` the key if it cannot); else the id of the job the key already made.
+
+    A key held by a request still enqueueing is waited for (up to CLAIM_WAIT_S); a key
+    released meanwhile is claimed again.
+    """
+    name = idempotency_key(owner, key)
+    record = json.dumps({"payload_hash": payload_hash, "job_id": job_id})
+    deadline = time.monotonic() + CLAIM_WAIT_S
+    while True:
+        if connection.set(name, record, nx=True, ex=ttl_s):
+            return None
+        raw = connection.get(name)
+        if raw is None:
+            continue  # expired or released between the two calls: try again
+        existing = json.loads(raw)
+        if existing.get("payload_hash") != payload_hash:
+            raise _mismatch()
+        other = str(existing["job_id"])
+        if connection.exists(Job.key_for(other)) or time.monotonic() >= deadline:
+            return other
+        sleep(WAIT_POLL_S)
+
+
+def release(connection: redis.Redis, owner: str, key: str, job_id: str) -> None:
+    """Give the key up after a refused submission, if it still names `job_id`."""
+    name = idempotency_key(owner, key)
+    raw = connection.get(name)
+    if raw is not None and json.loads(raw).get("job_id") == job_id:
+        connection.delete(name)
+
+
+# -- Prefer: wait=N ----------------------------------------------------------------------
+
+
+def preferred_wait(headers: list[str], cap_s: int) -> int | None:
+    """Seconds from the first `wait=N` preference among `Prefer` headers, capped; None if
+    none was asked for (or waiting is off)."""
+    for header in headers:
+        for preference in header.split(","):
+            match = _WAIT_PATTERN.match(preference.split(";", 1)[0])
+            if match:
+                wait = min(int(match.group(1)), cap_s)
+                return wait if wait > 0 else None
+    return None
+
+
+async def wait_until_ended(connection: redis.Redis, job_id: str, wait_s: float) -> bool:
+    """Whether the job ended (or vanished) within `wait_s`, polling its RQ status."""
+    deadline = time.monotonic() + wait_s
+    key = Job.key_for(job_id)
+    while True:
+        state = await run_in_threadpool(connection.hget, key, "status")
+        if state is None or state in TERMINAL_RQ:
+            return True
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return False
+        await asyncio.sleep(min(WAIT_POLL_S, remaining))
+
+
+# -- Server-Sent Events ------------------------------------------------------------------
+
+
+def sse(event: str, data: Any) -> bytes:
+    """One event; `data` is JSON (a pydantic model without its None fields)."""
+    if isinstance(data, BaseModel):
+        text = data.model_dump_json(exclude_none=True)
+    else:
+        text = json.dumps(data, separators=(",", ":"))
+    return f"event: {event}\ndata: {text}\n\n".encode()
+
+
+async def job_events(
+    read: Callable[[], tuple[Any, dict[str, Any] | None]],
+    poll_s: float = EVENTS_POLL_S,
+    keepalive_s: float = KEEPALIVE_S,
+) -> AsyncIterator[bytes]:
+    """`status` on each change of status (or queue position), `progress` on each new step,
+    then `end` once the job is terminal.
+
+    `read` returns (JobView, progress meta) and raises ProblemError once the job is gone.
+    """
+    last_status: tuple[Any, Any] | None = None
+    last_progress: dict[str, Any] | None = None
+    last_sent = time.monotonic()
+    while True:
+        try:
+            view, progress = await run_in_threadpool(read)
+        except ProblemError as exc:
+            yield sse("end", {"status": None, "code": exc.code.value, "detail": str(exc)})
+            return
+        out: list[bytes] = []
+        current = (view.status, view.queue_position)
+        if current != last_status:
+            last_status = current
+            out.append(sse("status", view))
+        if isinstance(progress, dict) and progress != last_progress:
+            last_progress = progress
+            step = {"step": progress.get("step"), "total": progress.get("total")}
+            # Before the terminal status: the last step is seen before the end.
+            out.insert(
+                len(out) - 1 if view.status.is_terminal and out else len(out), sse("progress", step)
+            )
+        if view.status.is_terminal:
+            out.append(sse("end", {"id": view.id, "status": view.status.value}))
+        for chunk in out:
+            yield chunk
+        if view.status.is_terminal:
+            return
+        if out:
+            last_sent = time.monotonic()
+        elif time.monotonic() - last_sent >= keepalive_s:
+            last_sent = time.monotonic()
+            yield b": keep-alive\n\n"
+        await asyncio.sleep(poll_s)

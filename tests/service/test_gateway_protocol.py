@@ -1,0 +1,116 @@
+"""Idempotency-Key, Prefer: wait, the events route, webhook URLs and the queue wait estimate."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+import contract
+from service import jobs, protocol, uploads
+from service.errors import ProblemError
+from worker.webhooks import sign
+
+
+def test_estimate_wait_s():
+    assert jobs.estimate_wait_s(0, 2.0) == 0.5
+    assert jobs.estimate_wait_s(9, 4.0) == 2.5
+    assert jobs.estimate_wait_s(None, 2.0) is None
+    assert jobs.estimate_wait_s(3, None) is None
+    assert jobs.estimate_wait_s(3, 0.0) is None
+
+
+def test_throughput_sums_live_workers_only(redis, worker_record):
+    live, other = worker_record("a"), worker_record("b")
+    redis.hset(contract.THROUGHPUT_KEY, "a", json.dumps({"images_per_s": 1.5}))
+    redis.hset(contract.THROUGHPUT_KEY, "b", json.dumps({"images_per_s": 2.5}))
+    redis.hset(contract.THROUGHPUT_KEY, "gone", json.dumps({"images_per_s": 9.0}))
+    assert jobs.throughput(redis, [live, other]) == 4.0
+    assert jobs.throughput(redis, []) is None
+
+
+@pytest.mark.parametrize(
+    ("headers", "cap", "expected"),
+    [
+        (["wait=10"], 60, 10),
+        (["respond-async, wait=100"], 60, 60),
+        (["handling=lenient", "wait=5"], 60, 5),
+        (["wait=0"], 60, None),
+        (["wait=abc"], 60, None),
+        (["wait=5"], 0, None),
+        ([], 60, None),
+    ],
+)
+def test_preferred_wait(headers, cap, expected):
+    assert protocol.preferred_wait(headers, cap) == expected
+
+
+def test_webhook_hosts():
+    allowed = ("hooks.example.com", "*.example.org")
+    assert uploads.check_webhook_url("https://hooks.example.com/x", allowed)
+    assert uploads.check_webhook_url("http://a.b.example.org:8080/x", allowed)
+    for bad in ("https://example.org/x", "ftp://hooks.example.com/", "https://evil.com/"):
+        with pytest.raises(ProblemError) as caught:
+            uploads.check_webhook_url(bad, allowed)
+        assert caught.value.status == 422 and caught.value.field == "webhook_url"
+    with pytest.raises(ProblemError):
+        uploads.check_webhook_url("https://hooks.example.com/x", ())
+    assert uploads.check_webhook_url(None, ()) is None
+
+
+def test_signature_matches_the_documented_verification():
+    import hashlib
+    import hmac
+
+    body = b'{"id":"x"}'
+    expected = "sha256=" + hmac.new(b"k", b"123." + body, hashlib.sha256).hexdigest()
+    assert sign(b"k", "123", body) == expected
+
+
+def test_idempotency_key_replays_and_refuses_another_payload(client, submit, small_png, queue):
+    headers = {"Idempotency-Key": "abc"}
+    data = {"prompt": "a cat", "num_inference_steps": "10"}
+    files = {"image": ("i.png", small_png)}
+    first = client.post("/v1/inversions", data=data, files=files, headers=headers)
+    again = client.post("/v1/inversions", data=data, files=files, headers=headers)
+    assert first.status_code == again.status_code == 202
+    assert first.json()["id"] == again.json()["id"]
+    assert again.headers["idempotent-replayed"] == "true"
+    assert queue.count == 1
+    other = client.post(
+        "/v1/inversions", data=data | {"prompt": "a dog"}, files=files, headers=headers
+    )
+    assert other.status_code == 422 and other.json()["field"] == "Idempotency-Key"
+    bad = client.post(
+        "/v1/inversions", data=data, files=files, headers={"Idempotency-Key": "has space"}
+    )
+    assert bad.status_code == 422 and bad.json()["field"] == "Idempotency-Key"
+
+
+def test_refused_submission_releases_its_key(client, small_png, redis):
+    headers = {"Idempotency-Key": "k"}
+    files = {"image": ("i.png", small_png)}
+    refused = client.post(
+        "/v1/inversions", data={"prompt": "x", "resolution": "65"}, files=files, headers=headers
+    )
+    assert refused.status_code == 422
+    assert redis.get(protocol.idempotency_key("", "k")) is None
+
+
+def test_prefer_wait_times_out_with_202(client, small_png):
+    started = time.monotonic()
+    answer = client.post(
+        "/v1/inversions",
+        data={"prompt": "x"},
+        files={"image": ("i.png", small_png)},
+        headers={"Prefer": "wait=1"},
+    )
+    assert answer.status_code == 202
+    assert answer.headers["preference-applied"] == "wait=1"
+    assert 0.9 <= time.monotonic() - started < 5
+
+
+def test_events_of_an_unknown_job_is_404(client):
+    answer = client.get("/v1/inversions/6f1c2a53-3f7e-4f4e-9d7c-6b0c1f2b9a11/events")
+    assert answer.status_code == 404
