@@ -227,7 +227,7 @@ def estimate_wait_s(position: int | None, images_per_s: float | None) -> float |
     """Seconds until a job at 0-based `position` has run: (position + 1) / throughput."""
     if position is None or position < 0 or not images_per_s or images_per_s <= 0:
         return None
-    return round((position + 1) / images_per_s, 1)
+    return round((position + 1) / images_per_s, 3)
 
 
 def job_view(job: Job, queue: Queue, stale_s: float | None = None) -> JobView:
