@@ -366,6 +366,9 @@ class ResultMetadata(BaseModel):
         return out
 
     @classmethod
+    tokenizer_key: str | None = Field(
+        None, description="Redis key of the tokenizer as tokenizers JSON, for prompt checks."
+    )
     def from_header(cls, header: dict[str, str]) -> ResultMetadata:
         fields: dict[str, Any] = {}
         for key, value in header.items():
@@ -452,3 +455,8 @@ META_RESULT = "result"
 """ResultMetadata as JSON once succeeded."""
 META_OWNER = "owner"
 """The owner's key hash, copied from the payload so that a status read needs no payload."""
+
+
+def tokenizer_key(digest: str) -> str:
+    """A model's tokenizer (tokenizers JSON) by content hash, so gateways can count tokens."""
+    return f"{KEY_PREFIX}tokenizer:{digest}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from functools import lru_cache
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -51,6 +51,11 @@ class GatewaySettings(BaseSettings):
     )
     max_prompt_chars: int = Field(
         default=2000, ge=1, description="Longest prompt and negative_prompt, in characters."
+    )
+    prompt_overflow: Literal["truncate", "reject"] = Field(
+        "truncate",
+        description="A prompt over the model's token limit (77 for CLIP): truncated and "
+        "reported as `truncated: true`, or refused with 422.",
     )
     max_queue_depth: int = Field(
         default=10_000,

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 import contract
 import imaging
 from contract import ErrorCode, InvalidParameter, InversionParams, WorkerRecord
+from service import prompts
 from service.errors import ProblemError, describe_errors
 from service.settings import GatewaySettings
 
@@ -153,6 +154,21 @@ def decode_image(data: bytes, settings: GatewaySettings) -> Image.Image:
         raise ProblemError(
             _IMAGE_STATUS.get(exc.code, 422), code, exc.message, field="image"
         ) from None
+
+
+def check_prompt_tokens(connection: Any, params: InversionParams, worker: WorkerRecord) -> None:
+    """422 for a prompt longer than the model reads (INVERSION_PROMPT_OVERFLOW=reject)."""
+    tokenizer = prompts.load_tokenizer(connection, worker.model.tokenizer_key)
+    if tokenizer is None:
+        return  # no tokenizer published: the worker truncates and reports `truncated`
+    limit = worker.model.tokenizer_max_length
+    for field in ("prompt", "negative_prompt"):
+        count = prompts.token_count(tokenizer, getattr(params, field))
+        if count > limit:
+            raise _invalid(
+                field,
+                f"is {count} tokens; the model reads at most {limit} (start and end included)",
+            )
 
 
 def normalise(

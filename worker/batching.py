@@ -22,6 +22,7 @@ and rq-dashboard see each job; batching shows only in speed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import sys
@@ -51,6 +52,7 @@ from contract import (
     WorkerRecord,
     cancel_key,
     input_key,
+    tokenizer_key,
 )
 from worker import jobs
 from worker.engine import InversionRequest, batch_key, invert
@@ -141,6 +143,7 @@ class InversionWorker(SimpleWorker):
         self.max_batch_size = max_batch_size
         self._claim = self.connection.register_script(CLAIM_SCRIPT)
         self._last_record = 0.0
+        self._tokenizer: tuple[str, str] | None = None
         self._last_keep_alive = 0.0
         self._last_reap = 0.0
         self.batches_run = 0
@@ -161,12 +164,25 @@ class InversionWorker(SimpleWorker):
             return
         record = WorkerRecord(
             name=self.name,
-            model=self.model.info(),
+            model=self.model.info().model_copy(update={"tokenizer_key": self.publish_tokenizer()}),
             heartbeat_at=moment,
             max_batch_size=self.max_batch_size,
         )
         self.connection.hset(WORKERS_KEY, self.name, record.model_dump_json())
         self._last_record = moment
+
+    def publish_tokenizer(self) -> str | None:
+        """The tokenizer as `tokenizers` JSON under its content hash, so gateways count tokens."""
+        if self._tokenizer is None:
+            backend = getattr(self.model.tokenizer, "backend_tokenizer", None)
+            if backend is None:
+                return None
+            text = backend.to_str()
+            self._tokenizer = (tokenizer_key(hashlib.sha256(text.encode()).hexdigest()), text)
+        key, text = self._tokenizer
+        if not self.connection.exists(key):  # once, and again after a Redis without persistence
+            self.connection.set(key, text)
+        return key
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
         super().heartbeat(timeout, pipeline)

@@ -201,6 +201,8 @@ def _accept(
             )
         decoded = uploads.decode_image(data, settings)
         workers = jobs.live_workers(redis, settings.worker_stale_s)
+        if workers and settings.prompt_overflow == "reject":
+            uploads.check_prompt_tokens(redis, params, workers[0])
         rgb = uploads.normalise(decoded, params, workers[0] if workers else None)
         job = jobs.enqueue(
             redis, queue, settings, params, rgb, owner, job_id=job_id, webhook_url=webhook_url

@@ -202,3 +202,23 @@ def test_sigterm_finishes_the_running_job_then_exits(processes):
     worker.terminate()  # SIGTERM: a warm shutdown
     assert worker.wait(60) == 0
     assert status(base, job["id"])["status"] == "succeeded"
+
+
+def test_prompt_over_the_token_limit_refused_or_truncated_as_configured(processes):
+    long_prompt = "a photo of a cat sitting on a red sofa next to a window " * 3  # > 77 tokens
+    strict = processes.gateway(INVERSION_PROMPT_OVERFLOW="reject")
+    lenient = processes.gateway()
+    processes.worker()
+    with (SAMPLES / "chelsea.png").open("rb") as handle:
+        refused = httpx.post(
+            strict + "/v1/inversions",
+            data={"prompt": long_prompt},
+            files={"image": ("chelsea.png", handle, "image/png")},
+        )
+    assert refused.status_code == 422, processes.log_text()
+    assert refused.json()["field"] == "prompt"
+    assert "77" in refused.json()["detail"]
+    job = submit(lenient, prompt=long_prompt, num_inference_steps=3)
+    done = wait_status(lenient, job["id"], {"succeeded", "failed"})
+    assert done["result"]["truncated"] is True
+    assert done["result"]["token_count"] == 77

@@ -1,0 +1,31 @@
+"""The prompt token limit at the gateway, with the tokenizer a worker publishes."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+
+from contract import tokenizer_key
+from service import prompts
+
+
+@pytest.fixture(scope="module")
+def tokenizer_json(tiny_model) -> str:
+    return tiny_model.tokenizer.backend_tokenizer.to_str()
+
+
+def test_published_tokenizer_counts_like_the_model(tiny_model, tokenizer_json):
+    # The worker's tokenizer has been used with padding and truncation to 77 by now.
+    tiny_model.tokenizer(["x"], padding="max_length", max_length=77, truncation=True)
+    tokenizer_json = tiny_model.tokenizer.backend_tokenizer.to_str()
+    import fakeredis
+
+    connection = fakeredis.FakeRedis()
+    key = tokenizer_key(hashlib.sha256(tokenizer_json.encode()).hexdigest())
+    connection.set(key, tokenizer_json)
+    tokenizer = prompts.load_tokenizer(connection, key)
+    for prompt in ["", "a cat", "a photo of the thing " * 10]:
+        assert prompts.token_count(tokenizer, prompt) == len(tiny_model.tokenizer(prompt).input_ids)
+    assert prompts.load_tokenizer(connection, None) is None
+    assert prompts.load_tokenizer(connection, "inversion:tokenizer:missing") is None
