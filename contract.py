@@ -276,6 +276,36 @@ class InversionParams(BaseModel):
             "iterate falls below this (or refine_iterations run out)."
         ),
     )
+    method: Literal["ddim", "null_text"] = Field(
+        "ddim",
+        description=(
+            "ddim: (refined) DDIM inversion. null_text: null-text inversion (Mokady et al. "
+            "2022): a DDIM inversion at guidance 1 is the pivot, then an unconditional "
+            "embedding per step is optimised so that guided DDIM sampling at guidance_scale "
+            "(> 1) follows the pivot; the result adds `null_embeddings`."
+        ),
+    )
+    null_text_inner_steps: int = Field(
+        10, ge=1, le=100, description="null_text: Adam iterations per step (UNet forward+backward)."
+    )
+    null_text_learning_rate: float = Field(
+        1e-2, gt=0, le=1, description="null_text: Adam learning rate of the null embedding."
+    )
+    null_text_early_stop: float = Field(
+        1e-5,
+        ge=0,
+        allow_inf_nan=False,
+        description="null_text: a step's optimisation stops once its latent MSE is below this.",
+    )
+    verify: bool = Field(
+        False,
+        description=(
+            "Sample back from the latents (DDIMScheduler, same prompt and guidance, the null "
+            "embeddings for null_text) and decode: reports reconstruction_latent_error and "
+            "reconstruction_psnr and stores a reconstruction PNG. Costs one more pass of "
+            "num_inference_steps UNet calls and a VAE decode."
+        ),
+    )
 
     @field_validator("resolution", mode="before")
     @classmethod
@@ -309,6 +339,16 @@ class InversionParams(BaseModel):
         if self.encode_mode == "sample" and self.seed is None:
             raise ValueError(
                 "encode_mode 'sample' needs a seed, so that the result is reproducible"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _null_text_needs_guidance(self) -> InversionParams:
+        if self.method == "null_text" and not self.guidance_scale > 1.0:
+            raise ValueError(
+                "method 'null_text' needs guidance_scale > 1 (e.g. 7.5, the usual value): "
+                "it optimises the unconditional embedding of classifier-free guidance, "
+                f"which guidance_scale {self.guidance_scale} does not use"
             )
         return self
 
@@ -356,6 +396,20 @@ class ResultMetadata(BaseModel):
     )
     refine_residuals: list[float] | None = Field(
         None, description="Per step, the refinement's final relative change ||dz|| / ||z||."
+    )
+    method: str = Field("ddim", description="ddim or null_text.")
+    null_text_losses: list[float] | None = Field(
+        None,
+        description=(
+            "null_text: per sampling step (highest t first), the MSE between the guided "
+            "sampling step with the optimised null embedding and the pivot latent."
+        ),
+    )
+    reconstruction_latent_error: float | None = Field(
+        None, description="verify: ||x_rec - x0|| / ||x0|| of the latent sampled back."
+    )
+    reconstruction_psnr: float | None = Field(
+        None, description="verify: PSNR (dB) of the decoded reconstruction against the input."
     )
 
     def to_header(self) -> dict[str, str]:
@@ -416,6 +470,11 @@ def input_key(job_id: str) -> str:
 def result_key(job_id: str) -> str:
     """The safetensors bytes of a succeeded job; expires with the job's result TTL."""
     return f"{KEY_PREFIX}result:{job_id}"
+
+
+def reconstruction_key(job_id: str) -> str:
+    """The PNG of a `verify` job's reconstruction; expires with the job's result TTL."""
+    return f"{KEY_PREFIX}reconstruction:{job_id}"
 
 
 def cancel_key(job_id: str) -> str:

@@ -55,7 +55,7 @@ from contract import (
     tokenizer_key,
 )
 from worker import jobs
-from worker.engine import InversionRequest, batch_key, invert
+from worker.engine import InversionRequest, batch_key, invert, progress_total
 from worker.models import LoadedModel
 from worker.settings import WorkerSettings
 from worker.webhooks import WebhookSender
@@ -340,7 +340,7 @@ class InversionWorker(SimpleWorker):
     def run_requests(
         self, batch: list[Running], requests: list[InversionRequest], queue: Queue
     ) -> None:
-        total = requests[0].params.num_inference_steps
+        total = progress_total(requests[0].params)
 
         def progress(step: int, steps: int) -> None:
             if step % self.settings.progress_every and step != steps:

@@ -20,6 +20,7 @@ from contract import (
     InversionParams,
     JobPayload,
     input_key,
+    reconstruction_key,
     result_key,
 )
 from worker.engine import InversionRequest, InversionResult, invert
@@ -69,10 +70,10 @@ def request_for(connection: Redis, job_id: str, payload: JobPayload) -> Inversio
 def store_result(connection: Redis, job_id: str, result: InversionResult, ttl: int | None) -> dict:
     """Write the safetensors bytes with the job's result TTL; return what the job reports."""
     data = result.to_safetensors()
-    if ttl is not None and ttl > 0:
-        connection.set(result_key(job_id), data, ex=ttl)
-    else:
-        connection.set(result_key(job_id), data)
+    expiry = ttl if ttl is not None and ttl > 0 else None
+    connection.set(result_key(job_id), data, ex=expiry)
+    if result.reconstruction_png is not None:
+        connection.set(reconstruction_key(job_id), result.reconstruction_png, ex=expiry)
     connection.delete(input_key(job_id))
     return result.metadata.model_dump(mode="json")
 
