@@ -366,6 +366,9 @@ class ModelInfo(BaseModel):
     latent_channels: int
     vae_scale_factor: int
     tokenizer_max_length: int
+    tokenizer_key: str | None = Field(
+        None, description="Redis key of the tokenizer as tokenizers JSON, for prompt checks."
+    )
     scheduler_config: dict[str, Any]
     dtype: str
     device: str
@@ -420,9 +423,6 @@ class ResultMetadata(BaseModel):
         return out
 
     @classmethod
-    tokenizer_key: str | None = Field(
-        None, description="Redis key of the tokenizer as tokenizers JSON, for prompt checks."
-    )
     def from_header(cls, header: dict[str, str]) -> ResultMetadata:
         fields: dict[str, Any] = {}
         for key, value in header.items():
