@@ -279,5 +279,8 @@ def delete(connection: redis.Redis, job: Job) -> None:
     """Forget a finished job: the RQ job, its input, its result and any cancel flag."""
     job.delete()
     connection.delete(
-        contract.input_key(job.id), contract.result_key(job.id), contract.cancel_key(job.id)
+        contract.input_key(job.id),
+        contract.result_key(job.id),
+        contract.reconstruction_key(job.id),
+        contract.cancel_key(job.id),
     )

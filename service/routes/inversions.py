@@ -99,6 +99,21 @@ async def submit_inversion(
     refine_tolerance: Annotated[
         float | None, _field("Relative change that ends a step's refinement.", "0.0001")
     ] = None,
+    method: Annotated[
+        str | None, _field("ddim, or null_text (needs guidance_scale > 1).", "ddim")
+    ] = None,
+    null_text_inner_steps: Annotated[
+        int | None, _field("null_text: Adam iterations per step.", "10")
+    ] = None,
+    null_text_learning_rate: Annotated[
+        float | None, _field("null_text: Adam learning rate.", "0.01")
+    ] = None,
+    null_text_early_stop: Annotated[
+        float | None, _field("null_text: latent MSE that ends a step's optimisation.", "1e-05")
+    ] = None,
+    verify: Annotated[
+        bool | None, _field("Sample back and decode: error, PSNR, reconstruction PNG.")
+    ] = None,
     webhook_url: Annotated[
         str | None, _field("POSTed the job's end (allowed hosts only).", "https://example.com/hook")
     ] = None,
@@ -134,6 +149,11 @@ async def submit_inversion(
         "scheduler": scheduler,
         "refine_iterations": refine_iterations,
         "refine_tolerance": refine_tolerance,
+        "method": method,
+        "null_text_inner_steps": null_text_inner_steps,
+        "null_text_learning_rate": null_text_learning_rate,
+        "null_text_early_stop": null_text_early_stop,
+        "verify": verify,
     }
     job_id, replayed = await run_in_threadpool(
         _accept,
@@ -267,6 +287,42 @@ def get_latents(
         content=data,
         media_type="application/octet-stream",
         headers={"Content-Disposition": f'attachment; filename="{job_id}.{format}"'},
+    )
+
+
+@router.get(
+    "/{job_id}/reconstruction",
+    summary="The reconstruction PNG of a succeeded job submitted with verify=true",
+    response_class=Response,
+    responses={
+        200: {
+            "description": "The latents sampled back and decoded, at the job's resolution",
+            "content": {"image/png": {}},
+        },
+        404: _PROBLEM,
+        409: _PROBLEM,
+    },
+)
+def get_reconstruction(job_id: str, redis: RedisDep, owner: OwnerDep) -> Response:
+    """404 if the job did not ask for `verify` or its result expired; 409 until it succeeds."""
+    job = jobs.load_job(redis, job_id, owner)
+    state = jobs.status_of(job)
+    if state in (JobStatus.QUEUED, JobStatus.RUNNING):
+        raise ProblemError(409, ErrorCode.NOT_FINISHED, f"the job is {state.value}; poll it")
+    if state is not JobStatus.SUCCEEDED:
+        raise ProblemError(
+            409, ErrorCode.NO_RESULT, f"the job {state.value}; it has no reconstruction"
+        )
+    params = (job.kwargs or {}).get("payload", {}).get("params") or {}
+    if not params.get("verify"):
+        raise ProblemError(404, ErrorCode.NOT_FOUND, "the job was not submitted with verify=true")
+    data: bytes | None = redis.get(contract.reconstruction_key(job_id))  # type: ignore[assignment]
+    if data is None:
+        raise ProblemError(404, ErrorCode.NOT_FOUND, "the reconstruction has expired")
+    return Response(
+        content=data,
+        media_type="image/png",
+        headers={"Content-Disposition": f'inline; filename="{job_id}.reconstruction.png"'},
     )
 
 
