@@ -34,7 +34,12 @@ def _add_inversion_params(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative-prompt", default="")
     parser.add_argument("--steps", type=int, default=50, dest="num_inference_steps")
-    parser.add_argument("--guidance-scale", type=float, default=1.0)
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        default=None,
+        help="default 1.0 (no guidance); 7.5 with --method null_text",
+    )
     parser.add_argument("--resolution", default=None, help="512 or WxH, e.g. 768x512")
     parser.add_argument("--resize-mode", choices=["center_crop", "stretch"], default="center_crop")
     parser.add_argument("--encode", choices=["mean", "sample"], default="mean", dest="encode_mode")
@@ -63,6 +68,30 @@ def _add_inversion_params(parser: argparse.ArgumentParser) -> None:
         metavar="X",
         help="stop a step's refinement once the relative change is below X",
     )
+    parser.add_argument(
+        "--method",
+        choices=["ddim", "null_text"],
+        default="ddim",
+        help="null_text: also optimise a null embedding per step (needs guidance > 1)",
+    )
+    parser.add_argument(
+        "--null-text-inner-steps", type=int, default=10, metavar="N", help="Adam steps per step"
+    )
+    parser.add_argument(
+        "--null-text-learning-rate", type=float, default=1e-2, metavar="LR", help="Adam rate"
+    )
+    parser.add_argument(
+        "--null-text-early-stop",
+        type=float,
+        default=1e-5,
+        metavar="X",
+        help="stop a step's optimisation once the latent MSE is below X",
+    )
+    parser.add_argument(
+        "--verify",
+        action="store_true",
+        help="sample back and decode: reconstruction error and PSNR (local: also a PNG)",
+    )
 
 
 def _params_from_args(args: argparse.Namespace) -> dict[str, Any]:
@@ -70,7 +99,11 @@ def _params_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "prompt": args.prompt,
         "negative_prompt": args.negative_prompt,
         "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": args.guidance_scale,
+        "guidance_scale": (
+            args.guidance_scale
+            if args.guidance_scale is not None
+            else (7.5 if args.method == "null_text" else 1.0)
+        ),
         "resolution": args.resolution,
         "resize_mode": args.resize_mode,
         "encode_mode": args.encode_mode,
@@ -80,6 +113,11 @@ def _params_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "scheduler": dict(args.scheduler),
         "refine_iterations": args.refine_iterations,
         "refine_tolerance": args.refine_tolerance,
+        "method": args.method,
+        "null_text_inner_steps": args.null_text_inner_steps,
+        "null_text_learning_rate": args.null_text_learning_rate,
+        "null_text_early_stop": args.null_text_early_stop,
+        "verify": args.verify,
     }
 
 
@@ -103,7 +141,7 @@ def cmd_local(args: argparse.Namespace) -> int:
 
     import imaging
     from contract import InvalidParameter, InversionParams
-    from worker.engine import InversionRequest, invert
+    from worker.engine import InversionRequest, invert, progress_total
     from worker.models import ModelLoadError, load_model
     from worker.settings import get_settings
 
@@ -138,7 +176,7 @@ def cmd_local(args: argparse.Namespace) -> int:
         return _fail(str(exc))
     load_s = time.perf_counter() - started
 
-    bar = tqdm(total=params.num_inference_steps, desc="inverting", file=sys.stderr, leave=False)
+    bar = tqdm(total=progress_total(params), desc="inverting", file=sys.stderr, leave=False)
 
     def progress(step: int, total: int) -> None:
         bar.total = total
@@ -158,6 +196,10 @@ def cmd_local(args: argparse.Namespace) -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         data = result.to_npy() if target.suffix == ".npy" else result.to_safetensors()
         target.write_bytes(data)
+        reconstruction = None
+        if result.reconstruction_png is not None:
+            reconstruction = target.with_name(f"{target.stem}.reconstruction.png")
+            reconstruction.write_bytes(result.reconstruction_png)
         line = {
             "file": str(path),
             "out": str(target),
@@ -170,6 +212,13 @@ def cmd_local(args: argparse.Namespace) -> int:
                 if result.metadata.refine_iterations is not None
                 else None
             ),
+            "method": result.metadata.method,
+            "null_text_final_loss": (
+                result.metadata.null_text_losses[-1] if result.metadata.null_text_losses else None
+            ),
+            "reconstruction_latent_error": result.metadata.reconstruction_latent_error,
+            "reconstruction_psnr": result.metadata.reconstruction_psnr,
+            "reconstruction": str(reconstruction) if reconstruction is not None else None,
             "timings": {"load_model_s": round(load_s, 4)}
             | {k: round(v, 4) for k, v in result.timings.items()},
         }

@@ -203,3 +203,34 @@ def test_params_validate():
     params = InversionParams(prompt="x", method="null_text", guidance_scale=7.5)
     assert params.null_text_inner_steps == 10 and params.null_text_learning_rate == 1e-2
     assert ResultMetadata.model_fields["method"].default == "ddim"
+
+
+def test_cli_local_null_text_with_verify(cli, cli_env, tmp_path):
+    import json
+    import subprocess
+
+    from tests.engine.conftest import REPO
+
+    out = tmp_path / "cat.safetensors"
+    args = ["samples/chelsea.png", "--prompt", "a cat", "--steps", "4", "--verify"]
+    args += ["--method", "null_text", "--null-text-inner-steps", "2"]
+    args += ["--null-text-learning-rate", "0.1", "--null-text-early-stop", "0", "--out", str(out)]
+    proc = subprocess.run(
+        [*cli, "local", *args],
+        env=cli_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    (line,) = [json.loads(text) for text in proc.stdout.splitlines() if text.strip()]
+    assert line["method"] == "null_text"
+    assert line["reconstruction_latent_error"] > 0 and line["reconstruction_psnr"] > 0
+    png = tmp_path / "cat.reconstruction.png"
+    assert line["reconstruction"] == str(png)
+    assert Image.open(png).size == (64, 64)
+    tensors, metadata = load_result(out.read_bytes())
+    assert tensors["null_embeddings"].shape[0] == 4
+    assert metadata.guidance_scale == 7.5  # the CLI's default for null_text
+    assert metadata.null_text_losses is not None and len(metadata.null_text_losses) == 4
