@@ -1,0 +1,57 @@
+"""Null-text inversion with verify through a real gateway, Redis and worker."""
+
+from __future__ import annotations
+
+import io
+
+import httpx
+import pytest
+from PIL import Image
+from safetensors.torch import load
+
+from tests.e2e.test_service import submit, wait_status
+
+pytestmark = pytest.mark.e2e
+
+
+def test_null_text_with_verify_end_to_end(processes):
+    base = processes.gateway()
+    processes.worker()
+    fields = {
+        "num_inference_steps": 4,
+        "method": "null_text",
+        "guidance_scale": 7.5,
+        "null_text_inner_steps": 3,
+        "null_text_learning_rate": 0.1,
+        "verify": "true",
+    }
+    job = submit(base, "chelsea.png", **fields)
+    url = f"{base}/v1/inversions/{job['id']}/reconstruction"
+    early = httpx.get(url)
+    assert early.status_code in (200, 409), early.text  # 409 until it succeeds
+
+    done = wait_status(base, job["id"], {"succeeded", "failed"}, timeout=120)
+    assert done["status"] == "succeeded", done
+    result = done["result"]
+    assert result["method"] == "null_text"
+    assert result["reconstruction_latent_error"] > 0
+    assert result["reconstruction_psnr"] > 0
+    assert len(result["null_text_losses"]) == 4
+    assert done["params"]["method"] == "null_text" and done["params"]["verify"] is True
+
+    answer = httpx.get(url)
+    assert answer.status_code == 200, answer.text
+    assert answer.headers["content-type"] == "image/png"
+    image = Image.open(io.BytesIO(answer.content))
+    assert image.size == (result["width"], result["height"])
+
+    latents = httpx.get(f"{base}/v1/inversions/{job['id']}/latents")
+    assert latents.status_code == 200
+    tensors = load(latents.content)
+    assert tuple(tensors["null_embeddings"].shape[:2]) == (4, 77)
+
+    # A job without verify has no reconstruction.
+    plain = submit(base, "coffee.png", num_inference_steps=2)
+    assert wait_status(base, plain["id"], {"succeeded", "failed"})["status"] == "succeeded"
+    missing = httpx.get(f"{base}/v1/inversions/{plain['id']}/reconstruction")
+    assert missing.status_code == 404
