@@ -119,3 +119,30 @@ def test_reconstruction_of_a_failed_job_is_409(client, redis, queue, verify_job)
     fail(redis, queue, verify_job, {"code": "internal", "message": "boom"})
     url = f"/v1/inversions/{verify_job}/reconstruction"
     assert_problem(client.get(url), 409, "no_result")
+
+
+def test_python_client_fields_reach_the_payload(client, redis, small_png):
+    """The Python client's form fields, posted as it builds them, arrive in the payload."""
+    from client._common import Transport
+
+    request = Transport("http://gateway", None, None).submit(
+        small_png,
+        "a cat",
+        {
+            "guidance_scale": 5.0,
+            "method": "null_text",
+            "null_text_inner_steps": 4,
+            "null_text_learning_rate": 0.1,
+            "null_text_early_stop": 0.0,
+            "refine_iterations": 2,
+            "refine_tolerance": 1e-5,
+            "verify": True,
+        },
+    )
+    response = client.post("/v1/inversions", data=request.data, files=request.files)
+    assert response.status_code == 202, response.text
+    params = queued_params(redis, response.json()["id"])
+    assert params.method == "null_text" and params.verify is True
+    assert (params.null_text_inner_steps, params.null_text_learning_rate) == (4, 0.1)
+    assert params.null_text_early_stop == 0.0 and params.guidance_scale == 5.0
+    assert (params.refine_iterations, params.refine_tolerance) == (2, 1e-5)
