@@ -342,9 +342,16 @@ class InversionWorker(SimpleWorker):
     ) -> None:
         total = progress_total(requests[0].params)
 
+        last_write = [-float("inf")]
+
         def progress(step: int, steps: int) -> None:
-            if step % self.settings.progress_every and step != steps:
+            moment = time.monotonic()
+            if step != steps and (
+                step % self.settings.progress_every
+                or moment - last_write[0] < self.settings.progress_interval_s
+            ):
                 return
+            last_write[0] = moment
             with redis_outage_tolerated(self), self.connection.pipeline(transaction=False) as pipe:
                 for item in batch:
                     if item.stop_code is None:

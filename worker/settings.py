@@ -38,6 +38,12 @@ class WorkerSettings(BaseSettings):
         20, ge=0, le=10_000, description="How long a worker holding one job waits for more."
     )
     progress_every: int = Field(1, ge=1, description="Write progress to Redis every N steps.")
+    progress_interval_s: float = Field(
+        0.1,
+        ge=0,
+        le=10,
+        description="...and at most this often: fast steps do not each cost a Redis write.",
+    )
     heartbeat_s: float = Field(
         2.0, gt=0, le=60, description="How often a worker proves it is alive while running jobs."
     )
