@@ -26,23 +26,8 @@ back exactly: the sampler's step from t_next goes to t_next - T/steps, the inver
 source, with the same alphas and the same eps. Exact for `prediction_type` epsilon without
 clipping or thresholding.
 
-Null-text inversion (`method="null_text"`, Mokady et al. 2022) keeps those latents and
-makes them editable under classifier-free guidance g > 1. A DDIM inversion at guidance 1
-gives the pivot trajectory z*_0 .. z*_T. Then, sampling from z = z*_T (t from high to low),
-each step optimises the unconditional embedding u_t with Adam, starting from the previous
-step's (the first from the negative prompt's embedding):
-
-    (4)  eps = eps_u + g * (eps_c - eps_u),   eps_u = unet(z, t, u_t),  eps_c = unet(z, t, c)
-    (5)  u_t <- argmin || DDIMScheduler.step(eps, t, z) - z*_{t-1} ||^2
-
-for `null_text_inner_steps` iterations (fewer once the MSE is below `null_text_early_stop`),
-then z = DDIMScheduler.step(eps(u_t), t, z). The result adds `null_embeddings`
-(steps, 77, hidden), in sampling order: a guided diffusers sampling loop that passes
-null_embeddings[i] as the unconditional embedding of its i-th step reconstructs the image.
-
-With `verify`, each result is sampled back (DDIMScheduler, same prompt and guidance, the
-null embeddings for null_text) and decoded: the relative latent error, the PSNR against the
-input and a PNG of the reconstruction are reported.
+Null-text inversion lives in `worker/null_text.py`, verification by sampling back in
+`worker/reconstruction.py`; `invert` dispatches to them.
 """
 
 from __future__ import annotations
@@ -213,7 +198,7 @@ def encode_images(
     for array, request in zip(arrays, requests, strict=True):
         pixels = torch.from_numpy(array.copy()).to(model.device).permute(2, 0, 1).unsqueeze(0)
         distribution = model.vae.encode(pixels.to(model.dtype) / 127.5 - 1.0).latent_dist
-        latent = distribution.mean.to(_state_dtype(model))
+        latent = distribution.mean.to(state_dtype(model))
         if request.params.encode_mode == "sample":
             generator = torch.Generator(device="cpu").manual_seed(int(request.params.seed or 0))
             noise = torch.randn(latent.shape, generator=generator, dtype=latent.dtype)
@@ -222,7 +207,7 @@ def encode_images(
     return (torch.cat(encoded) - model.shift_factor) * model.scaling_factor
 
 
-def _state_dtype(model: LoadedModel) -> torch.dtype:
+def state_dtype(model: LoadedModel) -> torch.dtype:
     """The latent state is float32 (float64 if the model is): fp16 only inside the UNet."""
     return torch.float64 if model.dtype == torch.float64 else torch.float32
 
@@ -255,12 +240,16 @@ def invert(
         steps = group[0].params.num_inference_steps
         report = _offset_progress(progress, 0, total)
         if group[0].params.method == "null_text":
+            from worker.null_text import null_text_batch
+
             group_results = null_text_batch(
                 model, group, progress=report, check_canceled=group_cancel, total=total
             )
         else:
             group_results = invert_batch(model, group, progress=report, check_canceled=group_cancel)
         if group[0].params.verify:
+            from worker.reconstruction import verify_batch
+
             verify_batch(
                 model,
                 group,
@@ -472,318 +461,6 @@ def invert_batch(
             )
         )
     return results
-
-
-# -- null-text inversion ----------------------------------------------------------------
-
-
-def _sampling_scheduler(config: dict[str, Any], timesteps: list[int]) -> Any:
-    """diffusers' DDIMScheduler from the job's config, checked against the inversion's steps."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(config)
-    scheduler.set_timesteps(len(timesteps))
-    if [int(t) for t in scheduler.timesteps] != timesteps[::-1]:
-        raise ValueError(
-            "the sampling scheduler's timesteps are not the inversion's reversed; "
-            f"{[int(t) for t in scheduler.timesteps]} vs {timesteps[::-1]}"
-        )
-    return scheduler
-
-
-def null_text_batch(
-    model: LoadedModel,
-    requests: Sequence[InversionRequest],
-    *,
-    progress: ProgressCallback | None = None,
-    check_canceled: CancelCheck | None = None,
-    total: int | None = None,
-) -> list[InversionResult | None]:
-    """Null-text inversion of compatible requests: the pivot inversion, then equations (4-5).
-
-    The rows of a batch share every UNet call; each row has its own embedding, its own Adam
-    and its own early stop, so a row's result does not depend on its batch-mates.
-    """
-    if not requests:
-        return []
-    first = requests[0].params
-    steps = first.num_inference_steps
-    inner_steps = first.null_text_inner_steps
-    total = total if total is not None else progress_total(first)
-    started = time.perf_counter()
-    # 1. The pivot: plain (or refined) DDIM inversion at guidance 1, the whole trajectory.
-    pivot_requests = [
-        InversionRequest(
-            r.image,
-            r.params.model_copy(
-                update={
-                    "method": "ddim",
-                    "guidance_scale": 1.0,
-                    "return_trajectory": True,
-                    "verify": False,
-                    "result_dtype": "float32",
-                }
-            ),
-        )
-        for r in requests
-    ]
-    pivots = invert_batch(model, pivot_requests, progress=progress, check_canceled=check_canceled)
-    alive = [i for i, pivot in enumerate(pivots) if pivot is not None]
-    if not alive:
-        return [None] * len(requests)
-    pivoted = time.perf_counter()
-
-    def report(done: int) -> None:
-        if progress is not None:
-            progress(steps + done, total)
-
-    dtype = _state_dtype(model)
-    device = model.device
-    timesteps = [int(t) for t in pivots[alive[0]].timesteps]  # type: ignore[union-attr]
-    config = pivots[alive[0]].metadata.scheduler_config  # type: ignore[union-attr]
-    scheduler = _sampling_scheduler(config, timesteps)
-    # The compiled UNet (CUDA graphs) cannot be differentiated through: the eager one can.
-    unet = getattr(model.unet, "inner", model.unet)
-    rows = len(requests)
-    embeddings: list[list[torch.Tensor]] = [[] for _ in requests]
-    losses: list[list[float]] = [[] for _ in requests]
-    # Outside inference mode: the optimisation needs autograd. Only the embeddings require
-    # gradients; the model's parameters stay frozen.
-    with torch.inference_mode(False), torch.enable_grad():
-        with torch.no_grad():
-            prompts = [r.params.prompt for r in requests]
-            negatives = [r.params.negative_prompt for r in requests]
-            text = encode_prompts(model, negatives + prompts)[0].to(dtype)
-            uncond, cond = text[:rows].clone(), text[rows:].clone()
-        # (steps+1, B, C, h, w), filled for live rows; rows canceled in the pivot stay zero.
-        shape = pivots[alive[0]].trajectory.shape  # type: ignore[union-attr]
-        pivot = torch.zeros((shape[0], rows, *shape[2:]), dtype=dtype, device=device)
-        for i in alive:
-            pivot[:, i] = pivots[i].trajectory[:, 0].clone().to(device, dtype)  # type: ignore[union-attr]
-        scales = torch.tensor(
-            [r.params.guidance_scale for r in requests], dtype=dtype, device=device
-        ).view(-1, 1, 1, 1)
-        learning_rate = first.null_text_learning_rate
-        early_stop = first.null_text_early_stop
-
-        def guided_step(
-            z: torch.Tensor, t: int, eps_c: torch.Tensor, u: torch.Tensor, index: torch.Tensor
-        ) -> torch.Tensor:
-            """Equation (4), then DDIMScheduler's step, for the rows in `index`."""
-            eps_u = unet(z.to(model.dtype), t, encoder_hidden_states=u.to(model.dtype)).sample.to(
-                dtype
-            )
-            scale = scales.index_select(0, index)
-            eps = eps_u + scale * (eps_c - eps_u)
-            return scheduler.step(eps, t, z).prev_sample
-
-        z = pivot[steps].clone()
-        u = uncond.clone()
-        for j, i in enumerate(reversed(range(steps))):
-            t = timesteps[i]
-            target = pivot[i]
-            index = torch.tensor(alive, device=device)
-            with torch.no_grad():
-                z_rows = z.index_select(0, index)
-                eps_c = unet(
-                    z_rows.to(model.dtype),
-                    t,
-                    encoder_hidden_states=cond.index_select(0, index).to(model.dtype),
-                ).sample.to(dtype)
-            eps_c_full = torch.zeros_like(z).index_copy(0, index, eps_c)
-            params = {r: u[r : r + 1].detach().clone().requires_grad_(True) for r in alive}
-            optimisers = {r: torch.optim.Adam([params[r]], lr=learning_rate) for r in alive}
-            pending = list(alive)
-            for k in range(inner_steps):
-                # Cancellation between inner iterations: a canceled row leaves the batch.
-                if check_canceled is not None:
-                    canceled = set(check_canceled(list(alive)))
-                    if canceled:
-                        alive = [r for r in alive if r not in canceled]
-                        pending = [r for r in pending if r not in canceled]
-                        if not alive:
-                            return [None] * len(requests)
-                if not pending:
-                    break
-                index = torch.tensor(pending, device=device)
-                prev = guided_step(
-                    z.index_select(0, index),
-                    t,
-                    eps_c_full.index_select(0, index),
-                    torch.cat([params[r] for r in pending]),
-                    index,
-                )
-                per_row = (prev - target.index_select(0, index)).pow(2).flatten(1).mean(1)
-                values = per_row.tolist()
-                still = [n for n, value in enumerate(values) if not value < early_stop]
-                if still:
-                    loss = per_row.index_select(0, torch.tensor(still, device=device)).sum()
-                    grads = torch.autograd.grad(loss, [params[pending[n]] for n in still])
-                    for n, grad in zip(still, grads, strict=True):
-                        params[pending[n]].grad = grad
-                        optimisers[pending[n]].step()
-                pending = [pending[n] for n in still]
-                report(j * inner_steps + k + 1)
-            # The step itself, with the optimised embeddings (no gradient).
-            with torch.no_grad():
-                index = torch.tensor(alive, device=device)
-                u_rows = torch.cat([params[r].detach() for r in alive])
-                z_new = guided_step(
-                    z.index_select(0, index), t, eps_c_full.index_select(0, index), u_rows, index
-                )
-                final = (z_new - target.index_select(0, index)).pow(2).flatten(1).mean(1).tolist()
-                z = z.index_copy(0, index, z_new)
-                u = u.index_copy(0, index, u_rows)
-            for n, r in enumerate(alive):
-                embeddings[r].append(u_rows[n].detach().cpu())
-                losses[r].append(float(final[n]))
-            report((j + 1) * inner_steps)
-    done = time.perf_counter()
-
-    results: list[InversionResult | None] = []
-    for index, request in enumerate(requests):
-        pivot_result = pivots[index]
-        if index not in alive or pivot_result is None:
-            results.append(None)
-            continue
-        params = request.params
-        out_dtype = torch.float16 if params.result_dtype == "float16" else torch.float32
-        if model.dtype == torch.float64 and params.result_dtype == "float32":
-            out_dtype = torch.float64
-        latents = pivot_result.latents.to(out_dtype)
-        path = pivot_result.trajectory.to(out_dtype) if params.return_trajectory else None  # type: ignore[union-attr]
-        nulls = torch.stack(embeddings[index]).to(out_dtype)
-        metadata = pivot_result.metadata.model_copy(
-            update={
-                "guidance_scale": params.guidance_scale,
-                "latents_shape": list(latents.shape),
-                "trajectory_shape": list(path.shape) if path is not None else None,
-                "dtype": str(out_dtype).removeprefix("torch."),
-                "method": "null_text",
-                "null_text_losses": losses[index],
-            }
-        )
-        timings = dict(pivot_result.timings)
-        timings |= {
-            "pivot_s": pivoted - started,
-            "null_text_s": done - pivoted,
-            "total_s": time.perf_counter() - started,
-        }
-        results.append(
-            InversionResult(
-                latents=latents,
-                timesteps=pivot_result.timesteps,
-                metadata=metadata,
-                trajectory=path,
-                timings=timings,
-                null_embeddings=nulls,
-                clean=pivot_result.clean,
-            )
-        )
-    return results
-
-
-# -- verification: sampling back --------------------------------------------------------
-
-
-def decode_latents(model: LoadedModel, latents: torch.Tensor) -> np.ndarray:
-    """Latents (B, C, h, w) -> images (B, H, W, 3) uint8: x = D(z / scaling_factor + shift)."""
-    pixels = model.vae.decode(
-        (latents / model.scaling_factor + model.shift_factor).to(model.dtype)
-    ).sample
-    images = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return images.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def psnr(reconstruction: np.ndarray, reference: np.ndarray) -> float:
-    """Peak signal-to-noise ratio of two uint8 images, in dB (capped where they are equal)."""
-    mse = float(np.mean((reconstruction.astype(np.float64) - reference.astype(np.float64)) ** 2))
-    return float(10.0 * np.log10(255.0**2 / max(mse, 1e-10)))
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@torch.inference_mode()
-def verify_batch(
-    model: LoadedModel,
-    requests: Sequence[InversionRequest],
-    results: list[InversionResult | None],
-    *,
-    progress: ProgressCallback | None = None,
-) -> None:
-    """Sample each result back and decode it; fills in the reconstruction fields in place.
-
-    DDIMScheduler from the result's scheduler config, the request's prompt embedding and
-    guidance scale; the unconditional embedding is the negative prompt's, or for null_text
-    the step's optimised one. Rows share the UNet calls.
-    """
-    live = [i for i, result in enumerate(results) if result is not None]
-    if not live:
-        return
-    started = time.perf_counter()
-    dtype = _state_dtype(model)
-    first = results[live[0]]
-    assert first is not None
-    timesteps = [int(t) for t in first.timesteps]
-    steps = len(timesteps)
-    scheduler = _sampling_scheduler(first.metadata.scheduler_config, timesteps)
-    params = requests[live[0]].params
-    guided = params.uses_guidance
-    prompts = [requests[i].params.prompt for i in live]
-    negatives = [requests[i].params.negative_prompt for i in live] if guided else []
-    text = encode_prompts(model, negatives + prompts)[0]
-    cond = text[len(negatives) :]
-    uncond = text[: len(negatives)]
-    scales = torch.tensor(
-        [requests[i].params.guidance_scale for i in live], dtype=dtype, device=model.device
-    ).view(-1, 1, 1, 1)
-    nulls = None
-    if params.method == "null_text":
-        nulls = torch.stack(
-            [results[i].null_embeddings for i in live],  # type: ignore[union-attr]
-            dim=1,
-        ).to(model.device, model.dtype)
-    z = torch.cat([results[i].latents for i in live]).to(model.device, dtype)  # type: ignore[union-attr]
-    for j, t in enumerate(scheduler.timesteps):
-        t = int(t)
-        if guided:
-            step_uncond = nulls[j] if nulls is not None else uncond
-            model_input = z.to(model.dtype)
-            eps_u, eps_c = (
-                model.unet(
-                    torch.cat([model_input, model_input]),
-                    t,
-                    encoder_hidden_states=torch.cat([step_uncond, cond]),
-                )
-                .sample.to(dtype)
-                .chunk(2)
-            )
-            eps = eps_u + scales * (eps_c - eps_u)
-        else:
-            eps = model.unet(z.to(model.dtype), t, encoder_hidden_states=cond).sample.to(dtype)
-        z = scheduler.step(eps, t, z).prev_sample
-        if progress is not None:
-            progress(j + 1, steps)
-    images = decode_latents(model, z)
-    seconds = time.perf_counter() - started
-    size = (first.metadata.width, first.metadata.height)
-    for n, i in enumerate(live):
-        result = results[i]
-        assert result is not None
-        update: dict[str, Any] = {}
-        if result.clean is not None:
-            clean = result.clean.to(model.device, dtype)
-            error = (z[n : n + 1] - clean).norm() / clean.norm().clamp_min(1e-12)
-            update["reconstruction_latent_error"] = float(error)
-        update["reconstruction_psnr"] = psnr(images[n], image_array(requests[i], size))
-        result.metadata = result.metadata.model_copy(update=update)
-        result.reconstruction_png = png_bytes(images[n])
-        result.timings["verify_s"] = seconds
-        result.timings["total_s"] = result.timings.get("total_s", 0.0) + seconds
 
 
 def load_result(data: bytes) -> tuple[dict[str, torch.Tensor], ResultMetadata]:
