@@ -512,6 +512,8 @@ META_ERROR = "error"
 """{"code": ErrorCode, "message": str} once failed or canceled."""
 META_RESULT = "result"
 """ResultMetadata as JSON once succeeded."""
+META_ENGINE_S = "engine_s"
+"""Seconds the engine spent on the job's batch: what the service adds is the rest."""
 META_OWNER = "owner"
 """The owner's key hash, copied from the payload so that a status read needs no payload."""
 
@@ -519,3 +521,13 @@ META_OWNER = "owner"
 def tokenizer_key(digest: str) -> str:
     """A model's tokenizer (tokenizers JSON) by content hash, so gateways can count tokens."""
     return f"{KEY_PREFIX}tokenizer:{digest}"
+
+
+def ended_key(job_id: str) -> str:
+    """A one-element list the worker pushes when the job ends: waiters block on it (BLMOVE
+    onto itself, so any number of them can) instead of polling the job's status."""
+    return f"{KEY_PREFIX}ended:{job_id}"
+
+
+ENDED_TTL_S = 600
+"""How long a job's `ended` signal is kept: long enough for any waiter to see it."""

@@ -33,7 +33,10 @@ _KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
 _WAIT_PATTERN = re.compile(r"^\s*wait\s*=\s*\"?(\d{1,9})\"?\s*$", re.IGNORECASE)
 
 WAIT_POLL_S = 0.05
-"""How often a `Prefer: wait` submission reads its job's status."""
+"""How often a submission whose Idempotency-Key is held re-reads the key."""
+
+BLOCK_SLICE_S = 0.5
+"""Longest single blocking wait on a job's end signal: under the Redis socket timeout."""
 EVENTS_POLL_S = 0.1
 """How often the event stream reads its job."""
 KEEPALIVE_S = 15.0
@@ -131,9 +134,15 @@ def preferred_wait(headers: list[str], cap_s: int) -> int | None:
 
 
 async def wait_until_ended(connection: redis.Redis, job_id: str, wait_s: float) -> bool:
-    """Whether the job ended (or vanished) within `wait_s`, polling its RQ status."""
+    """Whether the job ended (or vanished) within `wait_s`.
+
+    Blocks on the job's `ended` signal (BLMOVE of the list onto itself, so it is not
+    consumed) in slices shorter than the socket timeout; between slices it also reads the
+    RQ status, which covers jobs that ended without a worker (canceled while queued, lost).
+    """
     deadline = time.monotonic() + wait_s
     key = Job.key_for(job_id)
+    signal = contract.ended_key(job_id)
     while True:
         state = await run_in_threadpool(connection.hget, key, "status")
         if state is None or state in TERMINAL_RQ:
@@ -141,7 +150,10 @@ async def wait_until_ended(connection: redis.Redis, job_id: str, wait_s: float) 
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return False
-        await asyncio.sleep(min(WAIT_POLL_S, remaining))
+        slice_s = max(0.01, min(BLOCK_SLICE_S, remaining))
+        ended = await run_in_threadpool(connection.blmove, signal, signal, slice_s, "RIGHT", "LEFT")
+        if ended is not None:
+            return True
 
 
 # -- Server-Sent Events ------------------------------------------------------------------

@@ -41,6 +41,8 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 
 from contract import (
+    ENDED_TTL_S,
+    META_ENGINE_S,
     META_ERROR,
     META_PROGRESS,
     META_RESULT,
@@ -51,6 +53,7 @@ from contract import (
     JobPayload,
     WorkerRecord,
     cancel_key,
+    ended_key,
     input_key,
     tokenizer_key,
 )
@@ -360,7 +363,13 @@ class InversionWorker(SimpleWorker):
                 pipe.execute()
             self.keep_alive(batch)
 
+        last_check = [-float("inf")]
+
         def check_canceled(active: list[int]) -> list[int]:
+            moment = time.monotonic()
+            if moment - last_check[0] < self.settings.cancel_check_interval_s:
+                return []
+            last_check[0] = moment
             flags: list[Any] = [None] * len(active)
             with redis_outage_tolerated(self):
                 flags = self.connection.mget([cancel_key(batch[i].job.id) for i in active])
@@ -417,6 +426,7 @@ class InversionWorker(SimpleWorker):
             item.meta.pop(META_PROGRESS, None)
             item.meta[META_PROGRESS] = {"step": total, "total": total}
             item.meta[META_RESULT] = metadata
+            item.meta[META_ENGINE_S] = round(result.timings.get("total_s", 0.0), 6)
             item.job.meta = item.meta
             item.job.save_meta()
             assert item.execution is not None
@@ -437,7 +447,11 @@ class InversionWorker(SimpleWorker):
             self.connection.hset(THROUGHPUT_KEY, self.name, json.dumps(record))
 
     def notify(self, item: Running, status: str) -> None:
-        """Queue the job's webhook if its submitter asked for one; never blocks."""
+        """Signal the job's end to waiting gateways; queue its webhook if one was asked for."""
+        with redis_outage_tolerated(self), self.connection.pipeline(transaction=False) as pipe:
+            pipe.rpush(ended_key(item.job.id), status)
+            pipe.expire(ended_key(item.job.id), ENDED_TTL_S)
+            pipe.execute()
         url = item.payload.webhook_url if item.payload is not None else None
         if not url:
             return

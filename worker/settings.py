@@ -38,6 +38,12 @@ class WorkerSettings(BaseSettings):
         20, ge=0, le=10_000, description="How long a worker holding one job waits for more."
     )
     progress_every: int = Field(1, ge=1, description="Write progress to Redis every N steps.")
+    cancel_check_interval_s: float = Field(
+        0.01,
+        ge=0,
+        le=5,
+        description="Cancel flags and deadlines are read between steps, at most this often.",
+    )
     progress_interval_s: float = Field(
         0.1,
         ge=0,

@@ -17,7 +17,7 @@ from worker.settings import WorkerSettings
 
 
 def make_worker(connection, model, max_batch_size: int, **settings) -> InversionWorker:
-    config = WorkerSettings(max_batch_wait_ms=0, **settings)
+    config = WorkerSettings(max_batch_wait_ms=0, cancel_check_interval_s=0, **settings)
     return InversionWorker(
         [queue_for(connection)],
         connection=connection,
