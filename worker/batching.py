@@ -75,6 +75,9 @@ return claimed
 """
 """Claim job ids from the queue atomically: a job another worker took is simply skipped."""
 
+RQ_HEARTBEAT_EVERY_S = 1.0
+"""Least interval between two of RQ's own worker heartbeats (its worker key lives 80 s)."""
+
 SCAN_FACTOR = 4
 """How far along the queue to look for compatible jobs, in multiples of the batch size."""
 
@@ -148,6 +151,7 @@ class InversionWorker(SimpleWorker):
         self._last_record = 0.0
         self._tokenizer: tuple[str, str] | None = None
         self._last_keep_alive = 0.0
+        self._last_rq_heartbeat = -float("inf")
         self._last_reap = 0.0
         self.batches_run = 0
         self.images_per_s: float | None = None
@@ -188,10 +192,17 @@ class InversionWorker(SimpleWorker):
         return key
 
     def heartbeat(self, timeout: int | None = None, pipeline: Any = None) -> None:
-        super().heartbeat(timeout, pipeline)
-        if pipeline is None:
-            self.publish_record()
-            self.reap_lost_jobs()
+        moment = time.monotonic()
+        if pipeline is not None or timeout is not None:
+            super().heartbeat(timeout, pipeline)
+            return
+        # RQ heartbeats several times per job; its TTL is a minute, so once a second is
+        # plenty, and short jobs do not pay three Redis writes for each.
+        if moment - self._last_rq_heartbeat >= RQ_HEARTBEAT_EVERY_S:
+            super().heartbeat()
+            self._last_rq_heartbeat = moment
+        self.publish_record()
+        self.reap_lost_jobs()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """A running job's execution expires this long after its worker was last heard from."""
