@@ -177,6 +177,20 @@ def main() -> int:
         assert finished >= len(ids), f"only {finished} of {len(ids)} jobs finished"
         service = args.jobs / elapsed
         out["service_images_per_s"] = service
+        # Batched results against one-at-a-time ones, in this dtype on this device.
+        from contract import result_key
+        from worker.engine import InversionRequest, invert, load_result
+
+        worst = 0.0
+        for i in range(min(4, args.jobs)):
+            batched, _ = load_result(connection.get(result_key(ids[i])))
+            params = InversionParams(
+                prompt=prompts[i], num_inference_steps=args.steps, resolution=size
+            )
+            (solo,) = invert(model, [InversionRequest(arrays[i], params)])
+            worst = max(worst, float((batched["latents"] - solo.latents).abs().max()))
+        out["batched_vs_solo_max_abs"] = worst
+        print(f"batched vs one-at-a-time latents: max abs difference {worst:.2e} ({model.dtype})")
         out["service_batches"] = worker.batches_run
         best = max(reference.values())
         one = reference.get("plain_bs1", best)
