@@ -111,7 +111,9 @@ class Transport:
         return Request("GET", self.url(f"{API_PATH}/{job_id}"), self.headers())
 
     def latents(self, job_id: str, file_format: FileFormat) -> Request:
-        params = {"format": file_format} if file_format != "safetensors" else None
+        params: dict[str, str] | None = (
+            {"format": file_format} if file_format != "safetensors" else None
+        )
         headers = self.headers() | {"Accept": "application/octet-stream, application/problem+json"}
         return Request("GET", self.url(f"{API_PATH}/{job_id}/latents"), headers, params=params)
 

@@ -72,10 +72,10 @@ def main() -> int:
                 break
             time.sleep(0.05)
         print(f"started a private redis-server at {url} (data in {data})")
-    port = env.setdefault("INVERSION_PORT", "8000")
+    gateway_port = env.setdefault("INVERSION_PORT", "8000")
     children.append(subprocess.Popen([str(BIN / "ddim-invert"), "gateway"], env=env))
     children.append(subprocess.Popen([str(BIN / "ddim-invert"), "worker"], env=env))
-    base = f"http://127.0.0.1:{port}"
+    base = f"http://127.0.0.1:{gateway_port}"
 
     def stop(*_: object) -> None:
         for child in reversed(children):

@@ -151,9 +151,14 @@ async def wait_until_ended(connection: redis.Redis, job_id: str, wait_s: float) 
         if remaining <= 0:
             return False
         slice_s = max(0.01, min(BLOCK_SLICE_S, remaining))
-        ended = await run_in_threadpool(connection.blmove, signal, signal, slice_s, "RIGHT", "LEFT")
+        ended = await run_in_threadpool(_block_on, connection, signal, slice_s)
         if ended is not None:
             return True
+
+
+def _block_on(connection: redis.Redis, signal: str, timeout_s: float) -> Any:
+    """Wait for the list to hold an element, without taking it (moved onto itself)."""
+    return connection.blmove(signal, signal, timeout_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
 
 
 # -- Server-Sent Events ------------------------------------------------------------------

@@ -267,7 +267,10 @@ class InversionWorker(SimpleWorker):
         seen_incompatible: set[str] = set()
         while len(extra) + 1 < self.max_batch_size:
             depth = self.max_batch_size * SCAN_FACTOR
-            ids = [i.decode() for i in self.connection.lrange(queue.key, 0, depth - 1)]
+            ids = [
+                i.decode() if isinstance(i, bytes) else str(i)
+                for i in self.connection.lrange(queue.key, 0, depth - 1)
+            ]
             candidates = [i for i in ids if i not in seen_incompatible]
             wanted: list[str] = []
             payloads: dict[str, JobPayload] = {}

@@ -53,7 +53,7 @@ class BucketedUNet(torch.nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.inner.dtype
+        return next(self.inner.parameters()).dtype
 
     def bucket_for(self, rows: int) -> int:
         for size in self.buckets:

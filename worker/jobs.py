@@ -59,7 +59,8 @@ def load_image(connection: Redis, job_id: str, payload: JobPayload) -> np.ndarra
         raise JobFailed(ErrorCode.INVALID_INPUT, "the job's image has expired or was never stored")
     if len(data) != expected:
         raise JobFailed(ErrorCode.INVALID_INPUT, "the job's image has the wrong size")
-    array = np.frombuffer(data, dtype=np.uint8)
+    raw = data if isinstance(data, bytes) else data.encode("latin-1")
+    array = np.frombuffer(raw, dtype=np.uint8)
     return array.reshape(payload.image_height, payload.image_width, 3)
 
 

@@ -253,7 +253,12 @@ def make_tiny_model(directory: str | Path) -> Path:
         attention_head_dim=4,
         norm_num_groups=8,
     )
-    for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
+    modules: tuple[tuple[str, Any], ...] = (
+        ("text_encoder", text_encoder),
+        ("vae", vae),
+        ("unet", unet),
+    )
+    for name, module in modules:
         module.save_pretrained(directory / name)
     write_pipeline_index(directory)
     return directory
@@ -396,7 +401,7 @@ def load_model(
             f"the UNet takes {unet.config.in_channels} channels but the VAE makes "
             f"{vae.config.latent_channels} (an inpainting or depth model?); supported: {SUPPORTED}"
         )
-    modules = (text_encoder, vae, unet)
+    modules: tuple[Any, ...] = (text_encoder, vae, unet)
     for module in modules:
         module.requires_grad_(False)
         module.eval()

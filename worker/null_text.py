@@ -102,7 +102,7 @@ def null_text_batch(
         shape = pivots[alive[0]].trajectory.shape  # type: ignore[union-attr]
         pivot = torch.zeros((shape[0], rows, *shape[2:]), dtype=dtype, device=device)
         for i in alive:
-            pivot[:, i] = pivots[i].trajectory[:, 0].clone().to(device, dtype)  # type: ignore[union-attr]
+            pivot[:, i] = pivots[i].trajectory[:, 0].clone().to(device, dtype)  # type: ignore[union-attr,index]
         scales = torch.tensor(
             [r.params.guidance_scale for r in requests], dtype=dtype, device=device
         ).view(-1, 1, 1, 1)
@@ -110,13 +110,13 @@ def null_text_batch(
         early_stop = first.null_text_early_stop
 
         def guided_step(
-            z: torch.Tensor, t: int, eps_c: torch.Tensor, u: torch.Tensor, index: torch.Tensor
+            z: torch.Tensor, t: int, eps_c: torch.Tensor, u: torch.Tensor, picked: torch.Tensor
         ) -> torch.Tensor:
-            """Equation (4), then DDIMScheduler's step, for the rows in `index`."""
+            """Equation (4), then DDIMScheduler's step, for the rows in `picked`."""
             eps_u = unet(z.to(model.dtype), t, encoder_hidden_states=u.to(model.dtype)).sample.to(
                 dtype
             )
-            scale = scales.index_select(0, index)
+            scale = scales.index_select(0, picked)
             eps = eps_u + scale * (eps_c - eps_u)
             return scheduler.step(eps, t, z).prev_sample
 
@@ -125,17 +125,17 @@ def null_text_batch(
         for j, i in enumerate(reversed(range(steps))):
             t = timesteps[i]
             target = pivot[i]
-            index = torch.tensor(alive, device=device)
+            picked = torch.tensor(alive, device=device)
             with torch.no_grad():
-                z_rows = z.index_select(0, index)
+                z_rows = z.index_select(0, picked)
                 eps_c = unet(
                     z_rows.to(model.dtype),
                     t,
-                    encoder_hidden_states=cond.index_select(0, index).to(model.dtype),
+                    encoder_hidden_states=cond.index_select(0, picked).to(model.dtype),
                 ).sample.to(dtype)
-            eps_c_full = torch.zeros_like(z).index_copy(0, index, eps_c)
-            params = {r: u[r : r + 1].detach().clone().requires_grad_(True) for r in alive}
-            optimisers = {r: torch.optim.Adam([params[r]], lr=learning_rate) for r in alive}
+            eps_c_full = torch.zeros_like(z).index_copy(0, picked, eps_c)
+            embedding = {r: u[r : r + 1].detach().clone().requires_grad_(True) for r in alive}
+            optimisers = {r: torch.optim.Adam([embedding[r]], lr=learning_rate) for r in alive}
             pending = list(alive)
             for k in range(inner_steps):
                 # Cancellation between inner iterations: a canceled row leaves the batch.
@@ -148,35 +148,35 @@ def null_text_batch(
                             return [None] * len(requests)
                 if not pending:
                     break
-                index = torch.tensor(pending, device=device)
+                picked = torch.tensor(pending, device=device)
                 prev = guided_step(
-                    z.index_select(0, index),
+                    z.index_select(0, picked),
                     t,
-                    eps_c_full.index_select(0, index),
-                    torch.cat([params[r] for r in pending]),
-                    index,
+                    eps_c_full.index_select(0, picked),
+                    torch.cat([embedding[r] for r in pending]),
+                    picked,
                 )
-                per_row = (prev - target.index_select(0, index)).pow(2).flatten(1).mean(1)
+                per_row = (prev - target.index_select(0, picked)).pow(2).flatten(1).mean(1)
                 values = per_row.tolist()
                 still = [n for n, value in enumerate(values) if not value < early_stop]
                 if still:
                     loss = per_row.index_select(0, torch.tensor(still, device=device)).sum()
-                    grads = torch.autograd.grad(loss, [params[pending[n]] for n in still])
+                    grads = torch.autograd.grad(loss, [embedding[pending[n]] for n in still])
                     for n, grad in zip(still, grads, strict=True):
-                        params[pending[n]].grad = grad
+                        embedding[pending[n]].grad = grad
                         optimisers[pending[n]].step()
                 pending = [pending[n] for n in still]
                 report(j * inner_steps + k + 1)
             # The step itself, with the optimised embeddings (no gradient).
             with torch.no_grad():
-                index = torch.tensor(alive, device=device)
-                u_rows = torch.cat([params[r].detach() for r in alive])
+                picked = torch.tensor(alive, device=device)
+                u_rows = torch.cat([embedding[r].detach() for r in alive])
                 z_new = guided_step(
-                    z.index_select(0, index), t, eps_c_full.index_select(0, index), u_rows, index
+                    z.index_select(0, picked), t, eps_c_full.index_select(0, picked), u_rows, picked
                 )
-                final = (z_new - target.index_select(0, index)).pow(2).flatten(1).mean(1).tolist()
-                z = z.index_copy(0, index, z_new)
-                u = u.index_copy(0, index, u_rows)
+                final = (z_new - target.index_select(0, picked)).pow(2).flatten(1).mean(1).tolist()
+                z = z.index_copy(0, picked, z_new)
+                u = u.index_copy(0, picked, u_rows)
             for n, r in enumerate(alive):
                 embeddings[r].append(u_rows[n].detach().cpu())
                 losses[r].append(float(final[n]))

@@ -99,7 +99,7 @@ def verify_batch(
     nulls = None
     if params.method == "null_text":
         nulls = torch.stack(
-            [results[i].null_embeddings for i in live],  # type: ignore[union-attr]
+            [results[i].null_embeddings for i in live],  # type: ignore[union-attr,misc]
             dim=1,
         ).to(model.device, model.dtype)
     z = torch.cat([results[i].latents for i in live]).to(model.device, dtype)  # type: ignore[union-attr]
