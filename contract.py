@@ -531,3 +531,36 @@ def ended_key(job_id: str) -> str:
 
 ENDED_TTL_S = 600
 """How long a job's `ended` signal is kept: long enough for any waiter to see it."""
+
+
+# -- service-wide job metrics, kept in Redis so that every gateway exports the same ------
+
+JOB_METRICS_KEY = KEY_PREFIX + "metrics:jobs"
+"""Hash: `ended:<status>` counters, and per histogram `<name>:le:<bound>`, `<name>:sum`,
+`<name>:count`, written by workers as jobs end and exported by gateways at scrape time."""
+
+DURATION_BUCKETS_S: tuple[float, ...] = (
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+    120.0,
+    300.0,
+    600.0,
+)
+"""Upper bounds of the job duration histograms, in seconds (Prometheus `le`)."""
+
+JOB_HISTOGRAMS = ("queue_wait", "run")
+"""Histograms kept per job: seconds queued before a worker took it, and seconds running."""
+
+
+def histogram_fields(name: str, seconds: float) -> list[str]:
+    """The cumulative bucket fields one observation increments (its `le` and all above)."""
+    fields = [f"{name}:le:{bound:g}" for bound in DURATION_BUCKETS_S if seconds <= bound]
+    return [*fields, f"{name}:le:+Inf", f"{name}:count"]

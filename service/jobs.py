@@ -265,6 +265,10 @@ def cancel_queued(connection: redis.Redis, job: Job) -> None:
     """Take a queued job out of the queue for good and say why in its meta."""
     try:
         job.cancel()
+        # A job canceled before any worker saw it ends here: count it like the workers do.
+        connection.hincrby(contract.JOB_METRICS_KEY, "ended:canceled", 1)
+        connection.rpush(contract.ended_key(job.id), "canceled")
+        connection.expire(contract.ended_key(job.id), contract.ENDED_TTL_S)
     except InvalidJobOperation:
         logger.info("job %s was already canceled", job.id)
     job.meta[contract.META_ERROR] = {

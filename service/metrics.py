@@ -1,20 +1,60 @@
 """Prometheus metrics of one app, in its own registry (several apps may share a process).
 
-Request counts come from a small ASGI middleware. Job outcomes are not counted by the
-gateway (a job ends inside a worker, and gateways are many): the queue depth and the size
-of each RQ registry are read from Redis at scrape time and exported as gauges. Rates of
-finished/failed jobs follow from them in PromQL, keeping in mind that registries forget
-jobs after their TTL.
+Request counts come from a small ASGI middleware. Jobs end inside workers, and gateways
+are many, so job outcomes and durations are counted by the workers in one Redis hash and
+every gateway exports them at scrape time, together with the queue depth, the size of
+each RQ registry and the number of live workers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any
+
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
 from rq import Queue
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import contract
 from service.jobs import live_workers
+
+
+class JobMetricsCollector(Collector):
+    """Jobs by final state and job duration histograms, as all workers recorded them.
+
+    Workers count each job's end in one Redis hash (contract.JOB_METRICS_KEY), so every
+    gateway replica exports the same service-wide figures, read at scrape time.
+    """
+
+    def __init__(self) -> None:
+        self.connection: redis.Redis | None = None
+
+    def collect(self) -> Iterator[Any]:
+        if self.connection is None:
+            return
+        raw = self.connection.hgetall(contract.JOB_METRICS_KEY)
+        fields = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+        ended = CounterMetricFamily(
+            "inversion_jobs_ended", "Jobs that ended, by final status.", labels=["status"]
+        )
+        for status in ("succeeded", "failed", "canceled"):
+            ended.add_metric([status], fields.get(f"ended:{status}", 0.0))
+        yield ended
+        for name, meaning in (
+            ("queue_wait", "Seconds a job waited in the queue before a worker took it."),
+            ("run", "Seconds a job ran on a worker, batch included."),
+        ):
+            bounds = [f"{b:g}" for b in contract.DURATION_BUCKETS_S] + ["+Inf"]
+            buckets = [(bound, fields.get(f"{name}:le:{bound}", 0.0)) for bound in bounds]
+            yield HistogramMetricFamily(
+                f"inversion_job_{name}_seconds",
+                meaning,
+                buckets=buckets,
+                sum_value=fields.get(f"{name}:sum", 0.0),
+            )
 
 
 class GatewayMetrics:
@@ -45,6 +85,8 @@ class GatewayMetrics:
             ["registry"],
             registry=self.registry,
         )
+        self.jobs = JobMetricsCollector()
+        self.registry.register(self.jobs)
         self.live_workers = Gauge(
             "inversion_live_workers",
             "Workers with a fresh heartbeat, read at scrape time.",
@@ -66,7 +108,11 @@ class GatewayMetrics:
             # No cleanup: a scrape must not move jobs between registries.
             self.registry_jobs.labels(name).set(registry.get_job_count(cleanup=False))
         self.live_workers.set(len(live_workers(connection, worker_stale_s)))
-        return generate_latest(self.registry)
+        self.jobs.connection = connection
+        try:
+            return generate_latest(self.registry)
+        finally:
+            self.jobs.connection = None
 
 
 class RequestMetricsMiddleware:

@@ -42,6 +42,7 @@ from rq.utils import now
 
 from contract import (
     ENDED_TTL_S,
+    JOB_METRICS_KEY,
     META_ENGINE_S,
     META_ERROR,
     META_PROGRESS,
@@ -54,6 +55,7 @@ from contract import (
     WorkerRecord,
     cancel_key,
     ended_key,
+    histogram_fields,
     input_key,
     tokenizer_key,
 )
@@ -107,6 +109,23 @@ def wait_for_redis(worker: SimpleWorker, limit_s: float = 300.0) -> None:
             time.sleep(delay)
             waited += delay
             delay = min(delay * 2, 5.0)
+
+
+def record_job_metrics(pipe: Any, job: Job, status: str) -> None:
+    """Count the job's end and its durations in the service-wide metrics hash."""
+    pipe.hincrby(JOB_METRICS_KEY, f"ended:{status}", 1)
+    started, enqueued = job.started_at, job.enqueued_at
+    ended = job.ended_at or datetime.now(timezone.utc).replace(tzinfo=None)
+    spans = {
+        "queue_wait": (started - enqueued).total_seconds() if started and enqueued else None,
+        "run": (ended - started).total_seconds() if started else None,
+    }
+    for name, seconds in spans.items():
+        if seconds is None or seconds < 0:
+            continue
+        for field_name in histogram_fields(name, seconds):
+            pipe.hincrby(JOB_METRICS_KEY, field_name, 1)
+        pipe.hincrbyfloat(JOB_METRICS_KEY, f"{name}:sum", seconds)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -465,6 +484,7 @@ class InversionWorker(SimpleWorker):
         with redis_outage_tolerated(self), self.connection.pipeline(transaction=False) as pipe:
             pipe.rpush(ended_key(item.job.id), status)
             pipe.expire(ended_key(item.job.id), ENDED_TTL_S)
+            record_job_metrics(pipe, item.job, status)
             pipe.execute()
         url = item.payload.webhook_url if item.payload is not None else None
         if not url:

@@ -222,3 +222,21 @@ def test_prompt_over_the_token_limit_refused_or_truncated_as_configured(processe
     done = wait_status(lenient, job["id"], {"succeeded", "failed"})
     assert done["result"]["truncated"] is True
     assert done["result"]["token_count"] == 77
+
+
+def test_metrics_count_jobs_by_final_state_with_duration_histograms(processes):
+    base = processes.gateway()
+    processes.worker()
+    done = submit(base, num_inference_steps=3)
+    canceled = submit(base, num_inference_steps=900)
+    wait_status(base, done["id"], {"succeeded"})
+    wait_for(lambda: status(base, canceled["id"])["status"] == "running", 60, "running")
+    httpx.delete(f"{base}/v1/inversions/{canceled['id']}")
+    wait_status(base, canceled["id"], {"canceled"})
+    text = httpx.get(base + "/metrics").text
+    assert 'inversion_jobs_ended_total{status="succeeded"} 1.0' in text
+    assert 'inversion_jobs_ended_total{status="canceled"} 1.0' in text
+    assert "inversion_job_run_seconds_count 2.0" in text
+    assert 'inversion_job_queue_wait_seconds_bucket{le="+Inf"} 2.0' in text
+    assert "inversion_http_requests_total" in text
+    assert "inversion_queue_depth 0.0" in text
