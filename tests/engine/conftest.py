@@ -15,23 +15,16 @@ import pytest
 import torch
 
 import imaging
-from worker.models import LoadedModel, load_model, tiny_model_dir
+from worker.models import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLES = REPO / "samples"
 
 
 @pytest.fixture(scope="session")
-def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One session-wide cache folder; the tiny model is generated into it exactly once."""
-    directory = tmp_path_factory.mktemp("model-cache")
-    tiny_model_dir(directory)
-    return directory
-
-
-@pytest.fixture(scope="session")
-def tiny(model_cache_dir: Path) -> LoadedModel:
-    return load_model("tiny", device="cpu", dtype="float32", cache_dir=model_cache_dir)
+def tiny(tiny_model: LoadedModel) -> LoadedModel:
+    """The session's float32 tiny model (tests/conftest.py generates and loads it once)."""
+    return tiny_model
 
 
 @pytest.fixture(scope="session")

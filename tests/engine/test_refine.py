@@ -15,25 +15,15 @@ import torch
 import imaging
 from contract import InversionParams, ResultMetadata
 from worker.engine import InversionRequest, InversionResult, encode_prompts, invert
-from worker.models import LoadedModel, load_model
+from worker.models import LoadedModel
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 PROMPT = "a cat on a sofa"
 
 
 @pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("refine-model-cache")
-
-
-@pytest.fixture(scope="module")
-def tiny32(cache_dir: Path) -> LoadedModel:
-    return load_model("tiny", device="cpu", dtype="float32", cache_dir=cache_dir)
-
-
-@pytest.fixture(scope="module")
-def tiny64(cache_dir: Path) -> LoadedModel:
-    return load_model("tiny", device="cpu", dtype="float64", cache_dir=cache_dir)
+def tiny32(tiny: LoadedModel) -> LoadedModel:
+    return tiny
 
 
 @pytest.fixture(scope="module")
