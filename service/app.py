@@ -14,6 +14,12 @@ from service.redis_conn import lifespan
 from service.routes import health, inversions
 from service.settings import GatewaySettings, get_settings
 
+CORS_REQUEST_HEADERS = ("Idempotency-Key", "Prefer", "Last-Event-ID")
+"""Protocol headers a browser front end sends (see service/protocol.py)."""
+
+CORS_RESPONSE_HEADERS = ("Preference-Applied", "Idempotent-Replayed")
+"""Protocol headers a browser front end must be able to read."""
+
 FORM_OVERHEAD_BYTES = 64 * 1024
 """Room for the multipart boundaries and the text fields besides the image itself."""
 
@@ -56,8 +62,8 @@ def create_app(settings: GatewaySettings | None = None, redis_client: Any = None
             allow_origins=list(effective.cors_origins),
             allow_credentials=effective.cors_allow_credentials,
             allow_methods=["GET", "POST", "DELETE"],
-            allow_headers=["Authorization", "X-API-Key", "Content-Type"],
-            expose_headers=["Location", "Retry-After"],
+            allow_headers=["Authorization", "X-API-Key", "Content-Type", *CORS_REQUEST_HEADERS],
+            expose_headers=["Location", "Retry-After", *CORS_RESPONSE_HEADERS],
         )
     app.include_router(inversions.router)
     app.include_router(health.router)

@@ -251,3 +251,21 @@ def test_cors_for_a_configured_origin(make_client):
     assert other.headers.get("access-control-allow-origin") != "https://evil.example"
     simple = client.get("/healthz", headers={"Origin": "https://app.example"})
     assert simple.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_cors_lets_front_ends_use_the_protocol_headers(make_client):
+    client = make_client(cors_origins=("https://app.example",))
+    response = client.options(
+        "/v1/inversions",
+        headers={
+            "Origin": "https://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "idempotency-key, prefer, x-api-key",
+        },
+    )
+    assert response.status_code == 200
+    allowed = response.headers["access-control-allow-headers"].lower()
+    assert {"idempotency-key", "prefer", "x-api-key"} <= {h.strip() for h in allowed.split(",")}
+    simple = client.get("/healthz", headers={"Origin": "https://app.example"})
+    exposed = simple.headers["access-control-expose-headers"].lower()
+    assert "preference-applied" in exposed and "idempotent-replayed" in exposed
