@@ -29,11 +29,20 @@ def _scheduler_override(text: str) -> tuple[str, Any]:
     return key.strip(), value
 
 
+def _default(name: str) -> Any:
+    """A parameter's default, read from the contract: the one place defaults are set."""
+    from contract import InversionParams
+
+    return InversionParams.model_fields[name].default
+
+
 def _add_inversion_params(parser: argparse.ArgumentParser) -> None:
     """The engine parameters of `local`."""
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt", default="")
-    parser.add_argument("--steps", type=int, default=50, dest="num_inference_steps")
+    parser.add_argument("--negative-prompt", default=_default("negative_prompt"))
+    parser.add_argument(
+        "--steps", type=int, default=_default("num_inference_steps"), dest="num_inference_steps"
+    )
     parser.add_argument(
         "--guidance-scale",
         type=float,
@@ -41,11 +50,17 @@ def _add_inversion_params(parser: argparse.ArgumentParser) -> None:
         help="default 1.0 (no guidance); 7.5 with --method null_text",
     )
     parser.add_argument("--resolution", default=None, help="512 or WxH, e.g. 768x512")
-    parser.add_argument("--resize-mode", choices=["center_crop", "stretch"], default="center_crop")
-    parser.add_argument("--encode", choices=["mean", "sample"], default="mean", dest="encode_mode")
+    parser.add_argument(
+        "--resize-mode", choices=["center_crop", "stretch"], default=_default("resize_mode")
+    )
+    parser.add_argument(
+        "--encode", choices=["mean", "sample"], default=_default("encode_mode"), dest="encode_mode"
+    )
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--trajectory", action="store_true", dest="return_trajectory")
-    parser.add_argument("--result-dtype", choices=["float32", "float16"], default="float32")
+    parser.add_argument(
+        "--result-dtype", choices=["float32", "float16"], default=_default("result_dtype")
+    )
     parser.add_argument(
         "--scheduler",
         type=_scheduler_override,
@@ -57,33 +72,41 @@ def _add_inversion_params(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--refine-iterations",
         type=int,
-        default=0,
+        default=_default("refine_iterations"),
         metavar="N",
         help="fixed-point iterations per step for exact inversion (one UNet call each); 0: off",
     )
     parser.add_argument(
         "--refine-tolerance",
         type=float,
-        default=1e-4,
+        default=_default("refine_tolerance"),
         metavar="X",
         help="stop a step's refinement once the relative change is below X",
     )
     parser.add_argument(
         "--method",
         choices=["ddim", "null_text"],
-        default="ddim",
+        default=_default("method"),
         help="null_text: also optimise a null embedding per step (needs guidance > 1)",
     )
     parser.add_argument(
-        "--null-text-inner-steps", type=int, default=10, metavar="N", help="Adam steps per step"
+        "--null-text-inner-steps",
+        type=int,
+        default=_default("null_text_inner_steps"),
+        metavar="N",
+        help="Adam steps per step",
     )
     parser.add_argument(
-        "--null-text-learning-rate", type=float, default=1e-2, metavar="LR", help="Adam rate"
+        "--null-text-learning-rate",
+        type=float,
+        default=_default("null_text_learning_rate"),
+        metavar="LR",
+        help="Adam rate",
     )
     parser.add_argument(
         "--null-text-early-stop",
         type=float,
-        default=1e-5,
+        default=_default("null_text_early_stop"),
         metavar="X",
         help="stop a step's optimisation once the latent MSE is below X",
     )
