@@ -33,6 +33,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, SimpleWorker
 from rq.executions import Execution
@@ -41,8 +42,6 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 
 from contract import (
-    ENDED_TTL_S,
-    JOB_METRICS_KEY,
     META_ENGINE_S,
     META_ERROR,
     META_PROGRESS,
@@ -54,13 +53,12 @@ from contract import (
     JobPayload,
     WorkerRecord,
     cancel_key,
-    ended_key,
-    histogram_fields,
     input_key,
     tokenizer_key,
 )
 from worker import jobs
 from worker.engine import InversionRequest, batch_key, invert, progress_total
+from worker.lifecycle import Success, already_finished, finish_successes, signal_end, start_batch
 from worker.models import LoadedModel
 from worker.settings import WorkerSettings
 from worker.webhooks import WebhookSender
@@ -109,23 +107,6 @@ def wait_for_redis(worker: SimpleWorker, limit_s: float = 300.0) -> None:
             time.sleep(delay)
             waited += delay
             delay = min(delay * 2, 5.0)
-
-
-def record_job_metrics(pipe: Any, job: Job, status: str) -> None:
-    """Count the job's end and its durations in the service-wide metrics hash."""
-    pipe.hincrby(JOB_METRICS_KEY, f"ended:{status}", 1)
-    started, enqueued = job.started_at, job.enqueued_at
-    ended = job.ended_at or datetime.now(timezone.utc).replace(tzinfo=None)
-    spans = {
-        "queue_wait": (started - enqueued).total_seconds() if started and enqueued else None,
-        "run": (ended - started).total_seconds() if started else None,
-    }
-    for name, seconds in spans.items():
-        if seconds is None or seconds < 0:
-            continue
-        for field_name in histogram_fields(name, seconds):
-            pipe.hincrby(JOB_METRICS_KEY, field_name, 1)
-        pipe.hincrbyfloat(JOB_METRICS_KEY, f"{name}:sum", seconds)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -334,42 +315,34 @@ class InversionWorker(SimpleWorker):
         except jobs.JobFailed as exc:
             head.error = (exc.code, exc.message)
         batch = [head, *self.gather(head, queue)]
-        for item in batch:
-            self.start(item)
         self.run(batch, queue)
-        self.set_state("idle")
-
-    def start(self, item: Running) -> None:
-        item.execution = self.prepare_execution(item.job)
-        self.prepare_job_execution(item.job, remove_from_intermediate_queue=True)
-        item.job.started_at = now()
-        item.meta = dict(item.job.meta)
-        timeout = item.job.timeout
-        if timeout is not None and timeout > 0:
-            item.deadline = time.monotonic() + float(timeout)
 
     def run(self, batch: list[Running], queue: Queue) -> None:
-        """Run a started batch to the end; every job ends terminal exactly once."""
-        pending = [item for item in batch if item.error is None]
-        for item in batch:
-            if item.error is not None:
-                self.fail(item, queue, *item.error)
-        if pending:
-            # A job canceled between its dequeue and now never runs.
-            flags = self.connection.mget([cancel_key(i.job.id) for i in pending])
-            for item, flag in zip(list(pending), flags, strict=True):
-                if flag is not None:
-                    pending.remove(item)
-                    self.cancel(item, queue, ErrorCode.CANCELED)
+        """Start a gathered batch and run it to the end; every job ends terminal exactly once."""
+        total = next(
+            (progress_total(i.payload.params) for i in batch if i.payload and not i.error), None
+        )
+        replies = start_batch(self, queue, batch, total)
         requests: list[InversionRequest] = []
         ready: list[Running] = []
-        for item in pending:
-            assert item.payload is not None
-            try:
-                requests.append(jobs.request_for(self.connection, item.job.id, item.payload))
+        for item, reply in zip(batch, replies, strict=True):
+            timeout = item.job.timeout
+            if timeout is not None and timeout > 0:
+                item.deadline = time.monotonic() + float(timeout)
+            if item.error is not None:
+                self.fail(item, queue, *item.error)
+            elif reply.canceled:
+                # Canceled between its dequeue and now: it never runs.
+                self.cancel(item, queue, ErrorCode.CANCELED)
+            else:
+                assert item.payload is not None
+                try:
+                    image = jobs.image_from_bytes(reply.image, item.payload)
+                except jobs.JobFailed as exc:
+                    self.fail(item, queue, exc.code, exc.message)
+                    continue
+                requests.append(InversionRequest(image=image, params=item.payload.params))
                 ready.append(item)
-            except jobs.JobFailed as exc:
-                self.fail(item, queue, exc.code, exc.message)
         if ready:
             self.run_requests(ready, requests, queue)
 
@@ -378,12 +351,13 @@ class InversionWorker(SimpleWorker):
     ) -> None:
         total = progress_total(requests[0].params)
 
-        last_write = [-float("inf")]
+        last_write = [time.monotonic()]  # step 0 was written when the batch started
 
         def progress(step: int, steps: int) -> None:
             moment = time.monotonic()
-            if step != steps and (
-                step % self.settings.progress_every
+            if (
+                step == steps  # the last step is written with the result
+                or step % self.settings.progress_every
                 or moment - last_write[0] < self.settings.progress_interval_s
             ):
                 return
@@ -418,7 +392,6 @@ class InversionWorker(SimpleWorker):
                 stopped.append(index)
             return stopped
 
-        progress(0, total)
         started = time.perf_counter()
         try:
             results = invert(self.model, requests, progress=progress, check_canceled=check_canceled)
@@ -440,52 +413,80 @@ class InversionWorker(SimpleWorker):
                 self.fail(item, queue, ErrorCode.INTERNAL, f"{type(exc).__name__}: {exc}")
             return
         self.batches_run += 1
-        wait_for_redis(self)
-        self.record_throughput(len(batch), time.perf_counter() - started)
+        throughput = self.update_throughput(len(batch), time.perf_counter() - started)
+        done: list[tuple[Running, Success]] = []
         for item, result in zip(batch, results, strict=True):
             if result is None:
                 self.cancel(item, queue, item.stop_code or ErrorCode.CANCELED)
                 continue
             try:
-                metadata = jobs.store_result(
-                    self.connection,
-                    item.job.id,
-                    result,
-                    item.job.get_result_ttl(self.default_result_ttl),
+                success = Success(
+                    result=result.to_safetensors(),
+                    reconstruction_png=result.reconstruction_png,
+                    metadata=result.metadata.model_dump(mode="json"),
                 )
             except Exception as exc:
-                self.fail(item, queue, ErrorCode.INTERNAL, f"storing the result failed: {exc}")
+                self.fail(item, queue, ErrorCode.INTERNAL, f"serialising the result failed: {exc}")
                 continue
             item.meta.pop(META_PROGRESS, None)
             item.meta[META_PROGRESS] = {"step": total, "total": total}
-            item.meta[META_RESULT] = metadata
+            item.meta[META_RESULT] = success.metadata
             item.meta[META_ENGINE_S] = round(result.timings.get("total_s", 0.0), 6)
-            item.job.meta = item.meta
-            item.job.save_meta()
-            assert item.execution is not None
-            self._finalize_success(item.job, queue, item.execution, metadata)
-            self.notify(item, "succeeded")
+            done.append((item, success))
+        if done:
+            self.finish(queue, done, throughput)
 
-    def record_throughput(self, images: int, seconds: float) -> None:
-        """Update this worker's images/s EWMA in THROUGHPUT_KEY (for queue wait estimates)."""
+    def finish(
+        self, queue: Queue, done: list[tuple[Running, Success]], throughput: str | None
+    ) -> None:
+        """Write the successes of a batch in one transaction, surviving a Redis outage.
+
+        The GPU's work is not thrown away because Redis is briefly gone: the worker waits for
+        it (with backoff) and writes again, unless the lost reply hid a transaction that went
+        through. Redis refusing the transaction (out of memory, say) splits it, so that only
+        a job whose own writes are refused fails.
+        """
+        while True:
+            try:
+                finish_successes(self, queue, done, throughput)
+                break
+            except (RedisConnectionError, RedisTimeoutError) as exc:
+                self.log.warning("Redis unavailable while storing results (%s); waiting", exc)
+                wait_for_redis(self)
+                if already_finished(self, done):
+                    break
+            except RedisResponseError as exc:
+                if len(done) > 1:
+                    half = len(done) // 2
+                    self.finish(queue, done[:half], throughput)
+                    self.finish(queue, done[half:], None)
+                    return
+                item = done[0][0]
+                self.fail(item, queue, ErrorCode.INTERNAL, f"storing the result failed: {exc}")
+                return
+        for item, _ in done:
+            self.send_webhook(item, "succeeded")
+
+    def update_throughput(self, images: int, seconds: float) -> str | None:
+        """This worker's images/s EWMA, as the record gateways estimate waits from."""
         if images <= 0 or seconds <= 0:
-            return
+            return None
         rate = images / seconds
         previous = self.images_per_s
         if previous is not None:
             rate = THROUGHPUT_ALPHA * rate + (1 - THROUGHPUT_ALPHA) * previous
         self.images_per_s = rate
-        record = {"images_per_s": self.images_per_s, "updated_at": time.time()}
-        with redis_outage_tolerated(self):
-            self.connection.hset(THROUGHPUT_KEY, self.name, json.dumps(record))
+        return json.dumps({"images_per_s": self.images_per_s, "updated_at": time.time()})
 
     def notify(self, item: Running, status: str) -> None:
-        """Signal the job's end to waiting gateways; queue its webhook if one was asked for."""
+        """Signal a job's end that was not a success (successes signal in their transaction)."""
         with redis_outage_tolerated(self), self.connection.pipeline(transaction=False) as pipe:
-            pipe.rpush(ended_key(item.job.id), status)
-            pipe.expire(ended_key(item.job.id), ENDED_TTL_S)
-            record_job_metrics(pipe, item.job, status)
+            signal_end(pipe, item.job, status)
             pipe.execute()
+        self.send_webhook(item, status)
+
+    def send_webhook(self, item: Running, status: str) -> None:
+        """Queue the job's webhook, if its submission asked for one."""
         url = item.payload.webhook_url if item.payload is not None else None
         if not url:
             return

@@ -53,7 +53,11 @@ def parse_payload(kwargs: dict[str, Any]) -> JobPayload:
 
 def load_image(connection: Redis, job_id: str, payload: JobPayload) -> np.ndarray:
     """The normalised RGB upload the gateway stored beside the job."""
-    data = connection.get(input_key(job_id))
+    return image_from_bytes(connection.get(input_key(job_id)), payload)  # type: ignore[arg-type]
+
+
+def image_from_bytes(data: bytes | str | None, payload: JobPayload) -> np.ndarray:
+    """The (height, width, 3) array from the stored bytes, checked against the payload."""
     expected = payload.image_width * payload.image_height * 3
     if data is None:
         raise JobFailed(ErrorCode.INVALID_INPUT, "the job's image has expired or was never stored")
@@ -109,6 +113,7 @@ __all__ = [
     "InversionParams",
     "JobFailed",
     "error_meta",
+    "image_from_bytes",
     "load_image",
     "parse_payload",
     "request_for",
