@@ -482,6 +482,12 @@ def cancel_key(job_id: str) -> str:
     return f"{KEY_PREFIX}cancel:{job_id}"
 
 
+CANCEL_CHANNEL = f"{KEY_PREFIX}cancels"
+"""Pub/sub channel a gateway publishes a job id on right after setting its cancel_key: the
+worker running the job hears it and stops at the next step without polling Redis per step
+(workers still read the flags now and then, for a message missed while disconnected)."""
+
+
 class JobPayload(BaseModel):
     """The one argument of JOB_FUNCTION."""
 

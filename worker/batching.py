@@ -42,6 +42,7 @@ from rq.serializers import JSONSerializer
 from rq.utils import now
 
 from contract import (
+    CANCEL_CHANNEL,
     META_ENGINE_S,
     META_ERROR,
     META_PROGRESS,
@@ -58,7 +59,14 @@ from contract import (
 )
 from worker import jobs
 from worker.engine import InversionRequest, batch_key, invert, progress_total
-from worker.lifecycle import Success, already_finished, finish_successes, signal_end, start_batch
+from worker.lifecycle import (
+    StartReply,
+    Success,
+    already_finished,
+    finish_successes,
+    signal_end,
+    start_batch,
+)
 from worker.models import LoadedModel
 from worker.settings import WorkerSettings
 from worker.webhooks import WebhookSender
@@ -153,6 +161,8 @@ class InversionWorker(SimpleWorker):
         self._last_keep_alive = 0.0
         self._last_rq_heartbeat = -float("inf")
         self._last_reap = 0.0
+        self._running_ids: set[str] = set()
+        self._cancel_requests: set[str] = set()
         self.batches_run = 0
         self.images_per_s: float | None = None
         self.webhooks = WebhookSender(
@@ -236,6 +246,29 @@ class InversionWorker(SimpleWorker):
                 queue.started_job_registry.cleanup()
             except Exception as exc:  # a reaping hiccup must not stop the worker
                 self.log.warning("reaping lost jobs failed: %s", exc)
+
+    def subscribe(self) -> None:
+        """RQ's command channel, plus the service's cancel channel, on RQ's pub/sub thread."""
+        self.log.info(
+            "Worker %s: subscribing to %s and %s",
+            self.name,
+            self.pubsub_channel_name,
+            CANCEL_CHANNEL,
+        )
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(
+            **{self.pubsub_channel_name: self.handle_payload, CANCEL_CHANNEL: self.on_cancel}
+        )
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
+            sleep_time=60, daemon=True, exception_handler=self._pubsub_exception_handler
+        )
+
+    def on_cancel(self, message: dict[str, Any]) -> None:
+        """On the pub/sub thread: remember a cancel of a job this worker is running."""
+        data = message.get("data")
+        job_id = data.decode() if isinstance(data, bytes) else str(data)
+        if job_id in self._running_ids:
+            self._cancel_requests.add(job_id)
 
     def register_birth(self) -> None:
         super().register_birth()
@@ -322,7 +355,19 @@ class InversionWorker(SimpleWorker):
         total = next(
             (progress_total(i.payload.params) for i in batch if i.payload and not i.error), None
         )
-        replies = start_batch(self, queue, batch, total)
+        # Before the start reads the cancel flags: a cancel set after that read is published
+        # after it too, and is heard for a job already registered here.
+        self._running_ids.update(item.job.id for item in batch)
+        try:
+            replies = start_batch(self, queue, batch, total)
+            self.run_started(batch, replies, queue)
+        finally:
+            for item in batch:
+                self._running_ids.discard(item.job.id)
+                self._cancel_requests.discard(item.job.id)
+
+    def run_started(self, batch: list[Running], replies: list[StartReply], queue: Queue) -> None:
+        """Each started job fails, is canceled or joins the engine call, by what start read."""
         requests: list[InversionRequest] = []
         ready: list[Running] = []
         for item, reply in zip(batch, replies, strict=True):
@@ -370,20 +415,21 @@ class InversionWorker(SimpleWorker):
                 pipe.execute()
             self.keep_alive(batch)
 
-        last_check = [-float("inf")]
+        last_poll = [time.monotonic()]  # the flags were read when the batch started
 
         def check_canceled(active: list[int]) -> list[int]:
+            requested = {batch[i].job.id for i in active} & self._cancel_requests
             moment = time.monotonic()
-            if moment - last_check[0] < self.settings.cancel_check_interval_s:
-                return []
-            last_check[0] = moment
-            flags: list[Any] = [None] * len(active)
-            with redis_outage_tolerated(self):
-                flags = self.connection.mget([cancel_key(batch[i].job.id) for i in active])
-            moment = time.monotonic()
+            if moment - last_poll[0] >= self.settings.cancel_check_interval_s:
+                last_poll[0] = moment
+                with redis_outage_tolerated(self):
+                    flags = self.connection.mget([cancel_key(batch[i].job.id) for i in active])
+                    requested |= {
+                        batch[i].job.id for i, flag in zip(active, flags, strict=True) if flag
+                    }
             stopped = []
-            for index, flag in zip(active, flags, strict=True):
-                if flag is not None:
+            for index in active:
+                if batch[index].job.id in requested:
                     batch[index].stop_code = ErrorCode.CANCELED
                 elif moment > batch[index].deadline:
                     batch[index].stop_code = ErrorCode.TIMEOUT

@@ -39,10 +39,11 @@ class WorkerSettings(BaseSettings):
     )
     progress_every: int = Field(1, ge=1, description="Write progress to Redis every N steps.")
     cancel_check_interval_s: float = Field(
-        0.01,
+        1.0,
         ge=0,
         le=5,
-        description="Cancel flags and deadlines are read between steps, at most this often.",
+        description="Cancels arrive by pub/sub and stop a job at the next step; the flags are "
+        "also read from Redis this often, for a cancel published while disconnected.",
     )
     progress_interval_s: float = Field(
         0.1,

@@ -340,8 +340,13 @@ def delete_inversion(
     """Queued: canceled, never runs (202). Running: stops at the next step (202).
     Finished, failed or canceled: deleted with its input and result (204)."""
     job = jobs.load_job(redis, job_id, owner)
-    # Set first: a worker may dequeue the job between the status read and the cancel.
-    redis.set(contract.cancel_key(job_id), b"1", ex=settings.job_timeout_s + 60)
+    # Set first: a worker may dequeue the job between the status read and the cancel. The
+    # message stops a running job at its next step; the flag also covers a worker that
+    # missed it or dequeues the job later.
+    with redis.pipeline(transaction=False) as pipe:
+        pipe.set(contract.cancel_key(job_id), b"1", ex=settings.job_timeout_s + 60)
+        pipe.publish(contract.CANCEL_CHANNEL, job_id)
+        pipe.execute()
     state = jobs.status_of(job)
     if state is JobStatus.QUEUED:
         jobs.cancel_queued(redis, job)

@@ -213,10 +213,16 @@ def test_cancel_a_queued_job(client, redis, queue, job_id):
 
 def test_cancel_a_running_job_asks_the_worker(client, redis, queue, job_id):
     start(redis, queue, job_id)
+    listener = redis.pubsub(ignore_subscribe_messages=True)
+    listener.subscribe(contract.CANCEL_CHANNEL)
     response = client.delete(f"/v1/inversions/{job_id}")
     assert response.status_code == 202
     assert response.json()["status"] == "running"
     assert 0 < redis.ttl(contract.cancel_key(job_id)) <= 600 + 60
+    # The first read only consumes the subscription's confirmation.
+    messages = [listener.get_message(timeout=0.1) for _ in range(3)]
+    assert [m["data"] for m in messages if m] == [job_id.encode()]
+    listener.close()
 
 
 def test_delete_a_finished_job(client, redis, queue, job_id):

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from contract import META_ERROR, META_RESULT, cancel_key, result_key
+from contract import CANCEL_CHANNEL, META_ERROR, META_RESULT, cancel_key, result_key
 from tests.jobs_helper import enqueue, queue_for, solo_latents
 from worker.batching import InversionWorker
 from worker.engine import load_result
@@ -17,7 +18,8 @@ from worker.settings import WorkerSettings
 
 
 def make_worker(connection, model, max_batch_size: int, **settings) -> InversionWorker:
-    config = WorkerSettings(max_batch_wait_ms=0, cancel_check_interval_s=0, **settings)
+    settings.setdefault("cancel_check_interval_s", 0)
+    config = WorkerSettings(max_batch_wait_ms=0, **settings)
     return InversionWorker(
         [queue_for(connection)],
         connection=connection,
@@ -130,6 +132,34 @@ def test_job_canceled_mid_batch_stops_alone(redis_client, tiny_model):
             tiny_model, "chelsea.png", prompt=f"p{ids.index(job_id)}", num_inference_steps=steps
         )
         assert (latents_of(redis_client, job_id) - solo).abs().max() <= 1e-5
+
+
+def test_published_cancel_stops_the_job_at_the_next_step_without_polling(redis_client, tiny_model):
+    steps = 6
+    ids = [enqueue(redis_client, prompt=f"p{i}", num_inference_steps=steps) for i in range(2)]
+    victim = ids[0]
+    # The flags are never read from Redis during this batch: only the message can stop it.
+    worker = make_worker(redis_client, tiny_model, 4, cancel_check_interval_s=5)
+    calls: list[int] = []
+
+    def cancel_at_step_three(module, args) -> None:
+        calls.append(int(args[0].shape[0]))
+        if len(calls) == 3:
+            redis_client.set(cancel_key(victim), "1")
+            redis_client.publish(CANCEL_CHANNEL, victim)
+            deadline = time.monotonic() + 5
+            while victim not in worker._cancel_requests and time.monotonic() < deadline:
+                time.sleep(0.001)  # the pub/sub thread delivers it
+
+    handle = tiny_model.unet.register_forward_pre_hook(cancel_at_step_three)
+    try:
+        worker.work(burst=True)
+    finally:
+        handle.remove()
+    assert calls == [2, 2, 2, 1, 1, 1]
+    assert fetch(redis_client, victim).get_status() == JobStatus.CANCELED
+    assert fetch(redis_client, ids[1]).get_status() == JobStatus.FINISHED
+    assert not worker._cancel_requests  # forgotten once the job ended
 
 
 def test_out_of_memory_batch_is_split_and_retried(redis_client, tiny_model):
