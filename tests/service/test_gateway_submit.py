@@ -8,6 +8,8 @@ import zlib
 
 import pytest
 from PIL import Image
+from redis import exceptions as redis_errors
+from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
@@ -263,6 +265,16 @@ def test_full_queue_is_429_with_retry_after(make_client, submit, small_png, queu
     assert_problem(response, 429, "queue_full")
     assert int(response.headers["retry-after"]) > 0
     assert queue.count == 2
+
+
+def test_an_enqueue_that_fails_midway_writes_nothing(client, submit, small_png, redis, monkeypatch):
+    # The input and RQ's first writes are already queued when the push fails: none may land.
+    def lost(*args, **kwargs):
+        raise redis_errors.ConnectionError("connection lost")
+
+    monkeypatch.setattr(Queue, "push_job_id", lost)
+    assert_problem(submit(client, small_png), 503, "service_unavailable")
+    assert redis.keys("*") == []
 
 
 def test_chunked_body_over_the_limit_is_stopped_while_streaming(make_client, queue):
