@@ -11,6 +11,7 @@ import logging
 import math
 import time
 import uuid
+from collections.abc import Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -48,9 +49,14 @@ STATUS_BY_RQ: dict[RQStatus, JobStatus] = {
 
 def live_workers(connection: redis.Redis, stale_s: float) -> list[WorkerRecord]:
     """Workers whose heartbeat is fresher than `stale_s`, the most recent first."""
+    return fresh_workers(connection.hgetall(contract.WORKERS_KEY), stale_s)
+
+
+def fresh_workers(raw_records: Mapping[Any, Any], stale_s: float) -> list[WorkerRecord]:
+    """`live_workers` from a WORKERS_KEY hash already read (e.g. in a caller's pipeline)."""
     now = time.time()
     records = []
-    for name, raw in connection.hgetall(contract.WORKERS_KEY).items():
+    for name, raw in raw_records.items():
         try:
             record = WorkerRecord.model_validate_json(raw)
         except ValidationError:
@@ -59,6 +65,17 @@ def live_workers(connection: redis.Redis, stale_s: float) -> list[WorkerRecord]:
         if now - record.heartbeat_at <= stale_s:
             records.append(record)
     return sorted(records, key=lambda r: r.heartbeat_at, reverse=True)
+
+
+def queue_depth_and_workers(
+    connection: redis.Redis, queue: Queue, stale_s: float
+) -> tuple[int, list[WorkerRecord]]:
+    """The jobs waiting and the live workers, in one round trip: a submission needs both."""
+    pipe = connection.pipeline(transaction=False)
+    pipe.llen(queue.key)
+    pipe.hgetall(contract.WORKERS_KEY)
+    depth, raw_records = pipe.execute()
+    return int(depth), fresh_workers(raw_records, stale_s)
 
 
 def enqueue(

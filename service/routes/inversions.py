@@ -211,7 +211,7 @@ def _accept(
             return existing, True
     try:
         limits.check_submission(redis, settings, owner)
-        depth = queue.count
+        depth, workers = jobs.queue_depth_and_workers(redis, queue, settings.worker_stale_s)
         if depth >= settings.max_queue_depth:
             raise ProblemError(
                 429,
@@ -220,7 +220,6 @@ def _accept(
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         decoded = uploads.decode_image(data, settings)
-        workers = jobs.live_workers(redis, settings.worker_stale_s)
         if workers and settings.prompt_overflow == "reject":
             uploads.check_prompt_tokens(redis, params, workers[0])
         rgb = uploads.normalise(decoded, params, workers[0] if workers else None)
