@@ -17,7 +17,7 @@ import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from pydantic import BaseModel
@@ -45,6 +45,8 @@ CLAIM_WAIT_S = 5.0
 """How long a submission whose key another request holds waits for that job to exist."""
 
 TERMINAL_RQ = frozenset({b"finished", b"failed", b"canceled", b"stopped"})
+
+T = TypeVar("T")
 
 
 # -- Idempotency-Key ---------------------------------------------------------------------
@@ -133,27 +135,55 @@ def preferred_wait(headers: list[str], cap_s: int) -> int | None:
     return None
 
 
-async def wait_until_ended(connection: redis.Redis, job_id: str, wait_s: float) -> bool:
-    """Whether the job ended (or vanished) within `wait_s`.
+async def wait_until_ended(
+    connection: redis.Redis,
+    job_id: str,
+    wait_s: float,
+    read: Callable[[], T],
+    just_enqueued: bool = False,
+) -> tuple[bool, T]:
+    """(whether the job ended, or vanished, within `wait_s`; `read()` once it did or the
+    time ran out).
 
     Blocks on the job's `ended` signal (BLMOVE of the list onto itself, so it is not
-    consumed) in slices shorter than the socket timeout; between slices it also reads the
-    RQ status, which covers jobs that ended without a worker (canceled while queued, lost).
+    consumed) in slices shorter than the socket timeout; before each slice it also reads
+    the RQ status, which covers jobs that ended without a worker (lost). A job the caller
+    `just_enqueued` cannot have ended yet, so the first read is skipped: had it been
+    canceled meanwhile, the cancel pushed the signal. `read` runs in the same worker
+    thread as the slice that saw the end: the answer costs no further threadpool hop.
     """
     deadline = time.monotonic() + wait_s
-    key = Job.key_for(job_id)
-    signal = contract.ended_key(job_id)
+    check_status = not just_enqueued
     while True:
-        state = await run_in_threadpool(connection.hget, key, "status")
+        answer = await run_in_threadpool(
+            _wait_slice, connection, job_id, deadline, check_status, read
+        )
+        if answer is not None:
+            return answer
+        check_status = True
+
+
+def _wait_slice(
+    connection: redis.Redis,
+    job_id: str,
+    deadline: float,
+    check_status: bool,
+    read: Callable[[], T],
+) -> tuple[bool, T] | None:
+    """One slice of `wait_until_ended`, in a worker thread; None while the job runs and
+    the time has not run out."""
+    if check_status:
+        state = connection.hget(Job.key_for(job_id), "status")
         if state is None or state in TERMINAL_RQ:
-            return True
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return False
-        slice_s = max(0.01, min(BLOCK_SLICE_S, remaining))
-        ended = await run_in_threadpool(_block_on, connection, signal, slice_s)
-        if ended is not None:
-            return True
+            return True, read()
+    remaining = deadline - time.monotonic()
+    if remaining > 0:
+        signal = contract.ended_key(job_id)
+        if _block_on(connection, signal, max(0.01, min(BLOCK_SLICE_S, remaining))) is not None:
+            return True, read()
+        if time.monotonic() < deadline:
+            return None
+    return False, read()
 
 
 def _block_on(connection: redis.Redis, signal: str, timeout_s: float) -> Any:

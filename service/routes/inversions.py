@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import uuid
+from functools import partial
 from typing import Annotated, Any, Literal
 
 import numpy as np
@@ -171,20 +172,29 @@ async def submit_inversion(
     headers = {"Location": JobUrls.for_job(job_id).self}
     if replayed:
         headers["Idempotent-Replayed"] = "true"
+    answer = partial(_answer, redis, queue, settings, owner, job_id)
     if wait_s is not None:
         headers["Preference-Applied"] = f"wait={wait_s}"
-        await protocol.wait_until_ended(redis, job_id, wait_s)
-    job = await run_in_threadpool(jobs.load_job, redis, job_id, owner)
-    view = await run_in_threadpool(jobs.job_view, job, queue, settings.worker_stale_s)
-    if view.status.is_terminal:
-        body: Any = view.model_dump(mode="json", exclude_none=True)
-        return JSONResponse(body, status_code=status.HTTP_200_OK, headers=headers)
+        _, (code, body) = await protocol.wait_until_ended(
+            redis, job_id, wait_s, answer, just_enqueued=not replayed
+        )
+    else:
+        code, body = await run_in_threadpool(answer)
+    return JSONResponse(body, status_code=code, headers=headers)
+
+
+def _answer(redis: Any, queue: Any, settings: Any, owner: str, job_id: str) -> tuple[int, Any]:
+    """(status, body) of a submission's answer, from the job as it is now: the full status
+    body (200) once it ended, else the acceptance (202), which needs no queue position."""
+    job = jobs.load_job(redis, job_id, owner)
+    state = jobs.status_of(job)
+    if state.is_terminal:
+        view = jobs.job_view(job, queue, settings.worker_stale_s)
+        return status.HTTP_200_OK, view.model_dump(mode="json", exclude_none=True)
     accepted = JobAccepted(
-        id=job_id, status=view.status, created_at=view.created_at, urls=view.urls
+        id=job_id, status=state, created_at=jobs.created_at(job), urls=JobUrls.for_job(job_id)
     )
-    return JSONResponse(
-        accepted.model_dump(mode="json"), status_code=status.HTTP_202_ACCEPTED, headers=headers
-    )
+    return status.HTTP_202_ACCEPTED, accepted.model_dump(mode="json")
 
 
 def _accept(
