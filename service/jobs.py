@@ -130,9 +130,13 @@ def load_job(connection: redis.Redis, job_id: str, owner: str) -> Job:
     """The job, or a 404 problem: unknown, malformed id, or another owner's job alike."""
     not_found = ProblemError(404, ErrorCode.NOT_FOUND, f"no inversion job {job_id!r}")
     try:
-        uuid.UUID(job_id)
+        canonical = str(uuid.UUID(job_id))
     except ValueError:
         raise not_found from None
+    # Only the form the gateway writes names a job; RQ refuses some others (braces) with
+    # a ValueError, which would be a 500.
+    if canonical != job_id:
+        raise not_found
     try:
         job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
     except NoSuchJobError:

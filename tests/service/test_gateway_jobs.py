@@ -115,11 +115,27 @@ def test_queued_job_reports_its_position(client, submit, small_png, job_id):
     assert client.get(f"/v1/inversions/{second}").json()["queue_position"] == 1
 
 
-@pytest.mark.parametrize("bad", [str(uuid.uuid4()), "not-a-uuid", "..%2F..%2Fetc"])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        str(uuid.uuid4()),
+        "not-a-uuid",
+        "..%2F..%2Fetc",
+        f"{{{uuid.uuid4()}}}",
+        f"urn:uuid:{uuid.uuid4()}",
+        uuid.uuid4().hex,
+    ],
+)
 def test_unknown_or_malformed_id_is_404(client, bad):
     assert_problem(client.get(f"/v1/inversions/{bad}"), 404, "not_found")
     assert_problem(client.get(f"/v1/inversions/{bad}/latents"), 404, "not_found")
     assert_problem(client.delete(f"/v1/inversions/{bad}"), 404, "not_found")
+
+
+def test_a_job_is_named_by_its_id_as_written_only(client, job_id):
+    assert client.get(f"/v1/inversions/{job_id}").status_code == 200
+    for other in (job_id.upper(), job_id.replace("-", ""), f"{{{job_id}}}"):
+        assert_problem(client.get(f"/v1/inversions/{other}"), 404, "not_found")
 
 
 def test_running_job_reports_progress(client, redis, queue, job_id):
