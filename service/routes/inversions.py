@@ -279,13 +279,12 @@ def get_latents(
     format: Literal["safetensors", "npy"] = "safetensors",
 ) -> Response:
     """The result bytes as the worker wrote them, or the latents alone as .npy."""
-    job = jobs.load_job(redis, job_id, owner)
+    job, data = jobs.load_job_and(redis, job_id, owner, contract.result_key(job_id))
     state = jobs.status_of(job)
     if state in (JobStatus.QUEUED, JobStatus.RUNNING):
         raise ProblemError(409, ErrorCode.NOT_FINISHED, f"the job is {state.value}; poll it")
     if state is not JobStatus.SUCCEEDED:
         raise ProblemError(409, ErrorCode.NO_RESULT, f"the job {state.value}; it has no latents")
-    data: bytes | None = redis.get(contract.result_key(job_id))  # type: ignore[assignment]
     if data is None:
         raise ProblemError(404, ErrorCode.NOT_FOUND, "the result has expired")
     if format == "npy":
@@ -314,7 +313,7 @@ def get_latents(
 )
 def get_reconstruction(job_id: str, redis: RedisDep, owner: OwnerDep) -> Response:
     """404 if the job did not ask for `verify` or its result expired; 409 until it succeeds."""
-    job = jobs.load_job(redis, job_id, owner)
+    job, data = jobs.load_job_and(redis, job_id, owner, contract.reconstruction_key(job_id))
     state = jobs.status_of(job)
     if state in (JobStatus.QUEUED, JobStatus.RUNNING):
         raise ProblemError(409, ErrorCode.NOT_FINISHED, f"the job is {state.value}; poll it")
@@ -325,7 +324,6 @@ def get_reconstruction(job_id: str, redis: RedisDep, owner: OwnerDep) -> Respons
     params = (job.kwargs or {}).get("payload", {}).get("params") or {}
     if not params.get("verify"):
         raise ProblemError(404, ErrorCode.NOT_FOUND, "the job was not submitted with verify=true")
-    data: bytes | None = redis.get(contract.reconstruction_key(job_id))  # type: ignore[assignment]
     if data is None:
         raise ProblemError(404, ErrorCode.NOT_FOUND, "the reconstruction has expired")
     return Response(

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+import contract
 from service import limits
 from service.app import create_app
 from service.redis_conn import check_eviction_policy
@@ -93,6 +94,19 @@ def test_a_job_is_visible_to_its_key_only(authed, small_png):
     assert authed.get(f"/v1/inversions/{job_id}", headers=bearer(KEY_A)).status_code == 200
     assert authed.get(f"/v1/inversions/{job_id}/latents", headers=bearer(KEY_A)).status_code == 409
     assert authed.delete(f"/v1/inversions/{job_id}", headers=bearer(KEY_A)).status_code == 202
+
+
+def test_another_keys_result_is_404_without_its_bytes(authed, small_png, redis):
+    # The download reads the result beside the job hash, before the owner is checked.
+    job_id = post(authed, small_png, bearer(KEY_A)).json()["id"]
+    redis.hset(Job.key_for(job_id), "status", "finished")
+    redis.set(contract.result_key(job_id), b"alice's latents")
+    for path in (f"/v1/inversions/{job_id}/latents", f"/v1/inversions/{job_id}/reconstruction"):
+        response = authed.get(path, headers=bearer(KEY_B))
+        assert response.status_code == 404 and response.json()["code"] == "not_found"
+        assert b"alice" not in response.content
+    mine = authed.get(f"/v1/inversions/{job_id}/latents", headers=bearer(KEY_A))
+    assert mine.status_code == 200 and mine.content == b"alice's latents"
 
 
 def test_anonymous_owner_while_auth_is_disabled(client, small_png, redis):
