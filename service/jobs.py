@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -268,13 +268,10 @@ def _result_of(job: Job, status: JobStatus) -> contract.ResultMetadata | None:
         return None
 
 
-def throughput(connection: redis.Redis, workers: list[WorkerRecord]) -> float | None:
-    """Images per second of the live workers together, from what each records per batch."""
-    names = [w.name for w in workers]
-    if not names:
-        return None
+def _summed_rates(records: Iterable[Any]) -> float | None:
+    """The sum of the readable, finite, positive `images_per_s` of THROUGHPUT_KEY values."""
     total = 0.0
-    for raw in connection.hmget(contract.THROUGHPUT_KEY, names):
+    for raw in records:
         if raw is None:
             continue
         try:
@@ -284,6 +281,30 @@ def throughput(connection: redis.Redis, workers: list[WorkerRecord]) -> float | 
         if math.isfinite(rate) and rate > 0:
             total += rate
     return total or None
+
+
+def _position_and_rate(
+    queue: Queue, job_id: str, stale_s: float | None
+) -> tuple[int | None, float | None]:
+    """A queued job's 0-based place and, with `stale_s`, the images per second of the live
+    workers together (from what each records per batch): one round trip for LPOS, the
+    worker records and the rates.
+    """
+    pipe = queue.connection.pipeline(transaction=False)
+    pipe.lpos(queue.key, job_id)
+    if stale_s is not None:
+        pipe.hgetall(contract.WORKERS_KEY)
+        pipe.hgetall(contract.THROUGHPUT_KEY)
+    position, *rest = pipe.execute()
+    if position is None or stale_s is None:
+        return position, None
+    records, rates = rest
+    live = {w.name for w in fresh_workers(records, stale_s)}
+    return position, _summed_rates(v for k, v in rates.items() if _text(k) in live)
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def estimate_wait_s(position: int | None, images_per_s: float | None) -> float | None:
@@ -297,11 +318,10 @@ def job_view(job: Job, queue: Queue, stale_s: float | None = None) -> JobView:
     """The status body of a job, read from the job hash (plus its queue position and, while
     queued, an estimated wait from the live workers' throughput; `stale_s` None: no estimate)."""
     status = status_of(job)
-    position = queue.get_job_position(job.id) if status is JobStatus.QUEUED else None
-    estimate = None
-    if position is not None and stale_s is not None:
-        rate = throughput(queue.connection, live_workers(queue.connection, stale_s))
-        estimate = estimate_wait_s(position, rate)
+    position, rate = None, None
+    if status is JobStatus.QUEUED:
+        position, rate = _position_and_rate(queue, job.id, stale_s)
+    estimate = estimate_wait_s(position, rate)
     result = _result_of(job, status)
     progress = None
     if status is JobStatus.RUNNING and isinstance(job.meta.get(contract.META_PROGRESS), dict):
