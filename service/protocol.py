@@ -136,42 +136,34 @@ def preferred_wait(headers: list[str], cap_s: int) -> int | None:
 
 
 async def wait_until_ended(
-    connection: redis.Redis,
-    job_id: str,
-    wait_s: float,
-    read: Callable[[], T],
-    just_enqueued: bool = False,
+    connection: redis.Redis, job_id: str, wait_s: float, read: Callable[[], T]
 ) -> tuple[bool, T]:
     """(whether the job ended, or vanished, within `wait_s`; `read()` once it did or the
-    time ran out).
-
-    Blocks on the job's `ended` signal (BLMOVE of the list onto itself, so it is not
-    consumed) in slices shorter than the socket timeout; before each slice it also reads
-    the RQ status, which covers jobs that ended without a worker (lost). A job the caller
-    `just_enqueued` cannot have ended yet, so the first read is skipped: had it been
-    canceled meanwhile, the cancel pushed the signal. `read` runs in the same worker
-    thread as the slice that saw the end: the answer costs no further threadpool hop.
-    """
+    time ran out), waiting in `wait_slice`s, each in the threadpool."""
     deadline = time.monotonic() + wait_s
-    check_status = not just_enqueued
     while True:
-        answer = await run_in_threadpool(
-            _wait_slice, connection, job_id, deadline, check_status, read
-        )
+        answer = await run_in_threadpool(wait_slice, connection, job_id, deadline, read)
         if answer is not None:
             return answer
-        check_status = True
 
 
-def _wait_slice(
+def wait_slice(
     connection: redis.Redis,
     job_id: str,
     deadline: float,
-    check_status: bool,
     read: Callable[[], T],
+    check_status: bool = True,
 ) -> tuple[bool, T] | None:
-    """One slice of `wait_until_ended`, in a worker thread; None while the job runs and
-    the time has not run out."""
+    """One slice of a wait for the job's end, blocking (a worker thread): (ended, `read()`)
+    once the job ended or vanished or `deadline` (monotonic) passed; None while it runs.
+
+    Blocks on the job's `ended` signal (BLMOVE of the list onto itself, so it is not
+    consumed) for at most BLOCK_SLICE_S, under the socket timeout. First it reads the RQ
+    status, which covers jobs that ended without a worker (lost); a caller that has just
+    enqueued the job skips that (`check_status=False`): the job cannot have ended, and a
+    cancel while queued pushes the signal. `read` runs in the thread that saw the end, so
+    the answer costs no further threadpool hop.
+    """
     if check_status:
         state = connection.hget(Job.key_for(job_id), "status")
         if state is None or state in TERMINAL_RQ:

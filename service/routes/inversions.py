@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import io
+import time
 import uuid
 from functools import partial
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 import numpy as np
 from fastapi import (
@@ -156,8 +157,9 @@ async def submit_inversion(
         "null_text_early_stop": null_text_early_stop,
         "verify": verify,
     }
-    job_id, replayed = await run_in_threadpool(
-        _accept,
+    wait_s = protocol.preferred_wait(request.headers.getlist("prefer"), settings.max_prefer_wait_s)
+    accepted = await run_in_threadpool(
+        _accept_and_answer,
         redis,
         queue,
         settings,
@@ -167,20 +169,55 @@ async def submit_inversion(
         fields,
         webhook_url,
         idempotency_key,
+        wait_s,
     )
-    wait_s = protocol.preferred_wait(request.headers.getlist("prefer"), settings.max_prefer_wait_s)
-    headers = {"Location": JobUrls.for_job(job_id).self}
-    if replayed:
+    headers = {"Location": JobUrls.for_job(accepted.job_id).self}
+    if accepted.replayed:
         headers["Idempotent-Replayed"] = "true"
-    answer = partial(_answer, redis, queue, settings, owner, job_id)
     if wait_s is not None:
         headers["Preference-Applied"] = f"wait={wait_s}"
-        _, (code, body) = await protocol.wait_until_ended(
-            redis, job_id, wait_s, answer, just_enqueued=not replayed
-        )
-    else:
-        code, body = await run_in_threadpool(answer)
+    if accepted.answer is not None:
+        code, body = accepted.answer
+    else:  # the job still runs after the first slice of the wait
+        read = partial(_answer, redis, queue, settings, owner, accepted.job_id)
+        remaining = accepted.deadline - time.monotonic()
+        _, (code, body) = await protocol.wait_until_ended(redis, accepted.job_id, remaining, read)
     return JSONResponse(body, status_code=code, headers=headers)
+
+
+class _Accepted(NamedTuple):
+    job_id: str
+    replayed: bool
+    answer: tuple[int, Any] | None
+    """(status, body), or None while the job runs after the first slice of the wait."""
+    deadline: float
+    """When the `Prefer: wait` runs out (time.monotonic)."""
+
+
+def _accept_and_answer(
+    redis: Any,
+    queue: Any,
+    settings: Any,
+    owner: str,
+    metrics: Any,
+    image: UploadFile,
+    fields: dict[str, Any],
+    webhook_url: str | None,
+    idempotency_key: str | None,
+    wait_s: int | None,
+) -> _Accepted:
+    """`_accept`, then, in the same worker thread, the answer or the first slice of the
+    wait for it: one threadpool hop for a submission whose job ends within that slice."""
+    job_id, replayed = _accept(
+        redis, queue, settings, owner, metrics, image, fields, webhook_url, idempotency_key
+    )
+    answer = partial(_answer, redis, queue, settings, owner, job_id)
+    if wait_s is None:
+        return _Accepted(job_id, replayed, answer(), 0.0)
+    deadline = time.monotonic() + wait_s
+    # A job this request has just enqueued cannot have ended: no status read first.
+    ended = protocol.wait_slice(redis, job_id, deadline, answer, check_status=replayed)
+    return _Accepted(job_id, replayed, None if ended is None else ended[1], deadline)
 
 
 def _answer(redis: Any, queue: Any, settings: Any, owner: str, job_id: str) -> tuple[int, Any]:

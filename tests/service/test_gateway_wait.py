@@ -10,7 +10,7 @@ import redis
 from rq.job import Job
 
 import contract
-from service.protocol import BLOCK_SLICE_S, wait_until_ended
+from service.protocol import BLOCK_SLICE_S, wait_slice, wait_until_ended
 
 
 def test_the_ended_signal_ends_the_wait_while_the_status_still_says_started(redis_url):
@@ -41,16 +41,22 @@ def test_without_a_signal_the_wait_gives_up_at_its_limit_and_still_reads(redis_u
 
 
 def test_a_job_that_ends_without_a_signal_ends_the_wait_at_the_next_slice(redis_url):
-    # A lost job is failed by RQ's cleanup, which pushes no signal: the status between
-    # slices ends the wait, even for a job the caller has just enqueued.
+    # A lost job is failed by RQ's cleanup, which pushes no signal: the status read before
+    # each slice ends the wait, also after a first slice that skipped it (just enqueued).
     connection = redis.Redis.from_url(redis_url)
     job_id = "3c1d7a0e-5b8f-4e2a-9c6d-1f0e2d3c4b5a"
-    connection.hset(Job.key_for(job_id), "status", "queued")
-    threading.Timer(0.1, lambda: connection.hset(Job.key_for(job_id), "status", "failed")).start()
+    connection.hset(Job.key_for(job_id), "status", "failed")
     started = time.monotonic()
-    ended, _ = asyncio.run(wait_until_ended(connection, job_id, 5, lambda: None, True))
-    assert ended is True
-    assert time.monotonic() - started < 2 * BLOCK_SLICE_S + 0.5
+    deadline = started + 5
+
+    def read() -> str:
+        return "read"
+
+    assert wait_slice(connection, job_id, deadline, read, check_status=False) is None
+    assert BLOCK_SLICE_S <= time.monotonic() - started < 2 * BLOCK_SLICE_S
+    assert wait_slice(connection, job_id, deadline, read) == (True, "read")
+    assert asyncio.run(wait_until_ended(connection, job_id, 5, read)) == (True, "read")
+    assert time.monotonic() - started < 2 * BLOCK_SLICE_S
 
 
 def test_a_vanished_job_ends_the_wait_at_once(redis_url):
