@@ -11,7 +11,7 @@ import logging
 import math
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Any
 
@@ -87,9 +87,11 @@ def enqueue(
     owner: str,
     job_id: str | None = None,
     webhook_url: str | None = None,
+    also: Callable[[Any], object] | None = None,
 ) -> Job:
     """Store the image and enqueue the job in one MULTI/EXEC: a queued job never lacks its
-    input, and one round trip does what took three.
+    input, and one round trip does what took three. `also` queues further writes that
+    must land with the job (the owner's record) on the same transaction.
 
     RQ queues its own writes (SADD rq:queues, the job hash, RPUSH) on the pipeline it is
     given, so they land with the input or not at all: if `execute` raises, nothing was
@@ -122,6 +124,8 @@ def enqueue(
             retry=Retry(max=settings.max_retries) if settings.max_retries else None,
             pipeline=pipe,
         )
+        if also is not None:
+            also(pipe)
         pipe.execute()
     return job
 

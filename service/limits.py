@@ -4,7 +4,7 @@ Both live in Redis, so every gateway replica enforces the same limits:
 
 - `inversion:owner:{hash}:active`, a set of the owner's job ids that the gateway adds at
   submit; members whose RQ status is no longer queued or running are pruned lazily, at
-  the owner's next submission.
+  the owner's next accepted submission (in the transaction that enqueues it).
 - `inversion:owner:{hash}:rate:{minute}`, a fixed-window counter (INCR + EXPIRE).
 
 The anonymous owner (auth disabled) is not limited per key; the global queue depth still is.
@@ -13,6 +13,7 @@ The anonymous owner (auth disabled) is not limited per key; the global queue dep
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import redis
 from rq.job import Job
@@ -47,16 +48,17 @@ def rate_key(owner: str, window: int) -> str:
     return f"inversion:owner:{owner}:rate:{window}"
 
 
-def check_rate(connection: redis.Redis, owner: str, limit: int, now: float | None = None) -> None:
-    """Count this submission in the owner's current minute; 429 once over `limit`."""
-    now = time.time() if now is None else now
+def _count_submission(pipe: Any, owner: str, now: float) -> int:
+    """Queue the INCR (and EXPIRE) of the owner's current minute; returns the window."""
     window = int(now // WINDOW_S)
     key = rate_key(owner, window)
-    pipe = connection.pipeline(transaction=True)
     pipe.incr(key)
     pipe.expire(key, WINDOW_S + 5)
-    count, _ = pipe.execute()
-    if int(count) > limit:
+    return window
+
+
+def _refuse_over_rate(count: int, limit: int, window: int, now: float) -> None:
+    if count > limit:
         retry_after = max(1, int((window + 1) * WINDOW_S - now + 0.999))
         raise ProblemError(
             429,
@@ -66,28 +68,21 @@ def check_rate(connection: redis.Redis, owner: str, limit: int, now: float | Non
         )
 
 
-def active_jobs(connection: redis.Redis, owner: str) -> int:
-    """The owner's jobs still queued or running; finished or expired ones are pruned."""
-    key = active_key(owner)
-    members = list(connection.smembers(key))  # type: ignore[arg-type]
+def _ended(connection: redis.Redis, members: list[Any]) -> list[Any]:
+    """The owner's recorded jobs no longer queued or running (ended, deleted or expired)."""
     if not members:
-        return 0
+        return []
     pipe = connection.pipeline(transaction=False)
     for member in members:
         job_id = member.decode() if isinstance(member, bytes) else str(member)
         pipe.hget(Job.key_for(job_id), "status")
     statuses = pipe.execute()
-    done = [
+    return [
         m for m, status in zip(members, statuses, strict=True) if status not in ACTIVE_RQ_STATUSES
     ]
-    if done:
-        connection.srem(key, *done)
-    return len(members) - len(done)
 
 
-def check_active(connection: redis.Redis, owner: str, limit: int) -> None:
-    """429 when the owner already has `limit` jobs queued or running."""
-    active = active_jobs(connection, owner)
+def _refuse_over_active(active: int, limit: int) -> None:
     if active >= limit:
         raise ProblemError(
             429,
@@ -97,22 +92,39 @@ def check_active(connection: redis.Redis, owner: str, limit: int) -> None:
         )
 
 
-def check_submission(connection: redis.Redis, settings: GatewaySettings, owner: str) -> None:
-    """Both per-key limits, before anything is stored; nothing for the anonymous owner."""
+def check_submission(
+    connection: redis.Redis, settings: GatewaySettings, owner: str, now: float | None = None
+) -> list[Any]:
+    """Both per-key limits, before anything is stored; nothing for the anonymous owner.
+
+    Counts this submission in the owner's current minute (429 once over the limit), then
+    counts the owner's jobs still queued or running (429 at the limit). The minute's count
+    and the owner's recorded jobs are read in one round trip. Returns the recorded jobs
+    that have ended, for `record_submission` to prune.
+    """
     if not owner:
-        return
-    check_rate(connection, owner, settings.rate_limit_per_minute)
-    check_active(connection, owner, settings.max_queued_per_key)
+        return []
+    now = time.time() if now is None else now
+    pipe = connection.pipeline(transaction=True)
+    window = _count_submission(pipe, owner, now)
+    pipe.smembers(active_key(owner))
+    count, _, members = pipe.execute()
+    _refuse_over_rate(int(count), settings.rate_limit_per_minute, window, now)
+    ended = _ended(connection, list(members))
+    _refuse_over_active(len(members) - len(ended), settings.max_queued_per_key)
+    return ended
 
 
 def record_submission(
-    connection: redis.Redis, settings: GatewaySettings, owner: str, job_id: str
+    pipe: Any, settings: GatewaySettings, owner: str, job_id: str, ended: list[Any]
 ) -> None:
-    """Remember the owner's new job; the set expires once its jobs could no longer be kept."""
+    """Remember the owner's new job and forget its `ended` ones, queued on the transaction
+    that enqueues the job (a queued job is always counted); the set expires once its jobs
+    could no longer be kept."""
     if not owner:
         return
     key = active_key(owner)
-    pipe = connection.pipeline(transaction=True)
+    if ended:
+        pipe.srem(key, *ended)
     pipe.sadd(key, job_id)
     pipe.expire(key, settings.job_timeout_s + settings.result_ttl_s + settings.failure_ttl_s)
-    pipe.execute()

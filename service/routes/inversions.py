@@ -257,7 +257,7 @@ def _accept(
         if existing is not None:
             return existing, True
     try:
-        limits.check_submission(redis, settings, owner)
+        ended = limits.check_submission(redis, settings, owner)
         depth, workers = jobs.queue_depth_and_workers(redis, queue, settings.worker_stale_s)
         if depth >= settings.max_queue_depth:
             raise ProblemError(
@@ -271,13 +271,26 @@ def _accept(
             uploads.check_prompt_tokens(redis, params, workers[0])
         rgb = uploads.normalise(decoded, params, workers[0] if workers else None)
         job = jobs.enqueue(
-            redis, queue, settings, params, rgb, owner, job_id=job_id, webhook_url=webhook_url
+            redis,
+            queue,
+            settings,
+            params,
+            rgb,
+            owner,
+            job_id=job_id,
+            webhook_url=webhook_url,
+            also=partial(
+                limits.record_submission,
+                settings=settings,
+                owner=owner,
+                job_id=job_id,
+                ended=ended,
+            ),
         )
     except BaseException:
         if key is not None:
             protocol.release(redis, owner, key, job_id)
         raise
-    limits.record_submission(redis, settings, owner, job.id)
     metrics.submissions.inc()
     return job.id, False
 

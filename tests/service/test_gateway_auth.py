@@ -229,12 +229,13 @@ def test_per_minute_rate_limit(make_client, small_png):
 
 
 def test_rate_window_retry_after_is_the_rest_of_the_minute(redis):
-    limits.check_rate(redis, "owner", 1, now=600.0)
+    settings = GatewaySettings(redis_url="redis://unused.invalid:6379/0", rate_limit_per_minute=1)
+    limits.check_submission(redis, settings, "owner", now=600.0)
     with pytest.raises(limits.ProblemError) as caught:
-        limits.check_rate(redis, "owner", 1, now=615.2)
+        limits.check_submission(redis, settings, "owner", now=615.2)
     assert caught.value.status == 429
     assert caught.value.headers["Retry-After"] == "45"
-    limits.check_rate(redis, "owner", 1, now=660.0)  # the next window starts afresh
+    limits.check_submission(redis, settings, "owner", now=660.0)  # the next window starts afresh
 
 
 # -- CORS -----------------------------------------------------------------------------------
