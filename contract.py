@@ -542,8 +542,10 @@ ENDED_TTL_S = 600
 # -- service-wide job metrics, kept in Redis so that every gateway exports the same ------
 
 JOB_METRICS_KEY = KEY_PREFIX + "metrics:jobs"
-"""Hash: `ended:<status>` counters, and per histogram `<name>:le:<bound>`, `<name>:sum`,
-`<name>:count`, written by workers as jobs end and exported by gateways at scrape time."""
+"""Hash: `ended:<status>` counters, and per histogram `<name>:in:<bound>` (observations
+in that bucket alone, `+Inf` for those above the last bound) and `<name>:sum`, written by
+workers as jobs end; gateways sum the buckets into Prometheus' cumulative ones at scrape
+time, so a job's end costs one increment per histogram, not one per bucket."""
 
 DURATION_BUCKETS_S: tuple[float, ...] = (
     0.05,
@@ -566,7 +568,11 @@ JOB_HISTOGRAMS = ("queue_wait", "run")
 """Histograms kept per job: seconds queued before a worker took it, and seconds running."""
 
 
-def histogram_fields(name: str, seconds: float) -> list[str]:
-    """The cumulative bucket fields one observation increments (its `le` and all above)."""
-    fields = [f"{name}:le:{bound:g}" for bound in DURATION_BUCKETS_S if seconds <= bound]
-    return [*fields, f"{name}:le:+Inf", f"{name}:count"]
+def histogram_bound(seconds: float) -> str:
+    """The label of the one bucket an observation falls in: its smallest upper bound."""
+    return next((f"{bound:g}" for bound in DURATION_BUCKETS_S if seconds <= bound), "+Inf")
+
+
+def histogram_field(name: str, seconds: float) -> str:
+    """The field one observation of histogram `name` increments."""
+    return f"{name}:in:{histogram_bound(seconds)}"

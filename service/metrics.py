@@ -48,7 +48,10 @@ class JobMetricsCollector(Collector):
             ("run", "Seconds a job ran on a worker, batch included."),
         ):
             bounds = [f"{b:g}" for b in contract.DURATION_BUCKETS_S] + ["+Inf"]
-            buckets = [(bound, fields.get(f"{name}:le:{bound}", 0.0)) for bound in bounds]
+            buckets, below = [], 0.0
+            for bound in bounds:  # Prometheus buckets are cumulative; the hash's are not
+                below += fields.get(f"{name}:in:{bound}", 0.0)
+                buckets.append((bound, below))
             yield HistogramMetricFamily(
                 f"inversion_job_{name}_seconds",
                 meaning,

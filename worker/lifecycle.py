@@ -42,7 +42,7 @@ from contract import (
     THROUGHPUT_KEY,
     cancel_key,
     ended_key,
-    histogram_fields,
+    histogram_field,
     input_key,
     reconstruction_key,
     result_key,
@@ -109,8 +109,7 @@ def record_job_metrics(pipe: Any, job: Job, status: str) -> None:
     for name, seconds in spans.items():
         if seconds is None or seconds < 0:
             continue
-        for field_name in histogram_fields(name, seconds):
-            pipe.hincrby(JOB_METRICS_KEY, field_name, 1)
+        pipe.hincrby(JOB_METRICS_KEY, histogram_field(name, seconds), 1)
         pipe.hincrbyfloat(JOB_METRICS_KEY, f"{name}:sum", seconds)
 
 

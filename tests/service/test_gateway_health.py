@@ -73,6 +73,25 @@ def test_metrics(client, submit, small_png, live_worker):
     assert 'route="/v1/inversions/{job_id}",status="404"' in text
 
 
+def test_job_histograms_are_cumulative_from_per_bucket_counts(client, redis):
+    # What workers write as three jobs end: one bucket increment per observation.
+    for seconds in (0.03, 0.3, 700.0):
+        redis.hincrby(contract.JOB_METRICS_KEY, contract.histogram_field("queue_wait", seconds))
+        redis.hincrbyfloat(contract.JOB_METRICS_KEY, "queue_wait:sum", seconds)
+    text = client.get("/metrics").text
+    for line in (
+        'inversion_job_queue_wait_seconds_bucket{le="0.05"} 1.0',
+        'inversion_job_queue_wait_seconds_bucket{le="0.25"} 1.0',
+        'inversion_job_queue_wait_seconds_bucket{le="0.5"} 2.0',
+        'inversion_job_queue_wait_seconds_bucket{le="600"} 2.0',
+        'inversion_job_queue_wait_seconds_bucket{le="+Inf"} 3.0',
+        "inversion_job_queue_wait_seconds_count 3.0",
+        "inversion_job_queue_wait_seconds_sum 700.33",
+        'inversion_job_run_seconds_bucket{le="+Inf"} 0.0',
+    ):
+        assert line in text, line
+
+
 def test_two_apps_have_separate_registries(make_client):
     first, second = make_client(), make_client()
     first.get("/healthz")
