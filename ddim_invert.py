@@ -165,10 +165,11 @@ def cmd_local(args: argparse.Namespace) -> int:
     import imaging
     from contract import InvalidParameter, InversionParams
     from worker.engine import InversionRequest, invert, progress_total
-    from worker.models import ModelLoadError, load_model
+    from worker.models import ModelLoadError, limit_cpu_threads, load_model
     from worker.settings import get_settings
 
     settings = get_settings()
+    limit_cpu_threads(settings.threads)
     if args.out and len(args.images) > 1:
         return _fail("--out takes one image; use --out-dir for several")
     try:

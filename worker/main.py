@@ -14,7 +14,7 @@ from contract import InversionParams
 from worker.batching import InversionWorker
 from worker.compile import compile_unet, warm_up_buckets
 from worker.engine import InversionRequest, invert
-from worker.models import LoadedModel, ModelLoadError, load_model
+from worker.models import LoadedModel, ModelLoadError, limit_cpu_threads, load_model
 from worker.settings import WorkerSettings, get_settings
 
 log = logging.getLogger("worker")
@@ -63,10 +63,7 @@ def build_worker(
 def run(burst: bool = False) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = get_settings()
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
+    limit_cpu_threads(settings.threads)
     try:
         model = load_model(
             settings.model,

@@ -371,6 +371,16 @@ def check_family(folder: Path) -> None:
             )
 
 
+def limit_cpu_threads(threads: int) -> None:
+    """Cap torch's CPU threads; 0 keeps torch's default.
+
+    The thread count decides how CPU kernels split their sums, and so the last bits of every
+    result: the worker and `ddim-invert local` apply the same setting to agree exactly.
+    """
+    if threads:
+        torch.set_num_threads(threads)
+
+
 def load_model(
     name: str,
     *,

@@ -67,7 +67,12 @@ class WorkerSettings(BaseSettings):
         description="Compile the UNet per batch-size bucket (batches padded to powers of two), "
         "warmed up before the worker reports ready; torch-cudagraphs adds CUDA graphs.",
     )
-    threads: int = Field(0, ge=0, description="torch CPU threads; 0 leaves torch's default.")
+    threads: int = Field(
+        0,
+        ge=0,
+        description="torch CPU threads; 0 leaves torch's default. Results depend on it in "
+        "their last bits: give a worker and `ddim-invert local` the same count to compare.",
+    )
     warmup: bool = Field(True, description="Run a short inversion before registering as ready.")
     webhook_secret: str = Field(
         "",
