@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -124,21 +126,47 @@ def tiny_model(model_cache_dir: Path) -> object:
     return load_model("tiny", device="cpu", dtype="float32", cache_dir=model_cache_dir)
 
 
-@pytest.fixture
-def service_env(redis_url: str, model_cache_dir: Path) -> dict[str, str]:
-    """Environment for gateway and worker subprocesses: this test's Redis, the cached model."""
+WORKER_THREADS = 1
+"""torch threads of every test worker, and of in-process engine runs compared with them."""
+
+
+def subprocess_env(redis_url: str, model_cache_dir: Path) -> dict[str, str]:
+    """Environment for gateway and worker subprocesses: one Redis, the cached tiny model."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("INVERSION_")}
     env.update(
         INVERSION_REDIS_URL=redis_url,
         INVERSION_MODEL="tiny",
         INVERSION_MODEL_CACHE_DIR=str(model_cache_dir),
         INVERSION_DEVICE="cpu",
-        INVERSION_THREADS="1",
+        INVERSION_THREADS=str(WORKER_THREADS),
         INVERSION_AUTH_DISABLED="true",
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )
     return env
+
+
+@pytest.fixture
+def service_env(redis_url: str, model_cache_dir: Path) -> dict[str, str]:
+    """Environment for this test's own processes: this test's (flushed) Redis."""
+    return subprocess_env(redis_url, model_cache_dir)
+
+
+@contextmanager
+def worker_threads() -> Iterator[None]:
+    """Run in-process torch code with the test workers' thread count.
+
+    The count decides how CPU kernels split their sums: results compared bit for bit
+    with a worker's must be computed with the same one.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(WORKER_THREADS)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class Processes:
@@ -167,25 +195,37 @@ class Processes:
         return url
 
     def worker(self, wait: bool = True, **env: str) -> subprocess.Popen[bytes]:
+        (process,) = self.workers(1, wait, **env)
+        return process
+
+    def workers(self, count: int, wait: bool = True, **env: str) -> list[subprocess.Popen[bytes]]:
+        """Start `count` workers at once (their model loads overlap), then wait until each
+        has registered, unless `wait` is false."""
         import redis
 
         from contract import WORKERS_KEY
 
         client = redis.Redis.from_url(self.env["INVERSION_REDIS_URL"])
         before = set(client.hkeys(WORKERS_KEY))
-        process = self.spawn("worker", [str(BIN / "ddim-invert"), "worker"], **env)
+        started = [
+            self.spawn("worker", [str(BIN / "ddim-invert"), "worker"], **env) for _ in range(count)
+        ]
         if wait:
             wait_for(
-                lambda: set(client.hkeys(WORKERS_KEY)) - before or process.poll() is not None,
+                lambda: (
+                    len(set(client.hkeys(WORKERS_KEY)) - before) >= count
+                    or any(p.poll() is not None for p in started)
+                ),
                 60,
-                "a worker to register",
+                f"{count} worker(s) to register",
             )
-            if process.poll() is not None:
-                raise RuntimeError(
-                    f"the worker exited with {process.returncode}: {self.log_text()}"
-                )
+            for process in started:
+                if process.poll() is not None:
+                    raise RuntimeError(
+                        f"a worker exited with {process.returncode}: {self.log_text()}"
+                    )
         client.close()
-        return process
+        return started
 
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.logs.glob("*.log"))
@@ -204,5 +244,60 @@ class Processes:
 @pytest.fixture
 def processes(service_env: dict[str, str], tmp_path: Path) -> Iterator[Processes]:
     procs = Processes(service_env, tmp_path)
+    yield procs
+    procs.stop_all()
+
+
+@dataclass
+class SharedService:
+    """A gateway and a worker with default settings, on a Redis of their own."""
+
+    url: str
+    env: dict[str, str]
+    processes: Processes
+
+
+@pytest.fixture(scope="session")
+def shared_stack(
+    tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path
+) -> Iterator[SharedService]:
+    server = RedisServer(tmp_path_factory.mktemp("shared-redis"))
+    server.start()
+    procs = Processes(
+        subprocess_env(server.url, model_cache_dir), tmp_path_factory.mktemp("shared-logs")
+    )
+    try:
+        procs.worker(wait=False)  # its model loads while the gateway starts
+        url = procs.gateway()
+        wait_for(lambda: _is_ready(url), 60, "the shared worker to be ready")
+        yield SharedService(url, procs.env, procs)
+    finally:
+        procs.stop_all()
+        server.stop()
+
+
+def _is_ready(url: str) -> bool:
+    import httpx
+
+    return httpx.get(url + "/readyz").status_code == 200
+
+
+@pytest.fixture
+def shared_service(shared_stack: SharedService) -> SharedService:
+    """The session's running service, for tests that need no settings of their own and no
+    empty Redis: starting a worker costs seconds (torch, diffusers, the model, a warm-up),
+    and most end-to-end tests only need one that works. It is checked alive for each test.
+    """
+    for process in shared_stack.processes.started:
+        if process.poll() is not None:
+            pytest.fail(f"the shared service died: {shared_stack.processes.log_text()}")
+    return shared_stack
+
+
+@pytest.fixture
+def shared_processes(shared_service: SharedService, tmp_path: Path) -> Iterator[Processes]:
+    """Processes of this test's own on the shared service's Redis (an extra gateway with
+    other settings, say), stopped after it."""
+    procs = Processes(shared_service.env, tmp_path)
     yield procs
     procs.stop_all()

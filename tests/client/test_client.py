@@ -30,7 +30,7 @@ from client import (
     Job,
     JobFailed,
 )
-from tests.conftest import BIN, ROOT, SAMPLES
+from tests.conftest import BIN, ROOT, SAMPLES, worker_threads
 
 CHELSEA = SAMPLES / "chelsea.png"
 
@@ -44,7 +44,8 @@ def engine_latents(tiny_model, prompt: str, **params: object) -> np.ndarray:
     inversion = InversionParams(prompt=prompt, **params)
     size = inversion.resolution or tiny_model.native_resolution
     rgb = imaging.normalize(CHELSEA.read_bytes(), size, inversion.resize_mode)
-    (result,) = invert(tiny_model, [InversionRequest(rgb, inversion)])
+    with worker_threads():
+        (result,) = invert(tiny_model, [InversionRequest(rgb, inversion)])
     assert result is not None
     return result.latents.numpy()
 
@@ -52,9 +53,8 @@ def engine_latents(tiny_model, prompt: str, **params: object) -> np.ndarray:
 # -- against the real service ----------------------------------------------------------
 
 
-def test_submit_wait_latents_equal_the_engine(processes, tiny_model):
-    base = processes.gateway()
-    processes.worker()
+def test_submit_wait_latents_equal_the_engine(shared_service, tiny_model):
+    base = shared_service.url
     seen: list[tuple[int, int]] = []
     with InversionClient(base) as inversions:
         job = inversions.submit(
@@ -93,9 +93,8 @@ def test_submit_wait_latents_equal_the_engine(processes, tiny_model):
         assert again.data["id"] == job.id
 
 
-def test_image_as_bytes_and_file_object_and_params(processes):
-    base = processes.gateway()
-    processes.worker()
+def test_image_as_bytes_and_file_object_and_params(shared_service):
+    base = shared_service.url
     with InversionClient(base) as inversions:
         from_bytes = inversions.submit(
             CHELSEA.read_bytes(),
@@ -170,9 +169,8 @@ def test_api_key_is_sent(processes):
         assert keyed.get(job.id).status == "queued"
 
 
-def test_async_client_submit_wait_latents(processes, tiny_model):
-    base = processes.gateway()
-    processes.worker()
+def test_async_client_submit_wait_latents(shared_service, tiny_model):
+    base = shared_service.url
     expected = engine_latents(tiny_model, "a photo of a cat", num_inference_steps=4)
 
     async def main() -> tuple[AsyncJob, np.ndarray, object, str]:
@@ -208,9 +206,8 @@ def test_async_cancel_a_queued_job(processes):
     assert asyncio.run(main()) == "canceled"
 
 
-def test_cli_submit_wait_writes_latents(processes, service_env, tmp_path: Path):
-    base = processes.gateway()
-    processes.worker()
+def test_cli_submit_wait_writes_latents(shared_service, tmp_path: Path):
+    base = shared_service.url
     out = tmp_path / "chelsea.safetensors"
     cli = subprocess.run(
         [
@@ -227,7 +224,7 @@ def test_cli_submit_wait_writes_latents(processes, service_env, tmp_path: Path):
             "--url",
             base,
         ],
-        env=service_env,
+        env=shared_service.env,
         capture_output=True,
         text=True,
         timeout=120,

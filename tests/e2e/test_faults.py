@@ -6,6 +6,7 @@ use a private RedisServer of their own, so the session's Redis is never touched.
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -14,6 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 import redis
+from rq.job import Job
+from rq.serializers import JSONSerializer
 
 from tests.conftest import BIN, ROOT, SAMPLES, Processes, RedisServer, free_port, wait_for
 
@@ -104,32 +107,49 @@ def stop_later() -> Iterator[list[Processes]]:
 # -- 1. a worker killed mid-job ---------------------------------------------------------------
 
 
+def worker_of(job_id: str, redis_url: str) -> str:
+    """The RQ name of the worker that runs (or last ran) the job."""
+    with redis.Redis.from_url(redis_url) as client:
+        return Job.fetch(job_id, connection=client, serializer=JSONSerializer).worker_name
+
+
+def kill_the_worker_running(
+    job_id: str, workers: list[subprocess.Popen[bytes]], redis_url: str
+) -> str:
+    """SIGKILL whichever of `workers` runs the job (the others go on); its RQ name."""
+    name = worker_of(job_id, redis_url)
+    with redis.Redis.from_url(redis_url) as client:
+        pid = int(client.hget(f"rq:worker:{name}", "pid"))
+    (running,) = [w for w in workers if w.pid == pid]
+    running.kill()
+    running.wait(10)
+    return name
+
+
 def test_killed_worker_job_is_retried_on_another(processes):
     base = processes.gateway(INVERSION_MAX_RETRIES="2", **NO_AUTH)
-    first = processes.worker(**FAST_WORKER)
+    workers = processes.workers(2, **FAST_WORKER)  # one to kill, one to take the job over
     job_id = submit(base, num_inference_steps=300, resolution=64)
     wait_running(base, job_id)
-    first.kill()
-    first.wait(10)
+    redis_url = processes.env["INVERSION_REDIS_URL"]
+    killed = kill_the_worker_running(job_id, workers, redis_url)
     assert status(base, job_id)["status"] == "running"  # killed mid-job, not after it
     started = time.monotonic()
-    processes.worker(**FAST_WORKER)
     final = wait_terminal(base, job_id, 30)
     assert final["status"] == "succeeded", (final, processes.log_text())
     assert time.monotonic() - started < 40
     latents = httpx.get(f"{base}/v1/inversions/{job_id}/latents", timeout=10)
     assert latents.status_code == 200
+    assert worker_of(job_id, redis_url) != killed
 
 
 def test_killed_worker_without_retries_fails_worker_lost(processes):
     base = processes.gateway(INVERSION_MAX_RETRIES="0", **NO_AUTH)
-    first = processes.worker(**FAST_WORKER)
+    workers = processes.workers(2, **FAST_WORKER)
     job_id = submit(base, num_inference_steps=300, resolution=64)
     wait_running(base, job_id)
-    first.kill()
-    first.wait(10)
+    kill_the_worker_running(job_id, workers, processes.env["INVERSION_REDIS_URL"])
     assert status(base, job_id)["status"] == "running"  # killed mid-job, not after it
-    processes.worker(**FAST_WORKER)
     final = wait_terminal(base, job_id, 30)
     assert final["status"] == "failed", (final, processes.log_text())
     assert final["error"]["code"] == "worker_lost", final

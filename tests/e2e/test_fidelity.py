@@ -14,9 +14,8 @@ from tests.e2e.test_service import submit, wait_status
 pytestmark = pytest.mark.e2e
 
 
-def test_null_text_with_verify_end_to_end(processes):
-    base = processes.gateway()
-    processes.worker()
+def test_null_text_with_verify_end_to_end(shared_service):
+    base = shared_service.url
     fields = {
         "num_inference_steps": 4,
         "method": "null_text",

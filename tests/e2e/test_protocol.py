@@ -82,14 +82,12 @@ def read_events(base: str, job_id: str, events: list[tuple[str, dict]]) -> None:
                 events.append((name, json.loads(line[6:])))
 
 
-def test_events_stream_until_the_end(processes):
-    base = processes.gateway()
-    job = post(base, num_inference_steps=200).json()
+def test_events_stream_until_the_end(shared_service):
+    base = shared_service.url
+    job = post(base, num_inference_steps=300).json()
     events: list[tuple[str, dict]] = []
     reader = threading.Thread(target=read_events, args=(base, job["id"], events))
     reader.start()
-    wait_for(lambda: events, 10, "the first event")
-    processes.worker()
     reader.join(60)
     assert not reader.is_alive()
     names = [name for name, _ in events]
@@ -98,7 +96,7 @@ def test_events_stream_until_the_end(processes):
     statuses = [data["status"] for name, data in events if name == "status"]
     assert statuses[-1] == "succeeded" and "running" in statuses
     steps = [data["step"] for name, data in events if name == "progress"]
-    assert len(steps) >= 2 and steps == sorted(set(steps)) and steps[-1] == 200
+    assert len(steps) >= 2 and steps == sorted(set(steps)) and steps[-1] == 300
     missing = httpx.get(f"{base}/v1/inversions/6f1c2a53-3f7e-4f4e-9d7c-6b0c1f2b9a11/events")
     assert missing.status_code == 404
 

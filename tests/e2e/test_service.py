@@ -40,9 +40,8 @@ def wait_status(base: str, job_id: str, wanted: set[str], timeout: float = 60) -
     )
 
 
-def test_submit_poll_download_equals_local_cli(processes, tmp_path: Path, service_env):
-    base = processes.gateway()
-    processes.worker()
+def test_submit_poll_download_equals_local_cli(shared_service, tmp_path: Path):
+    base = shared_service.url
     params = {"num_inference_steps": 12, "guidance_scale": 2.5, "negative_prompt": "blurry"}
     job = submit(base, "coffee.png", prompt="a cup of coffee", **params)
     assert job["status"] in ("queued", "running")
@@ -73,7 +72,7 @@ def test_submit_poll_download_equals_local_cli(processes, tmp_path: Path, servic
             "--out",
             str(out),
         ],
-        env=service_env,
+        env=shared_service.env,  # the worker's INVERSION_THREADS too: exact equality
         capture_output=True,
         text=True,
         timeout=120,
@@ -94,9 +93,8 @@ def test_submit_poll_download_equals_local_cli(processes, tmp_path: Path, servic
     assert np.abs(array - local["latents"].numpy()).max() <= 1e-5
 
 
-def test_trajectory_job(processes):
-    base = processes.gateway()
-    processes.worker()
+def test_trajectory_job(shared_service):
+    base = shared_service.url
     job = submit(base, num_inference_steps=5, return_trajectory="true")
     done = wait_status(base, job["id"], {"succeeded", "failed"})
     assert done["status"] == "succeeded", done
@@ -134,9 +132,8 @@ def test_cancel_queued_job_never_runs(processes, redis_client):
     assert final.get("started_at") is None or final["timings"].get("started_at") is None
 
 
-def test_cancel_running_job_and_progress_seen(processes):
-    base = processes.gateway()
-    processes.worker()
+def test_cancel_running_job_and_progress_seen(shared_service):
+    base = shared_service.url
     job = submit(base, num_inference_steps=900)
     running = wait_for(
         lambda: (
@@ -163,8 +160,7 @@ def test_two_workers_drain_one_queue(processes, redis_client):
     from rq.serializers import JSONSerializer
 
     base = processes.gateway()
-    processes.worker(INVERSION_MAX_BATCH_SIZE="1")
-    processes.worker(INVERSION_MAX_BATCH_SIZE="1")
+    processes.workers(2, INVERSION_MAX_BATCH_SIZE="1")
     ids = [submit(base, prompt=f"job {i}", num_inference_steps=150)["id"] for i in range(6)]
     for job_id in ids:
         assert wait_status(base, job_id, {"succeeded", "failed"}, 120)["status"] == "succeeded"
@@ -204,18 +200,20 @@ def test_sigterm_finishes_the_running_job_then_exits(processes):
     assert status(base, job["id"])["status"] == "succeeded"
 
 
-def test_prompt_over_the_token_limit_refused_or_truncated_as_configured(processes):
+def test_prompt_over_the_token_limit_refused_or_truncated_as_configured(
+    shared_service, shared_processes
+):
     long_prompt = "a photo of a cat sitting on a red sofa next to a window " * 3  # > 77 tokens
-    strict = processes.gateway(INVERSION_PROMPT_OVERFLOW="reject")
-    lenient = processes.gateway()
-    processes.worker()
+    # Gateways count tokens with the tokenizer the workers registered: same Redis.
+    strict = shared_processes.gateway(INVERSION_PROMPT_OVERFLOW="reject")
+    lenient = shared_service.url
     with (SAMPLES / "chelsea.png").open("rb") as handle:
         refused = httpx.post(
             strict + "/v1/inversions",
             data={"prompt": long_prompt},
             files={"image": ("chelsea.png", handle, "image/png")},
         )
-    assert refused.status_code == 422, processes.log_text()
+    assert refused.status_code == 422, shared_processes.log_text()
     assert refused.json()["field"] == "prompt"
     assert "77" in refused.json()["detail"]
     job = submit(lenient, prompt=long_prompt, num_inference_steps=3)
@@ -224,19 +222,35 @@ def test_prompt_over_the_token_limit_refused_or_truncated_as_configured(processe
     assert done["result"]["token_count"] == 77
 
 
-def test_metrics_count_jobs_by_final_state_with_duration_histograms(processes):
-    base = processes.gateway()
-    processes.worker()
+def scrape(base: str) -> dict[str, float]:
+    """The gateway's /metrics samples, by name and labels as written."""
+    samples = {}
+    for line in httpx.get(base + "/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
+def test_metrics_count_jobs_by_final_state_with_duration_histograms(shared_service):
+    base = shared_service.url
+    before = scrape(base)
     done = submit(base, num_inference_steps=3)
     canceled = submit(base, num_inference_steps=900)
     wait_status(base, done["id"], {"succeeded"})
     wait_for(lambda: status(base, canceled["id"])["status"] == "running", 60, "running")
     httpx.delete(f"{base}/v1/inversions/{canceled['id']}")
     wait_status(base, canceled["id"], {"canceled"})
-    text = httpx.get(base + "/metrics").text
-    assert 'inversion_jobs_ended_total{status="succeeded"} 1.0' in text
-    assert 'inversion_jobs_ended_total{status="canceled"} 1.0' in text
-    assert "inversion_job_run_seconds_count 2.0" in text
-    assert 'inversion_job_queue_wait_seconds_bucket{le="+Inf"} 2.0' in text
-    assert "inversion_http_requests_total" in text
-    assert "inversion_queue_depth 0.0" in text
+    after = scrape(base)
+    counted = {  # the shared service has run other tests' jobs: count this test's
+        name: after[name] - before.get(name, 0.0)
+        for name in (
+            'inversion_jobs_ended_total{status="succeeded"}',
+            'inversion_jobs_ended_total{status="canceled"}',
+            "inversion_job_run_seconds_count",
+            'inversion_job_queue_wait_seconds_bucket{le="+Inf"}',
+        )
+    }
+    assert list(counted.values()) == [1.0, 1.0, 2.0, 2.0], counted
+    assert any(name.startswith("inversion_http_requests_total") for name in after)
+    assert after["inversion_queue_depth"] == 0.0
