@@ -31,6 +31,14 @@ DEFAULT_MAX_PIXELS = 40_000_000
 
 ResizeMode = Literal["center_crop", "stretch"]
 
+REDUCING_GAP = 64.0
+"""Shrinking an axis over 128 times, Pillow first box-averages it to within 64-128 times.
+
+Lanczos weighs 6 x factor source pixels per output pixel: stretching a 1 x 40,000,000
+upload to 64 x 64 would build 1.9 GB of weights and take 13 s. Below 128 times (any
+photograph to 64 px up to 8192 px long, to 512 px up to 65536) nothing changes.
+"""
+
 
 class ImageRejected(ValueError):
     """An upload that is not an acceptable image; `code` is the contract's error code."""
@@ -144,15 +152,17 @@ def resize(image: Image.Image, size: tuple[int, int], mode: ResizeMode) -> Image
         return image
     width, height = size
     if mode == "stretch":
-        return image.resize(size, Image.Resampling.LANCZOS)
+        return image.resize(size, Image.Resampling.LANCZOS, reducing_gap=REDUCING_GAP)
     if mode != "center_crop":
         raise ValueError(f"resize_mode {mode!r} is not one of center_crop, stretch")
+    # The centred source region of the target's aspect ratio, resampled straight to `size`:
+    # scaling the whole image first would allocate e.g. 64 x 64,000,000 pixels (12 GB) for a
+    # 1 x 1,000,000 upload before cropping.
     scale = max(width / image.width, height / image.height)
-    scaled = (max(width, round(image.width * scale)), max(height, round(image.height * scale)))
-    image = image.resize(scaled, Image.Resampling.LANCZOS)
-    left = (scaled[0] - width) // 2
-    top = (scaled[1] - height) // 2
-    return image.crop((left, top, left + width, top + height))
+    box_width, box_height = width / scale, height / scale
+    left, top = (image.width - box_width) / 2, (image.height - box_height) / 2
+    box = (left, top, left + box_width, top + box_height)
+    return image.resize(size, Image.Resampling.LANCZOS, box=box, reducing_gap=REDUCING_GAP)
 
 
 def normalize(

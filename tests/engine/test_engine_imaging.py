@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,6 +14,8 @@ from PIL import Image
 import imaging
 from contract import InvalidParameter, InversionParams, parse_resolution
 from worker.engine import InversionRequest, invert
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _encode(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -141,3 +146,34 @@ def test_animated_gif_first_frame():
     assert getattr(Image.open(io.BytesIO(data)), "n_frames", 1) == 3
     out = imaging.normalize(data, (8, 8))
     assert (out[..., 0] > 240).all() and (out[..., 2] < 16).all()
+
+
+def test_extreme_aspect_ratios_at_the_pixel_limit_resize_in_bounded_memory():
+    """A 1 x 40,000,000 upload is within the default pixel limit. Scaling all of it to cover
+    64x64 before cropping would take 500 GB; stretching it with plain Lanczos, 1.9 GB of
+    weights and 13 s. Run under a 3 GB address-space cap, in a subprocess (the cap is per
+    process): a regression fails with MemoryError instead of exhausting the machine."""
+    code = """
+import resource
+resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+import numpy as np
+from PIL import Image
+import imaging
+bands = np.zeros((40_000_000, 1, 3), dtype=np.uint8)
+bands[:16_000_000] = (255, 0, 0)
+bands[16_000_000:24_000_000] = (0, 255, 0)
+bands[24_000_000:] = (0, 0, 255)
+image = Image.fromarray(bands)
+del bands
+crop = imaging.normalize(image, (64, 64), "center_crop")
+assert (crop == (0, 255, 0)).all(), crop[0, 0]  # only the middle remains
+stretched = imaging.normalize(image, (64, 64), "stretch")
+# Rows 0-25.6 red, 25.6-38.4 green, the rest blue; away from the edges, pure colours.
+assert (stretched[:22] == (255, 0, 0)).all(), stretched[:, 0]
+assert (stretched[29:35] == (0, 255, 0)).all(), stretched[:, 0]
+assert (stretched[42:] == (0, 0, 255)).all(), stretched[:, 0]
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
