@@ -10,7 +10,8 @@ from __future__ import annotations
 import enum
 import json
 import math
-from typing import Any, Literal
+import time
+from typing import Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -62,6 +63,7 @@ class ErrorCode(str, enum.Enum):
     UNAUTHORIZED = "unauthorized"
     RATE_LIMITED = "rate_limited"
     QUEUE_FULL = "queue_full"
+    QUOTA_EXCEEDED = "quota_exceeded"
     SERVICE_UNAVAILABLE = "service_unavailable"
 
 
@@ -366,6 +368,11 @@ class ModelInfo(BaseModel):
     latent_channels: int
     vae_scale_factor: int
     tokenizer_max_length: int
+    text_hidden_size: int | None = Field(
+        None,
+        description="Width of the text encoder's token embeddings (null_text stores one per "
+        "token per step); None from workers older than this field.",
+    )
     tokenizer_key: str | None = Field(
         None, description="Redis key of the tokenizer as tokenizers JSON, for prompt checks."
     )
@@ -539,6 +546,115 @@ ENDED_TTL_S = 600
 """How long a job's `ended` signal is kept: long enough for any waiter to see it."""
 
 
+# -- per-key budgets and fair ordering -------------------------------------------------
+#
+# Each API key's (owner's) jobs in flight and the bytes they hold in Redis are counted
+# under the owner's hash (the anonymous owner "" is not counted). Gateways admit a job with
+# one Lua script over these keys (service/limits.py); a job's bytes are settled by whoever
+# changes them: the worker when it stores a result or ends a job otherwise, the gateway
+# when it cancels or deletes one (`settle_held_bytes`).
+
+
+def rate_key(owner: str, window: int) -> str:
+    """Counter of the owner's submissions in one clock minute (`window`: unix minute)."""
+    return f"{KEY_PREFIX}owner:{owner}:rate:{window}"
+
+
+def owner_jobs_key(owner: str) -> str:
+    """Hash: job id -> GPU cost (`job_cost`) of each of the owner's jobs admitted and not
+    yet seen ended; ended ones are pruned at the owner's next admission."""
+    return f"{KEY_PREFIX}owner:{owner}:jobs"
+
+
+def owner_held_key(owner: str) -> str:
+    """Sorted set: job id -> unix time after which the job's bytes are surely gone."""
+    return f"{KEY_PREFIX}owner:{owner}:held"
+
+
+def owner_held_bytes_key(owner: str) -> str:
+    """Hash: job id -> bytes the job holds in Redis (its input, then its result)."""
+    return f"{KEY_PREFIX}owner:{owner}:held:bytes"
+
+
+def owner_held_total_key(owner: str) -> str:
+    """The sum of `owner_held_bytes_key`'s values: what the per-key byte budget compares."""
+    return f"{KEY_PREFIX}owner:{owner}:held:total"
+
+
+ADMITTING_KEY = KEY_PREFIX + "admitting"
+"""Sorted set: job id -> unix time it was admitted, until the transaction that enqueues it
+removes it; counted in the queue depth, so that concurrent admissions cannot overfill."""
+
+
+def fair_rounds_key(queue: str) -> str:
+    """Sorted set: queued job id -> its round; the queue list is kept sorted by round."""
+    return f"{KEY_PREFIX}fair:{queue}:rounds"
+
+
+def fair_owners_key(queue: str) -> str:
+    """Hash: owner -> the round of the owner's last job queued."""
+    return f"{KEY_PREFIX}fair:{queue}:owners"
+
+
+SETTLE_HELD_LUA = """
+-- KEYS: held, held bytes, held total, the job's input. ARGV: job, bytes kept, deadline, ttl.
+-- Deleting comes first: a full Redis (noeviction) refuses a script whose first write may
+-- need memory, and accepts what follows a delete.
+local old = redis.call('HGET', KEYS[2], ARGV[1])
+if ARGV[2] == '0' then
+  redis.call('DEL', KEYS[4])
+  if old then
+    redis.call('HDEL', KEYS[2], ARGV[1])
+    redis.call('ZREM', KEYS[1], ARGV[1])
+    redis.call('DECRBY', KEYS[3], old)
+  end
+  return 0
+end
+if not old then return 0 end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('INCRBY', KEYS[3], tonumber(ARGV[2]) - tonumber(old))
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+if ARGV[4] ~= '' then
+  for i = 1, 3 do
+    if redis.call('TTL', KEYS[i]) < tonumber(ARGV[4]) then
+      redis.call('EXPIRE', KEYS[i], ARGV[4])
+    end
+  end
+end
+return 1
+"""
+
+
+def settle_held_bytes(
+    client: Any, owner: str, job_id: str, kept_bytes: int = 0, keep_s: float | None = 0
+) -> None:
+    """Record what a job now holds against its owner's byte budget, on `client` (a Redis
+    client or a pipeline, where it is queued).
+
+    `kept_bytes` > 0: the job keeps that many bytes (its result) for `keep_s` more seconds
+    (None: without expiry). 0: its bytes are gone: its input is deleted (if still there) and
+    its share released; this much works on a Redis that is out of memory.
+    """
+    if kept_bytes <= 0:
+        kept_bytes, deadline, ttl = 0, "0", ""
+    elif keep_s is None:
+        deadline, ttl = "+inf", ""
+    else:
+        deadline, ttl = repr(time.time() + keep_s), str(math.ceil(keep_s) + 60)
+    client.eval(
+        SETTLE_HELD_LUA,
+        4,
+        owner_held_key(owner),
+        owner_held_bytes_key(owner),
+        owner_held_total_key(owner),
+        input_key(job_id),
+        job_id,
+        str(kept_bytes),
+        deadline,
+        ttl,
+    )
+
+
 # -- service-wide job metrics, kept in Redis so that every gateway exports the same ------
 
 JOB_METRICS_KEY = KEY_PREFIX + "metrics:jobs"
@@ -576,3 +692,142 @@ def histogram_bound(seconds: float) -> str:
 def histogram_field(name: str, seconds: float) -> str:
     """The field one observation of histogram `name` increments."""
     return f"{name}:in:{histogram_bound(seconds)}"
+
+
+# -- what a job stores in Redis and costs on a GPU, from its parameters -----------------
+#
+# Computed by the gateway at submit, so that a job's bytes and GPU time are bounded per job
+# and per key before anything is queued. Model facts come from a live worker's ModelInfo;
+# without one, the widest supported model is assumed.
+
+FALLBACK_LATENT_CHANNELS = 4
+"""Latent channels assumed without a live worker (every SD 1.x/2.x VAE has 4)."""
+FALLBACK_VAE_SCALE_FACTOR = 8
+"""Pixels per latent pixel, per side, assumed without a live worker."""
+FALLBACK_TEXT_HIDDEN_SIZE = 1024
+"""Text embedding width assumed without a live worker: SD 2.x's, the widest supported."""
+FALLBACK_TOKENS = 77
+"""Tokens per prompt assumed without a live worker: CLIP's."""
+
+RECORD_BYTES = 8192
+"""The job hash, RQ's bookkeeping and the fixed part of the result metadata."""
+METADATA_BYTES_PER_STEP = 64
+"""Per step, the metadata's lists at their longest: timestep, refinement iterations and
+residual, null-text loss."""
+METADATA_BYTES_PER_CHAR = 12
+"""A prompt character in JSON at worst: an astral code point as two `\\uXXXX` escapes."""
+METADATA_COPIES = 3
+"""The result metadata is stored three times: the safetensors header, the job's meta and
+RQ's result entry."""
+
+
+class StoredBytes(NamedTuple):
+    """The most bytes a job keeps in Redis, by what holds them."""
+
+    input: int
+    """The normalised RGB upload, until the job ends."""
+    latents: int
+    """`latents` and `timesteps` of the result."""
+    trajectory: int
+    """`trajectory`: every step's latent (return_trajectory)."""
+    null_embeddings: int
+    """`null_embeddings`: one unconditional embedding per step (method null_text)."""
+    reconstruction: int
+    """The reconstruction PNG (verify), at its largest: incompressible pixels."""
+    records: int
+    """The metadata copies, the job hash and its parameters."""
+
+    @property
+    def total(self) -> int:
+        return sum(self)
+
+    @property
+    def largest_field(self) -> str:
+        """The parameter that drives the largest part, for an error to name."""
+        parts = {
+            "resolution": self.input + self.latents,
+            "return_trajectory": self.trajectory,
+            "method": self.null_embeddings,
+            "verify": self.reconstruction,
+            "prompt": self.records,
+        }
+        return max(parts, key=lambda name: parts[name])
+
+
+def result_element_bytes(params: InversionParams, model: ModelInfo | None) -> int:
+    """Bytes per value of the result's tensors: float16 when asked; else float32, or float64
+    from a float64 model (the engine's rule; assumed without a live worker)."""
+    if params.result_dtype == "float16":
+        return 2
+    return 4 if model is not None and model.dtype != "float64" else 8
+
+
+def png_bytes_bound(width: int, height: int) -> int:
+    """The largest RGB PNG of this size: every row (a filter byte and the pixels) stored
+    uncompressed, plus deflate's block headers, the chunk headers and the fixed chunks."""
+    raw = height * (1 + 3 * width)
+    return raw + raw // 1000 + 1024
+
+
+def stored_bytes(
+    params: InversionParams,
+    model: ModelInfo | None,
+    input_size: tuple[int, int],
+    size: tuple[int, int],
+) -> StoredBytes:
+    """The most a job keeps in Redis: its input (`input_size`, width x height as stored) and
+    its worst-case result at `size` (the resolution the worker inverts at)."""
+    channels = model.latent_channels if model else FALLBACK_LATENT_CHANNELS
+    factor = model.vae_scale_factor if model else FALLBACK_VAE_SCALE_FACTOR
+    hidden = (model.text_hidden_size if model else None) or FALLBACK_TEXT_HIDDEN_SIZE
+    tokens = model.tokenizer_max_length if model else FALLBACK_TOKENS
+    element = result_element_bytes(params, model)
+    steps = params.num_inference_steps
+    latent = channels * (size[0] // factor) * (size[1] // factor) * element
+    scheduler_text = len(json.dumps(params.scheduler))
+    if model is not None:
+        scheduler_text += len(json.dumps(model.scheduler_config))
+    prompts = len(params.prompt) + len(params.negative_prompt)
+    # The scheduler config is JSON inside the header's JSON: each quote escaped, twice as long.
+    metadata = METADATA_BYTES_PER_STEP * steps + METADATA_BYTES_PER_CHAR * prompts
+    metadata += 2 * scheduler_text
+    return StoredBytes(
+        input=input_size[0] * input_size[1] * 3,
+        latents=latent + 8 * steps,  # timesteps: int64
+        trajectory=(steps + 1) * latent if params.return_trajectory else 0,
+        null_embeddings=steps * tokens * hidden * element if params.method == "null_text" else 0,
+        reconstruction=png_bytes_bound(*size) if params.verify else 0,
+        records=RECORD_BYTES + METADATA_COPIES * metadata + len(params.model_dump_json()),
+    )
+
+
+NULL_TEXT_CALLS_PER_INNER_STEP = 3
+"""A null-text inner step: one UNet forward and its backward, about two forwards."""
+
+
+def unet_calls(params: InversionParams) -> int:
+    """UNet image-calls of one job at most (refinement and null-text never stop early):
+
+    - ddim: steps x (2 under guidance) x (1 + refine_iterations);
+    - null_text: the pivot, steps x (1 + refine_iterations) at guidance 1, then per step one
+      conditional call, the inner steps' forward and backward passes and the step itself;
+    - verify: one more sampling pass, steps x (2 under guidance).
+    """
+    steps = params.num_inference_steps
+    passes = 2 if params.uses_guidance else 1
+    refined = 1 + params.refine_iterations
+    if params.method == "null_text":
+        inner = NULL_TEXT_CALLS_PER_INNER_STEP * params.null_text_inner_steps
+        calls = steps * refined + steps * (1 + inner + 1)
+    else:
+        calls = steps * passes * refined
+    if params.verify:
+        calls += steps * passes
+    return calls
+
+
+def job_cost(params: InversionParams, model: ModelInfo | None, size: tuple[int, int]) -> int:
+    """GPU work of a job: UNet image-calls times latent pixels at `size`. The VAE's encode
+    (and verify's decode) are not counted: one each per job, bounded by the resolution."""
+    factor = model.vae_scale_factor if model else FALLBACK_VAE_SCALE_FACTOR
+    return unet_calls(params) * (size[0] // factor) * (size[1] // factor)

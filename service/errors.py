@@ -132,16 +132,30 @@ async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+async def _redis_full(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("redis refused a write, out of memory: %s", exc)
+    return problem_response(
+        request,
+        503,
+        ErrorCode.SERVICE_UNAVAILABLE,
+        "the job store is full; try again shortly (finished jobs' results expire, and "
+        "deleting them frees space)",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
+
+
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return problem_response(request, 500, ErrorCode.INTERNAL, "internal error; it has been logged")
 
 
 def install_error_handlers(app: FastAPI) -> None:
-    """Every error path answers problem+json, including routing errors and Redis outages."""
+    """Every error path answers problem+json, including routing errors, Redis outages and a
+    Redis out of memory."""
     app.add_exception_handler(ProblemError, _problem_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(redis.exceptions.ConnectionError, _redis_unavailable)
     app.add_exception_handler(redis.exceptions.TimeoutError, _redis_unavailable)
+    app.add_exception_handler(redis.exceptions.OutOfMemoryError, _redis_full)
     app.add_exception_handler(Exception, _internal_error)

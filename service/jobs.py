@@ -26,6 +26,7 @@ from rq.serializers import JSONSerializer
 
 import contract
 from contract import ErrorCode, JobError, JobPayload, JobStatus, WorkerRecord
+from service import fairness, limits
 from service.errors import ProblemError
 from service.schemas import JobParams, JobUrls, JobView, Timings
 from service.settings import GatewaySettings
@@ -78,6 +79,10 @@ def queue_depth_and_workers(
     return int(depth), fresh_workers(raw_records, stale_s)
 
 
+class AlreadyEnqueued(Exception):
+    """The job id is already enqueued: another request of the same Idempotency-Key won."""
+
+
 def enqueue(
     connection: redis.Redis,
     queue: Queue,
@@ -88,14 +93,19 @@ def enqueue(
     job_id: str | None = None,
     webhook_url: str | None = None,
     also: Callable[[Any], object] | None = None,
+    exclusive: bool = False,
 ) -> Job:
     """Store the image and enqueue the job in one MULTI/EXEC: a queued job never lacks its
-    input, and one round trip does what took three. `also` queues further writes that
-    must land with the job (the owner's record) on the same transaction.
+    input, and one round trip does what took three. The job takes its fair place among
+    other keys' jobs (service/fairness.py). `also` queues further writes that must land
+    with the job (its admission's confirmation) on the same transaction.
 
     RQ queues its own writes (SADD rq:queues, the job hash, RPUSH) on the pipeline it is
     given, so they land with the input or not at all: if `execute` raises, nothing was
     written, or (a reply lost in flight) everything was, and the input must then stay.
+
+    `exclusive`: the id may be another request's (the same Idempotency-Key); WATCH lets
+    only the first enqueue it, and AlreadyEnqueued tells the others.
     """
     job_id = job_id or str(uuid.uuid4())
     height, width = rgb.shape[:2]
@@ -103,14 +113,14 @@ def enqueue(
         params=params, image_width=width, image_height=height, owner=owner, webhook_url=webhook_url
     )
     with connection.pipeline(transaction=True) as pipe:
+        if exclusive:
+            pipe.watch(Job.key_for(job_id))
+            if pipe.exists(Job.key_for(job_id)):
+                raise AlreadyEnqueued(job_id)
         # Explicitly, before the first command: RQ would call MULTI itself, which a
         # pipeline that already holds a command refuses.
         pipe.multi()
-        pipe.set(
-            contract.input_key(job_id),
-            rgb.tobytes(),
-            ex=settings.job_timeout_s + settings.result_ttl_s,
-        )
+        pipe.set(contract.input_key(job_id), rgb.tobytes(), ex=settings.input_ttl_s)
         job = queue.enqueue_call(
             contract.JOB_FUNCTION,
             kwargs={"payload": payload.model_dump(mode="json")},
@@ -124,9 +134,13 @@ def enqueue(
             retry=Retry(max=settings.max_retries) if settings.max_retries else None,
             pipeline=pipe,
         )
+        fairness.place(pipe, queue.key, queue.name, job_id, owner, settings.input_ttl_s)
         if also is not None:
             also(pipe)
-        pipe.execute()
+        try:
+            pipe.execute()
+        except redis.WatchError:
+            raise AlreadyEnqueued(job_id) from None
     return job
 
 
@@ -363,15 +377,22 @@ def cancel_queued(connection: redis.Redis, job: Job) -> None:
         "message": "canceled by the client",
     }
     job.save_meta()
-    connection.delete(contract.input_key(job.id))
+    # Deletes its input: the job's bytes are gone.
+    contract.settle_held_bytes(connection, job.meta.get(contract.META_OWNER, ""), job.id)
 
 
-def delete(connection: redis.Redis, job: Job) -> None:
-    """Forget a finished job: the RQ job, its input, its result and any cancel flag."""
-    job.delete()
+def delete(connection: redis.Redis, job: Job, owner: str) -> None:
+    """Forget a finished job: its result and input, the RQ job, its cancel flag, and its
+    share of its key's budgets.
+
+    Works on a Redis that is out of memory (noeviction refuses every command that may need
+    memory, and any MULTI): only deletions, each on its own, the largest values first.
+    """
     connection.delete(
-        contract.input_key(job.id),
         contract.result_key(job.id),
         contract.reconstruction_key(job.id),
+        contract.input_key(job.id),
         contract.cancel_key(job.id),
     )
+    job.delete()
+    limits.forget(connection, owner, job.id)

@@ -1,32 +1,49 @@
-"""Per-API-key back-pressure: jobs in flight per key and submissions per key per minute.
+"""Admission: the per-key rate, and every limit a job is admitted against, atomically.
 
-Both live in Redis, so every gateway replica enforces the same limits:
+All state lives in Redis (contract.py's per-key keys), so every gateway replica enforces
+the same limits:
 
-- `inversion:owner:{hash}:active`, a set of the owner's job ids that the gateway adds at
-  submit; members whose RQ status is no longer queued or running are pruned lazily, at
-  the owner's next accepted submission (in the transaction that enqueues it).
-- `inversion:owner:{hash}:rate:{minute}`, a fixed-window counter (INCR + EXPIRE).
+- the rate: a fixed-window counter per key and clock minute (INCR + EXPIRE), counted for
+  every submission, replays of an Idempotency-Key included;
+- admission, one Lua script: the global queue depth (queued jobs and admissions not yet
+  enqueued), and per key the jobs queued or running, their summed GPU cost and the bytes
+  its jobs hold in Redis. It refuses or reserves all at once, so that concurrent
+  submissions cannot together pass a limit that each passes alone;
+- the transaction that enqueues the job confirms the admission (`confirm`); a submission
+  refused after its admission gives it back (`release`). One whose enqueue reply was lost
+  gives nothing back: the enqueue may have happened, and what it reserved otherwise lapses
+  by itself within ADMISSION_GRACE_S.
 
-The anonymous owner (auth disabled) is not limited per key; the global queue depth still is.
+A key's jobs are counted until RQ no longer has them queued or running (read from their
+job hashes at the key's next admission); their bytes until they are settled by the worker
+or the gateway (contract.settle_held_bytes) or the deadline held for them passes. The
+anonymous owner (auth disabled) is not limited per key; the global queue depth still is.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import redis
+from rq import Queue
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 
+import contract
 from contract import ErrorCode
 from service.errors import RETRY_AFTER_S, ProblemError
 from service.settings import GatewaySettings
 
 WINDOW_S = 60
 
-ACTIVE_RQ_STATUSES = frozenset(
-    s.value.encode()
+ADMISSION_GRACE_S = 60
+"""How long an admission may wait for its enqueue: one whose request was lost (a gateway
+killed, a reply lost with a transaction that never ran) lapses after this."""
+
+ACTIVE_RQ_STATUSES = tuple(
+    s.value
     for s in (
         RQStatus.CREATED,
         RQStatus.QUEUED,
@@ -39,26 +56,98 @@ ACTIVE_RQ_STATUSES = frozenset(
 )
 """RQ statuses of a job still waiting or running; a deleted or expired job has none."""
 
+ADMIT_LUA = """
+-- KEYS: queue, admitting, owner jobs, held, held bytes, held total.
+-- ARGV: job, now, grace, per-key ('1'), max depth, max jobs, max cost, max bytes,
+--       job cost, job bytes, key ttl, RQ job key prefix, then RQ's active statuses.
+local job, now, grace = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local per_key = ARGV[4] == '1'
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - grace)
+local reserved
+if per_key then
+  reserved = redis.call('HEXISTS', KEYS[3], job) == 1
+else
+  reserved = redis.call('ZSCORE', KEYS[2], job) ~= false
+end
+if reserved then
+  -- The same job again (its Idempotency-Key retried): counted once, its wait renewed.
+  redis.call('ZADD', KEYS[2], 'XX', now, job)
+  local deadline = redis.call('ZSCORE', KEYS[4], job)
+  if deadline and tonumber(deadline) < now + grace then
+    redis.call('ZADD', KEYS[4], now + grace, job)
+  end
+  return {'ok', 0}
+end
+local depth = redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
+if depth >= tonumber(ARGV[5]) then return {'queue_full', depth} end
+if per_key then
+  local active = {}
+  for i = 13, #ARGV do active[ARGV[i]] = true end
+  local count, cost = 0, 0
+  local entries = redis.call('HGETALL', KEYS[3])
+  for i = 1, #entries, 2 do
+    local id = entries[i]
+    local status = redis.call('HGET', ARGV[12] .. id, 'status')
+    local live
+    if status then
+      live = active[status] == true
+    else
+      live = redis.call('ZSCORE', KEYS[2], id) ~= false
+    end
+    if live then
+      count = count + 1
+      cost = cost + tonumber(entries[i + 1])
+    else
+      redis.call('HDEL', KEYS[3], id)
+    end
+  end
+  local gone = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now)
+  for _, id in ipairs(gone) do
+    local bytes = redis.call('HGET', KEYS[5], id)
+    if bytes then
+      redis.call('HDEL', KEYS[5], id)
+      redis.call('DECRBY', KEYS[6], bytes)
+    end
+  end
+  if #gone > 0 then redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now) end
+  local held = tonumber(redis.call('GET', KEYS[6]) or '0')
+  if count >= tonumber(ARGV[6]) then return {'jobs', count} end
+  if cost + tonumber(ARGV[9]) > tonumber(ARGV[7]) then return {'cost', cost} end
+  if held + tonumber(ARGV[10]) > tonumber(ARGV[8]) then return {'bytes', held} end
+  redis.call('HSET', KEYS[3], job, ARGV[9])
+  redis.call('ZADD', KEYS[4], now + grace, job)
+  redis.call('HSET', KEYS[5], job, ARGV[10])
+  redis.call('INCRBY', KEYS[6], ARGV[10])
+  for k = 3, 6 do redis.call('EXPIRE', KEYS[k], ARGV[11]) end
+end
+redis.call('ZADD', KEYS[2], now, job)
+return {'ok', 1}
+"""
 
-def active_key(owner: str) -> str:
-    return f"inversion:owner:{owner}:active"
+
+@dataclass(frozen=True)
+class JobSize:
+    """What a job is admitted against: its GPU cost and the bytes it may keep in Redis."""
+
+    cost: int
+    bytes: int
 
 
-def rate_key(owner: str, window: int) -> str:
-    return f"inversion:owner:{owner}:rate:{window}"
-
-
-def _count_submission(pipe: Any, owner: str, now: float) -> int:
-    """Queue the INCR (and EXPIRE) of the owner's current minute; returns the window."""
+def count_submission(
+    connection: redis.Redis, settings: GatewaySettings, owner: str, now: float | None = None
+) -> None:
+    """Count this submission in the owner's current minute; 429 once over the limit."""
+    if not owner:
+        return
+    now = time.time() if now is None else now
     window = int(now // WINDOW_S)
-    key = rate_key(owner, window)
+    key = contract.rate_key(owner, window)
+    pipe = connection.pipeline(transaction=False)
     pipe.incr(key)
     pipe.expire(key, WINDOW_S + 5)
-    return window
-
-
-def _refuse_over_rate(count: int, limit: int, window: int, now: float) -> None:
-    if count > limit:
+    count, _ = pipe.execute()
+    limit = settings.rate_limit_per_minute
+    if int(count) > limit:
         retry_after = max(1, int((window + 1) * WINDOW_S - now + 0.999))
         raise ProblemError(
             429,
@@ -68,63 +157,106 @@ def _refuse_over_rate(count: int, limit: int, window: int, now: float) -> None:
         )
 
 
-def _ended(connection: redis.Redis, members: list[Any]) -> list[Any]:
-    """The owner's recorded jobs no longer queued or running (ended, deleted or expired)."""
-    if not members:
-        return []
-    pipe = connection.pipeline(transaction=False)
-    for member in members:
-        job_id = member.decode() if isinstance(member, bytes) else str(member)
-        pipe.hget(Job.key_for(job_id), "status")
-    statuses = pipe.execute()
-    return [
-        m for m, status in zip(members, statuses, strict=True) if status not in ACTIVE_RQ_STATUSES
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def admit(
+    connection: redis.Redis,
+    settings: GatewaySettings,
+    queue: Queue,
+    owner: str,
+    job_id: str,
+    size: JobSize,
+    now: float | None = None,
+) -> bool:
+    """Reserve the job's place under every limit, or raise the 429 of the first it passes.
+
+    True when this call made the reservation (`release` it if the job is not enqueued);
+    False when the job was already admitted (a retry of the same Idempotency-Key).
+    """
+    now = time.time() if now is None else now
+    keys = [
+        queue.key,
+        contract.ADMITTING_KEY,
+        contract.owner_jobs_key(owner),
+        contract.owner_held_key(owner),
+        contract.owner_held_bytes_key(owner),
+        contract.owner_held_total_key(owner),
     ]
-
-
-def _refuse_over_active(active: int, limit: int) -> None:
-    if active >= limit:
+    args = [
+        job_id,
+        repr(now),
+        ADMISSION_GRACE_S,
+        "1" if owner else "0",
+        settings.max_queue_depth,
+        settings.max_queued_per_key,
+        settings.max_queued_cost_per_key,
+        settings.max_held_bytes_per_key,
+        size.cost,
+        size.bytes,
+        settings.input_ttl_s + settings.failure_ttl_s,
+        Job.redis_job_namespace_prefix,
+        *ACTIVE_RQ_STATUSES,
+    ]
+    verdict, value = connection.eval(ADMIT_LUA, len(keys), *keys, *args)  # type: ignore[misc]
+    verdict, value = _text(verdict), int(value)
+    if verdict == "ok":
+        return bool(value)
+    retry = {"Retry-After": str(RETRY_AFTER_S)}
+    if verdict == "queue_full":
+        raise ProblemError(
+            429,
+            ErrorCode.QUEUE_FULL,
+            f"{value} jobs are waiting; the limit is {settings.max_queue_depth}",
+            headers=retry,
+        )
+    if verdict == "jobs":
         raise ProblemError(
             429,
             ErrorCode.RATE_LIMITED,
-            f"{active} jobs of this API key are queued or running; the limit is {limit}",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
+            f"{value} jobs of this API key are queued or running; the limit is "
+            f"{settings.max_queued_per_key}",
+            headers=retry,
         )
+    if verdict == "cost":
+        raise ProblemError(
+            429,
+            ErrorCode.QUOTA_EXCEEDED,
+            f"this API key's queued and running jobs cost {value}; this job's {size.cost} "
+            f"would pass the key's limit of {settings.max_queued_cost_per_key} "
+            "(INVERSION_MAX_QUEUED_COST_PER_KEY); wait for them to finish",
+            headers=retry,
+        )
+    raise ProblemError(
+        429,
+        ErrorCode.QUOTA_EXCEEDED,
+        f"this API key's jobs hold {value} bytes in the job store; this job's {size.bytes} "
+        f"would pass the key's limit of {settings.max_held_bytes_per_key} "
+        "(INVERSION_MAX_HELD_BYTES_PER_KEY); delete results you have downloaded, or wait "
+        "for them to expire",
+        headers=retry,
+    )
 
 
-def check_submission(
-    connection: redis.Redis, settings: GatewaySettings, owner: str, now: float | None = None
-) -> list[Any]:
-    """Both per-key limits, before anything is stored; nothing for the anonymous owner.
-
-    Counts this submission in the owner's current minute (429 once over the limit), then
-    counts the owner's jobs still queued or running (429 at the limit). The minute's count
-    and the owner's recorded jobs are read in one round trip. Returns the recorded jobs
-    that have ended, for `record_submission` to prune.
-    """
-    if not owner:
-        return []
-    now = time.time() if now is None else now
-    pipe = connection.pipeline(transaction=True)
-    window = _count_submission(pipe, owner, now)
-    pipe.smembers(active_key(owner))
-    count, _, members = pipe.execute()
-    _refuse_over_rate(int(count), settings.rate_limit_per_minute, window, now)
-    ended = _ended(connection, list(members))
-    _refuse_over_active(len(members) - len(ended), settings.max_queued_per_key)
-    return ended
+def confirm(pipe: Any, settings: GatewaySettings, owner: str, job_id: str, now: float) -> None:
+    """Queued on the transaction that enqueues the job: its admission is complete, and its
+    input's bytes are held for as long as the input is kept."""
+    pipe.zrem(contract.ADMITTING_KEY, job_id)
+    if owner:
+        pipe.zadd(contract.owner_held_key(owner), {job_id: now + settings.input_ttl_s}, xx=True)
 
 
-def record_submission(
-    pipe: Any, settings: GatewaySettings, owner: str, job_id: str, ended: list[Any]
-) -> None:
-    """Remember the owner's new job and forget its `ended` ones, queued on the transaction
-    that enqueues the job (a queued job is always counted); the set expires once its jobs
-    could no longer be kept."""
-    if not owner:
-        return
-    key = active_key(owner)
-    if ended:
-        pipe.srem(key, *ended)
-    pipe.sadd(key, job_id)
-    pipe.expire(key, settings.job_timeout_s + settings.result_ttl_s + settings.failure_ttl_s)
+def release(connection: redis.Redis, owner: str, job_id: str) -> None:
+    """Give back an admission whose job was not enqueued; only deletes (a full Redis takes
+    them), in one round trip without MULTI (which a full Redis refuses whole)."""
+    pipe = connection.pipeline(transaction=False)
+    pipe.zrem(contract.ADMITTING_KEY, job_id)
+    forget(pipe, owner, job_id)
+    pipe.execute()
+
+
+def forget(client: Any, owner: str, job_id: str) -> None:
+    """A job that is gone (deleted, or never enqueued) no longer counts against its key."""
+    client.hdel(contract.owner_jobs_key(owner), job_id)
+    contract.settle_held_bytes(client, owner, job_id)

@@ -1,8 +1,9 @@
 """HTTP protocol features around a job: Idempotency-Key, `Prefer: wait=N` and the SSE stream.
 
 - Idempotency: `inversion:idem:{owner}:{key}` -> {"payload_hash", "job_id"}, written with
-  SET NX before the job is enqueued (so two concurrent submissions with one key make one
-  job), expiring with the result TTL. The same key with another payload is a 422.
+  SET NX before the job is enqueued, expiring with the result TTL. Every request with the
+  key enqueues that one job id, exclusively, so concurrent ones, and a retry after a lost
+  reply, make one job. The same key with another payload is a 422.
 - `Prefer: wait=N` (RFC 7240): the submission waits up to N seconds for the job to end.
 - Events: `GET /v1/inversions/{id}/events` streams `status`, `progress` and `end` events.
 
@@ -32,17 +33,12 @@ IDEMPOTENCY_HEADER = "Idempotency-Key"
 _KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
 _WAIT_PATTERN = re.compile(r"^\s*wait\s*=\s*\"?(\d{1,9})\"?\s*$", re.IGNORECASE)
 
-WAIT_POLL_S = 0.05
-"""How often a submission whose Idempotency-Key is held re-reads the key."""
-
 BLOCK_SLICE_S = 0.5
 """Longest single blocking wait on a job's end signal: under the Redis socket timeout."""
 EVENTS_POLL_S = 0.1
 """How often the event stream reads its job."""
 KEEPALIVE_S = 15.0
 """An SSE comment this often, so that proxies do not close a quiet stream."""
-CLAIM_WAIT_S = 5.0
-"""How long a submission whose key another request holds waits for that job to exist."""
 
 TERMINAL_RQ = frozenset({b"finished", b"failed", b"canceled", b"stopped"})
 
@@ -80,26 +76,21 @@ def _mismatch() -> ProblemError:
 
 
 def claim(
-    connection: redis.Redis,
-    owner: str,
-    key: str,
-    payload_hash: str,
-    job_id: str,
-    ttl_s: int,
-    sleep: Callable[[float], None] = time.sleep,
-) -> str | None:
-    """None when this request now owns the key for `job_id` (it must enqueue that job, or
-    `release` the key if it cannot); else the id of the job the key already made.
+    connection: redis.Redis, owner: str, key: str, payload_hash: str, job_id: str, ttl_s: int
+) -> tuple[str, bool]:
+    """(the job the key names, whether that job exists).
 
-    A key held by a request still enqueueing is waited for (up to CLAIM_WAIT_S); a key
-    released meanwhile is claimed again.
+    `job_id` and False: this request has just claimed the key and must enqueue that job, or
+    `release` the key if it is refused. Another id and False: an earlier request with this
+    key has not enqueued its job (it still runs, or its reply was lost, or it died): this
+    one enqueues that same id, exclusively (jobs.enqueue), so that whichever gets there
+    first makes the one job. Another id and True: the job exists; answer it.
     """
     name = idempotency_key(owner, key)
     record = json.dumps({"payload_hash": payload_hash, "job_id": job_id})
-    deadline = time.monotonic() + CLAIM_WAIT_S
     while True:
         if connection.set(name, record, nx=True, ex=ttl_s):
-            return None
+            return job_id, False
         raw = connection.get(name)
         if raw is None:
             continue  # expired or released between the two calls: try again
@@ -107,16 +98,18 @@ def claim(
         if existing.get("payload_hash") != payload_hash:
             raise _mismatch()
         other = str(existing["job_id"])
-        if connection.exists(Job.key_for(other)) or time.monotonic() >= deadline:
-            return other
-        sleep(WAIT_POLL_S)
+        return other, bool(connection.exists(Job.key_for(other)))
 
 
 def release(connection: redis.Redis, owner: str, key: str, job_id: str) -> None:
-    """Give the key up after a refused submission, if it still names `job_id`."""
+    """Give the key up after a refused submission, if it still names `job_id` and no such
+    job exists (another request with the key may have made it meanwhile)."""
     name = idempotency_key(owner, key)
-    raw = connection.get(name)
-    if raw is not None and json.loads(raw).get("job_id") == job_id:
+    pipe = connection.pipeline(transaction=False)
+    pipe.get(name)
+    pipe.exists(Job.key_for(job_id))
+    raw, exists = pipe.execute()
+    if raw is not None and not exists and json.loads(raw).get("job_id") == job_id:
         connection.delete(name)
 
 

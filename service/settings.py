@@ -107,6 +107,42 @@ class GatewaySettings(BaseSettings):
         ge=1,
         description="Submissions one API key may make per clock minute (429 above).",
     )
+    max_resolution_scale: float = Field(
+        default=2.0,
+        ge=1.0,
+        description="Largest `resolution` per side, as a multiple of the live model's native "
+        "size (422 above).",
+    )
+    max_resolution_side: int = Field(
+        default=2048,
+        ge=64,
+        description="Largest width or height of `resolution` whatever the model, also while "
+        "no worker is alive (422 above).",
+    )
+    max_job_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        ge=1,
+        description="Most bytes one job may keep in Redis: its input plus its worst-case "
+        "result (latents, trajectory, null embeddings, reconstruction, metadata); 422 above.",
+    )
+    max_job_cost: int = Field(
+        default=100_000_000,
+        ge=1,
+        description="Most GPU work one job may ask for, in UNet image-calls x latent pixels "
+        "(a 50-step guided 512x512 job with verify costs 819200); 422 above.",
+    )
+    max_held_bytes_per_key: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=1,
+        description="Bytes one API key's jobs may keep in Redis at once (queued inputs and "
+        "unexpired results); 429 `quota_exceeded` above.",
+    )
+    max_queued_cost_per_key: int = Field(
+        default=1_000_000_000,
+        ge=1,
+        description="GPU cost (as max_job_cost counts it) one API key may have queued or "
+        "running at once; 429 `quota_exceeded` above.",
+    )
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
         description=(
@@ -168,6 +204,23 @@ class GatewaySettings(BaseSettings):
                 "site act with a user's credentials; list the allowed origins explicitly"
             )
         return self
+
+    @model_validator(mode="after")
+    def _one_job_fits_its_keys_budget(self) -> GatewaySettings:
+        for job, key in (
+            ("max_job_bytes", "max_held_bytes_per_key"),
+            ("max_job_cost", "max_queued_cost_per_key"),
+        ):
+            if getattr(self, job) > getattr(self, key):
+                raise ValueError(
+                    f"{job} is above {key}: a job allowed alone could never be admitted"
+                )
+        return self
+
+    @property
+    def input_ttl_s(self) -> int:
+        """How long a job's input is kept: long enough to wait, run and be retried."""
+        return self.job_timeout_s + self.result_ttl_s
 
     def require_auth_configured(self) -> None:
         """Raise unless API keys are configured or auth is explicitly disabled (startup)."""

@@ -13,9 +13,9 @@ same records are written, with RQ's own methods, in one MULTI/EXEC per batch, so
 2. Success: the result bytes (and reconstruction), the input deleted, the job's meta
    (final progress, result metadata, engine time), RQ's Result stream entry, `finished`
    status, FinishedJobRegistry and TTLs, the execution's cleanup, the worker's counters,
-   the job-ended signal that waiting gateways block on, the service-wide job metrics and
-   this worker's throughput. One transaction: a gateway that sees `finished` always finds
-   the result.
+   the job-ended signal that waiting gateways block on, the service-wide job metrics, the
+   bytes the job now holds against its key's budget, and this worker's throughput. One
+   transaction: a gateway that sees `finished` always finds the result.
 
 The gateway never enqueues a job with `depends_on`, so no job has dependents to release
 and RQ's WATCH loop over the dependents key has nothing to guard.
@@ -38,6 +38,7 @@ from rq.worker.base import WorkerStatus
 from contract import (
     ENDED_TTL_S,
     JOB_METRICS_KEY,
+    META_OWNER,
     META_PROGRESS,
     THROUGHPUT_KEY,
     cancel_key,
@@ -46,6 +47,7 @@ from contract import (
     input_key,
     reconstruction_key,
     result_key,
+    settle_held_bytes,
 )
 
 if TYPE_CHECKING:
@@ -114,10 +116,13 @@ def record_job_metrics(pipe: Any, job: Job, status: str) -> None:
 
 
 def signal_end(pipe: Any, job: Job, status: str) -> None:
-    """The job-ended signal gateways block on (`Prefer: wait`), and the job's metrics."""
+    """The job-ended signal gateways block on (`Prefer: wait`), and the job's metrics. A job
+    that did not succeed keeps no bytes: its input goes, and its key's budget gets them back."""
     pipe.rpush(ended_key(job.id), status)
     pipe.expire(ended_key(job.id), ENDED_TTL_S)
     record_job_metrics(pipe, job, status)
+    if status != "succeeded":
+        settle_held_bytes(pipe, job.meta.get(META_OWNER, ""), job.id)
 
 
 def finish_successes(
@@ -138,6 +143,8 @@ def finish_successes(
                 pipe.set(reconstruction_key(job.id), success.reconstruction_png, ex=expiry)
             pipe.delete(input_key(job.id))
             job.meta = item.meta
+            kept = len(success.result) + len(success.reconstruction_png or b"")
+            settle_held_bytes(pipe, job.meta.get(META_OWNER, ""), job.id, kept, expiry)
             pipe.hset(job.key, "meta", JSONSerializer.dumps(item.meta))
             # What RQ's _finalize_success and handle_job_success write, in their order.
             job.ended_at = now()

@@ -117,6 +117,7 @@ class LoadedModel:
             latent_channels=self.latent_channels,
             vae_scale_factor=self.vae_scale_factor,
             tokenizer_max_length=self.tokenizer_max_length,
+            text_hidden_size=int(self.text_encoder.config.hidden_size),
             scheduler_config=self.scheduler_config,
             dtype=str(self.dtype).removeprefix("torch."),
             device=str(self.device),

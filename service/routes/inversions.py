@@ -21,12 +21,14 @@ from fastapi import (
     status,
 )
 from fastapi.responses import JSONResponse, StreamingResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from safetensors.numpy import load as load_safetensors
 from starlette.concurrency import run_in_threadpool
 
 import contract
 from contract import ErrorCode, JobStatus
-from service import jobs, limits, protocol, uploads
+from service import jobs, limits, protocol, quotas, uploads
 from service.deps import MetricsDep, OwnerDep, QueueDep, RedisDep, SettingsDep, get_owner
 from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, ProblemError
 from service.schemas import JobAccepted, JobUrls, JobView
@@ -245,31 +247,44 @@ def _accept(
     webhook_url: str | None,
     idempotency_key: str | None,
 ) -> tuple[str, bool]:
-    """The synchronous half of a submission: (job id, whether an earlier one is replayed)."""
+    """The synchronous half of a submission: (job id, whether an earlier one is replayed).
+
+    Cheap checks first; the image is decoded only for a submission within the rate, and
+    the job's place under every limit is reserved (limits.admit) only once its size is
+    known. A refusal gives back what it took (admission, Idempotency-Key); a lost
+    connection gives back nothing: the enqueue may have happened, a retry with the key
+    finds or makes the one job, and an admission never enqueued lapses by itself.
+    """
     params = uploads.build_params(fields, settings)
     webhook_url = uploads.check_webhook_url(webhook_url, settings.webhook_allowed_hosts)
     key = protocol.check_key(idempotency_key)
     data = uploads.read_upload(image.file, settings.max_upload_bytes)
+    # Before the replay check: replays cost a request like any other.
+    limits.count_submission(redis, settings, owner)
     job_id = str(uuid.uuid4())
     if key is not None:
         digest = uploads.payload_hash(data, params, webhook_url)
-        existing = protocol.claim(redis, owner, key, digest, job_id, settings.result_ttl_s)
-        if existing is not None:
-            return existing, True
+        job_id, exists = protocol.claim(redis, owner, key, digest, job_id, settings.result_ttl_s)
+        if exists:
+            return job_id, True
+    admitted = False
     try:
-        ended = limits.check_submission(redis, settings, owner)
         depth, workers = jobs.queue_depth_and_workers(redis, queue, settings.worker_stale_s)
-        if depth >= settings.max_queue_depth:
+        if depth >= settings.max_queue_depth:  # cheap, before decoding; admit() is exact
             raise ProblemError(
                 429,
                 ErrorCode.QUEUE_FULL,
                 f"{depth} jobs are waiting; the limit is {settings.max_queue_depth}",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
+        worker = workers[0] if workers else None
+        quotas.check_resolution(params, settings, worker)
         decoded = uploads.decode_image(data, settings)
-        if workers and settings.prompt_overflow == "reject":
-            uploads.check_prompt_tokens(redis, params, workers[0])
-        rgb = uploads.normalise(decoded, params, workers[0] if workers else None)
+        if worker is not None and settings.prompt_overflow == "reject":
+            uploads.check_prompt_tokens(redis, params, worker)
+        rgb = uploads.normalise(decoded, params, worker)
+        size = quotas.size_job(params, settings, worker, rgb)
+        admitted = limits.admit(redis, settings, queue, owner, job_id, size)
         job = jobs.enqueue(
             redis,
             queue,
@@ -280,14 +295,17 @@ def _accept(
             job_id=job_id,
             webhook_url=webhook_url,
             also=partial(
-                limits.record_submission,
-                settings=settings,
-                owner=owner,
-                job_id=job_id,
-                ended=ended,
+                limits.confirm, settings=settings, owner=owner, job_id=job_id, now=time.time()
             ),
+            exclusive=key is not None,
         )
+    except jobs.AlreadyEnqueued:
+        return job_id, True
+    except (RedisConnectionError, RedisTimeoutError):
+        raise
     except BaseException:
+        if admitted:
+            limits.release(redis, owner, job_id)
         if key is not None:
             protocol.release(redis, owner, key, job_id)
         raise
@@ -397,6 +415,11 @@ def delete_inversion(
     """Queued: canceled, never runs (202). Running: stops at the next step (202).
     Finished, failed or canceled: deleted with its input and result (204)."""
     job = jobs.load_job(redis, job_id, owner)
+    state = jobs.status_of(job)
+    if state.is_terminal:
+        # Only deletions: they free memory even when Redis is full.
+        jobs.delete(redis, job, owner)
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
     # Set first: a worker may dequeue the job between the status read and the cancel. The
     # message stops a running job at its next step; the flag also covers a worker that
     # missed it or dequeues the job later.
@@ -404,12 +427,8 @@ def delete_inversion(
         pipe.set(contract.cancel_key(job_id), b"1", ex=settings.job_timeout_s + 60)
         pipe.publish(contract.CANCEL_CHANNEL, job_id)
         pipe.execute()
-    state = jobs.status_of(job)
     if state is JobStatus.QUEUED:
         jobs.cancel_queued(redis, job)
-    elif state.is_terminal:
-        jobs.delete(redis, job)
-        return Response(status_code=status.HTTP_204_NO_CONTENT)
     job.refresh()
     return jobs.job_view(job, queue, settings.worker_stale_s)
 

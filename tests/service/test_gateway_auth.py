@@ -204,7 +204,7 @@ def test_per_key_queued_limit(make_client, small_png, redis):
     job = Job.fetch(first, connection=redis, serializer=JSONSerializer)
     job.set_status("finished")
     assert post(client, small_png, bearer(KEY_A)).status_code == 202
-    assert redis.scard(limits.active_key(HASH_A)) == 2
+    assert redis.hlen(contract.owner_jobs_key(HASH_A)) == 2
 
 
 def test_deleted_job_frees_its_slot(make_client, small_png):
@@ -230,12 +230,12 @@ def test_per_minute_rate_limit(make_client, small_png):
 
 def test_rate_window_retry_after_is_the_rest_of_the_minute(redis):
     settings = GatewaySettings(redis_url="redis://unused.invalid:6379/0", rate_limit_per_minute=1)
-    limits.check_submission(redis, settings, "owner", now=600.0)
+    limits.count_submission(redis, settings, "owner", now=600.0)
     with pytest.raises(limits.ProblemError) as caught:
-        limits.check_submission(redis, settings, "owner", now=615.2)
+        limits.count_submission(redis, settings, "owner", now=615.2)
     assert caught.value.status == 429
     assert caught.value.headers["Retry-After"] == "45"
-    limits.check_submission(redis, settings, "owner", now=660.0)  # the next window starts afresh
+    limits.count_submission(redis, settings, "owner", now=660.0)  # the next window starts afresh
 
 
 # -- CORS -----------------------------------------------------------------------------------

@@ -1,0 +1,101 @@
+"""Per-job bounds from a job's parameters, before anything is stored: 422 naming the field.
+
+- `resolution`: at most INVERSION_MAX_RESOLUTION_SCALE x the live model's native size per
+  side, and never above INVERSION_MAX_RESOLUTION_SIDE (also while no worker is alive);
+- the bytes the job may keep in Redis (its input plus its worst-case result,
+  contract.stored_bytes): at most INVERSION_MAX_JOB_BYTES;
+- its GPU work (contract.job_cost): at most INVERSION_MAX_JOB_COST.
+
+The per-key budgets these figures count against are service/limits.py's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import contract
+from contract import ErrorCode, InversionParams, WorkerRecord
+from service.errors import ProblemError
+from service.limits import JobSize
+from service.settings import GatewaySettings
+
+SIZE_MULTIPLE = 64
+"""`resolution` sizes are multiples of this (contract.parse_resolution)."""
+
+
+def _invalid(field: str, detail: str) -> ProblemError:
+    return ProblemError(422, ErrorCode.VALIDATION_ERROR, detail, field=field)
+
+
+def largest_side(settings: GatewaySettings, worker: WorkerRecord | None) -> tuple[int, str]:
+    """The largest width or height a job may ask for, and which setting says so."""
+    limit, why = settings.max_resolution_side, "INVERSION_MAX_RESOLUTION_SIDE"
+    if worker is not None:
+        native = max(worker.model.native_resolution)
+        scaled = int(native * settings.max_resolution_scale) // SIZE_MULTIPLE * SIZE_MULTIPLE
+        if scaled < limit:
+            limit = scaled
+            why = (
+                f"INVERSION_MAX_RESOLUTION_SCALE {settings.max_resolution_scale:g} x the "
+                f"model's native {native}"
+            )
+    return limit, why
+
+
+def check_resolution(
+    params: InversionParams, settings: GatewaySettings, worker: WorkerRecord | None
+) -> None:
+    """422 (`resolution`) for a side over `largest_side`."""
+    if params.resolution is None:
+        return
+    width, height = params.resolution
+    limit, why = largest_side(settings, worker)
+    if max(width, height) > limit:
+        raise _invalid(
+            "resolution", f"{width}x{height}: a side may be at most {limit} pixels ({why})"
+        )
+
+
+def result_size(
+    params: InversionParams, settings: GatewaySettings, worker: WorkerRecord | None
+) -> tuple[int, int]:
+    """The size the worker will invert at: asked for, or the model's native one; without a
+    live worker the model is unknown, and the largest size allowed is assumed."""
+    if params.resolution is not None:
+        return params.resolution
+    if worker is not None:
+        return worker.model.native_resolution
+    return settings.max_resolution_side, settings.max_resolution_side
+
+
+def size_job(
+    params: InversionParams,
+    settings: GatewaySettings,
+    worker: WorkerRecord | None,
+    rgb: np.ndarray,
+) -> JobSize:
+    """The job's GPU cost and stored bytes (`rgb`: the input as it will be stored), or 422
+    when either passes its per-job limit."""
+    model = worker.model if worker is not None else None
+    size = result_size(params, settings, worker)
+    stored = contract.stored_bytes(params, model, (rgb.shape[1], rgb.shape[0]), size)
+    if stored.total > settings.max_job_bytes:
+        raise _invalid(
+            stored.largest_field,
+            f"the job would keep up to {stored.total} bytes in the job store (input "
+            f"{stored.input}, latents {stored.latents}, trajectory {stored.trajectory}, null "
+            f"embeddings {stored.null_embeddings}, reconstruction {stored.reconstruction}); "
+            f"the limit is {settings.max_job_bytes} (INVERSION_MAX_JOB_BYTES): lower "
+            "resolution or num_inference_steps, or drop return_trajectory",
+        )
+    cost = contract.job_cost(params, model, size)
+    if cost > settings.max_job_cost:
+        raise _invalid(
+            "num_inference_steps",
+            f"the job would cost {cost} ({contract.unet_calls(params)} UNet calls at "
+            f"{size[0]}x{size[1]}); the limit is {settings.max_job_cost} "
+            "(INVERSION_MAX_JOB_COST): the cost grows with num_inference_steps, "
+            "guidance_scale other than 1 (twice the calls), refine_iterations, method "
+            "null_text (null_text_inner_steps), verify and resolution",
+        )
+    return JobSize(cost=cost, bytes=stored.total)
