@@ -93,18 +93,23 @@ def test_an_emptied_queue_starts_every_key_level(redis_client, queue, settings):
 # -- admission --------------------------------------------------------------------------------
 
 
-def test_an_admission_never_enqueued_lapses_after_the_grace(redis_client, queue, settings):
-    tight = settings.model_copy(update={"max_queued_per_key": 1, "max_queue_depth": 1})
+def test_an_admission_counts_at_once_and_lapses_if_never_enqueued(redis_client, queue, settings):
+    tight = settings.model_copy(update={"max_queued_per_key": 1, "max_queue_depth": 2})
     assert limits.admit(redis_client, tight, queue, "a", "job-1", SIZE, now=1000.0)
-    # Counted in the queue depth and against the key while its enqueue may still come.
+    # Counted against the key and in the queue depth before its enqueue: a concurrent
+    # submission cannot take the same place.
     with pytest.raises(ProblemError) as caught:
-        limits.admit(redis_client, tight, queue, "b", "job-2", SIZE, now=1001.0)
+        limits.admit(redis_client, tight, queue, "a", "job-2", SIZE, now=1001.0)
+    assert caught.value.code.value == "rate_limited"
+    assert limits.admit(redis_client, tight, queue, "b", "job-3", SIZE, now=1001.0)
+    with pytest.raises(ProblemError) as caught:
+        limits.admit(redis_client, tight, queue, "c", "job-4", SIZE, now=1001.0)
     assert caught.value.code.value == "queue_full"
     # The same job again (a retry of its Idempotency-Key) is not counted twice.
     assert limits.admit(redis_client, tight, queue, "a", "job-1", SIZE, now=1002.0) is False
     later = 1002.0 + limits.ADMISSION_GRACE_S + 1
-    assert limits.admit(redis_client, tight, queue, "a", "job-3", SIZE, now=later)
-    assert redis_client.hkeys(contract.owner_jobs_key("a")) == [b"job-3"]
+    assert limits.admit(redis_client, tight, queue, "a", "job-5", SIZE, now=later)
+    assert redis_client.hkeys(contract.owner_jobs_key("a")) == [b"job-5"]
     assert int(redis_client.get(contract.owner_held_total_key("a"))) == SIZE.bytes
 
 
