@@ -18,6 +18,9 @@ A key's jobs are counted until RQ no longer has them queued or running (read fro
 job hashes at the key's next admission); their bytes until they are settled by the worker
 or the gateway (contract.settle_held_bytes) or the deadline held for them passes. The
 anonymous owner (auth disabled) is not limited per key; the global queue depth still is.
+
+The script reads the RQ job hashes of a key's jobs by name, beside the keys it is given:
+a standalone Redis (as RQ itself needs), not a cluster.
 """
 
 from __future__ import annotations
