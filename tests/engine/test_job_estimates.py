@@ -25,7 +25,6 @@ CASES = {
     "plain": {},
     "trajectory": {"return_trajectory": True, "num_inference_steps": 40},
     "float16 trajectory": {"return_trajectory": True, "result_dtype": "float16"},
-    "refined, guided": {"refine_iterations": 3, "guidance_scale": 3.0},
     "verify": {"verify": True, "resolution": (128, 64)},
     "null_text": {
         "method": "null_text",
