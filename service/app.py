@@ -32,12 +32,16 @@ RFC 9457 `application/problem+json` with a stable `code`.
 """
 
 
-def create_app(settings: GatewaySettings | None = None, redis_client: Any = None) -> FastAPI:
+def create_app(
+    settings: GatewaySettings | None = None,
+    redis_client: Any = None,
+    async_redis_client: Any = None,
+) -> FastAPI:
     """A new app; `settings` replaces the environment's (tests, embedding).
 
-    `redis_client` replaces the client the lifespan would open from `redis_url` (it is not
-    closed at shutdown). The lifespan refuses to start without API keys unless auth is
-    disabled, and on a Redis that may evict keys.
+    `redis_client` and `async_redis_client` replace the clients the lifespan would open
+    from `redis_url` (they are not closed at shutdown). The lifespan refuses to start
+    without API keys unless auth is disabled, and on a Redis that may evict keys.
     """
     app = FastAPI(
         title="DDIM inversion service",
@@ -50,6 +54,7 @@ def create_app(settings: GatewaySettings | None = None, redis_client: Any = None
     effective = settings or get_settings()
     app.state.metrics = GatewayMetrics()
     app.state.redis_client = redis_client
+    app.state.async_redis_client = async_redis_client
     install_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=effective.max_upload_bytes + FORM_OVERHEAD_BYTES

@@ -19,6 +19,7 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from service import auth
+from service.listener import JobListener
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings, get_settings
 
@@ -66,6 +67,11 @@ async def get_owner(
     return auth.authenticate(auth.presented_key(authorization, x_api_key), settings.api_key_hashes)
 
 
+async def get_listener(request: Request) -> JobListener:
+    """The process's job-events listener, which waits and event streams sleep on."""
+    return request.app.state.listener
+
+
 async def get_metrics(request: Request) -> GatewayMetrics:
     """The metrics of the app serving this request (each app has its own registry)."""
     return request.app.state.metrics
@@ -73,4 +79,5 @@ async def get_metrics(request: Request) -> GatewayMetrics:
 
 QueueDep = Annotated[Queue, Depends(get_queue)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
+ListenerDep = Annotated[JobListener, Depends(get_listener)]
 OwnerDep = Annotated[str, Depends(get_owner)]

@@ -44,6 +44,7 @@ from contract import (
     ended_key,
     histogram_field,
     input_key,
+    publish_job_event,
     reconstruction_key,
     result_key,
 )
@@ -117,6 +118,7 @@ def signal_end(pipe: Any, job: Job, status: str) -> None:
     """The job-ended signal gateways block on (`Prefer: wait`), and the job's metrics."""
     pipe.rpush(ended_key(job.id), status)
     pipe.expire(ended_key(job.id), ENDED_TTL_S)
+    publish_job_event(pipe, job.id)
     record_job_metrics(pipe, job, status)
 
 
