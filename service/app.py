@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from service.auth_middleware import ApiKeyMiddleware
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import GatewayMetrics, RequestMetricsMiddleware
@@ -58,6 +59,12 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=effective.max_upload_bytes + FORM_OVERHEAD_BYTES
+    )
+    # Outside the body limit: a caller without a valid key is refused before any body byte.
+    app.add_middleware(
+        ApiKeyMiddleware,
+        api_key_hashes=effective.api_key_hashes,
+        disabled=effective.auth_disabled,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     if effective.cors_origins:
