@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import Gauge
 
 from service.auth_middleware import ApiKeyMiddleware
 from service.body_limit import BodyLimitMiddleware
@@ -33,6 +34,11 @@ RFC 9457 `application/problem+json` with a stable `code`.
 """
 
 
+def _open_waits(app: FastAPI) -> int:
+    listener = getattr(app.state, "listener", None)  # None until the lifespan started
+    return listener.open_waits if listener is not None else 0
+
+
 def create_app(
     settings: GatewaySettings | None = None,
     redis_client: Any = None,
@@ -54,6 +60,11 @@ def create_app(
         app.dependency_overrides[get_settings] = lambda: settings
     effective = settings or get_settings()
     app.state.metrics = GatewayMetrics()
+    Gauge(
+        "inversion_open_waits",
+        "`Prefer: wait` submissions and event streams open in this gateway process.",
+        registry=app.state.metrics.registry,
+    ).set_function(lambda: _open_waits(app))
     app.state.redis_client = redis_client
     app.state.async_redis_client = async_redis_client
     install_error_handlers(app)

@@ -111,6 +111,9 @@ class JobListener:
         self._watches: dict[str, dict[Hashable, Watch[Any]]] = {}
         self._task: asyncio.Task[None] | None = None
         self._open: Counter[str] = Counter()
+        self.open_waits = 0
+        """Waits and streams open in this process, all keys together (a plain int: the
+        metrics thread reads it)."""
 
     @contextlib.asynccontextmanager
     async def watch(
@@ -141,18 +144,15 @@ class JobListener:
         if self._open[owner] >= limit:
             return False
         self._open[owner] += 1
+        self.open_waits += 1
         return True
 
     def leave(self, owner: str) -> None:
         """One wait or stream of `owner` that `admit` counted has ended."""
         self._open[owner] -= 1
+        self.open_waits -= 1
         if self._open[owner] <= 0:
             del self._open[owner]
-
-    @property
-    def open_waits(self) -> int:
-        """Waits and streams open in this process, all keys together."""
-        return sum(self._open.values())
 
     def _wake(self, job_id: str) -> None:
         for watch in self._watches.get(job_id, {}).values():

@@ -280,6 +280,8 @@ def test_each_key_holds_at_most_its_limit_of_waits_and_streams(redis_url):
             # Another key is not affected.
             with events(job_b, KEY_B) as other:
                 assert other.status_code == 200
+                metrics = httpx.get(base + "/metrics").text
+                assert "\ninversion_open_waits 3.0\n" in metrics
         # Both places are given back when the streams close.
         wait_for(lambda: httpx.get(base + "/_threads").json()["open"] == 0, 10, "the release")
         with events(job_a, KEY_A) as again, events(job_a, KEY_A) as again2:
