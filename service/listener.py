@@ -121,7 +121,7 @@ class JobListener:
     ) -> AsyncIterator[Watch[T]]:
         """The watch of `job_id` read as `kind` (one per kind: every waiter that reads the
         job alike shares it, and `read` must be the same for them), while in use."""
-        if self._task is None:
+        if self._task is None or self._task.done():
             # Started by the first waiter, not at startup: a gateway that never waits
             # holds no subscription.
             self._task = asyncio.create_task(self._listen(), name="job-events listener")
@@ -139,9 +139,10 @@ class JobListener:
                 if not watches:
                     del self._watches[job_id]
 
-    def admit(self, owner: str, limit: int) -> bool:
-        """Count one more open wait or stream of `owner`, unless it already holds `limit`."""
-        if self._open[owner] >= limit:
+    def admit(self, owner: str, limit: int | None) -> bool:
+        """Count one more open wait or stream of `owner`, unless it already holds `limit`
+        (None: no limit, counted all the same)."""
+        if limit is not None and self._open[owner] >= limit:
             return False
         self._open[owner] += 1
         self.open_waits += 1
@@ -182,6 +183,8 @@ class JobListener:
                         self._wake(data.decode() if isinstance(data, bytes) else str(data))
             except (RedisError, OSError) as exc:
                 logger.warning("job events subscription lost (%s); subscribing again", exc)
+            except Exception:
+                logger.exception("job events listener failed; subscribing again")
             finally:
                 with contextlib.suppress(RedisError, OSError):
                     await pubsub.aclose()

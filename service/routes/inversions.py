@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 import contract
 from contract import ErrorCode, JobStatus
-from service import jobs, limits, protocol, uploads
+from service import auth, jobs, limits, protocol, uploads
 from service.deps import (
     ListenerDep,
     MetricsDep,
@@ -186,7 +186,7 @@ async def submit_inversion(
     if wait_s is not None and code == status.HTTP_202_ACCEPTED:
         # Over the key's limit of open waits the preference is not applied (RFC 7240): the
         # job is queued all the same, and the 202 says so at once.
-        if listener.admit(owner, settings.max_waiters_per_key):
+        if listener.admit(owner, _waiter_limit(owner, settings)):
             headers["Preference-Applied"] = f"wait={wait_s}"
             try:
                 waited = await protocol.wait_while_connected(
@@ -200,6 +200,12 @@ async def submit_inversion(
     elif wait_s is not None:
         headers["Preference-Applied"] = f"wait={wait_s}"
     return JSONResponse(body, status_code=code, headers=headers)
+
+
+def _waiter_limit(owner: str, settings: Any) -> int | None:
+    """A key's limit of open waits and streams; none for the anonymous owner (auth
+    disabled), like every per-key limit."""
+    return None if owner == auth.ANONYMOUS else settings.max_waiters_per_key
 
 
 def _accept_and_answer(
@@ -445,7 +451,7 @@ async def inversion_events(
     above); a stream lasts at most `INVERSION_MAX_STREAM_S`, then sends `reconnect`
     (`{id, after_s}`) and ends: open it again to go on following the job.
     """
-    if not listener.admit(owner, settings.max_waiters_per_key):
+    if not listener.admit(owner, _waiter_limit(owner, settings)):
         raise ProblemError(
             429,
             ErrorCode.RATE_LIMITED,

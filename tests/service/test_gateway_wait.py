@@ -288,6 +288,16 @@ def test_each_key_holds_at_most_its_limit_of_waits_and_streams(redis_url):
             assert (again.status_code, again2.status_code) == (200, 200)
 
 
+def test_the_anonymous_owner_has_no_limit_of_waits_and_streams(redis_url):
+    # Auth disabled: every caller is one owner, and no per-key limit applies.
+    settings = GatewaySettings(redis_url=redis_url, auth_disabled=True, max_waiters_per_key=1)
+    with serve(settings) as base:
+        job = _submit(base, "").json()["id"]
+        url = f"{base}/v1/inversions/{job}/events"
+        with httpx.stream("GET", url, timeout=30) as one, httpx.stream("GET", url) as two:
+            assert (one.status_code, two.status_code) == (200, 200)
+
+
 def test_a_wait_that_runs_out_answers_202_with_the_preference_applied(redis_url):
     with serve(_settings(redis_url)) as base:
         answer = _submit(base, KEY_A, {"Prefer": "wait=1"})
