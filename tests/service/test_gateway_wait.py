@@ -10,6 +10,7 @@ import asyncio
 import io
 import json
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -231,9 +232,13 @@ def test_waits_and_streams_hold_no_thread(redis_url):
     assert seen == {"open": 80, "busy": 0, "other": 200, "done": 0}
 
 
-def _events(answer: httpx.Response) -> list[tuple[str, dict[str, Any]]]:
+def _events(answer: httpx.Response, give_up_s: float = 30) -> list[tuple[str, dict[str, Any]]]:
+    """The stream's events until it ends; a stream still open after `give_up_s` (far
+    beyond any limit under test) fails the test instead of hanging it."""
     events, name = [], None
+    give_up = time.monotonic() + give_up_s
     for line in answer.iter_lines():
+        assert time.monotonic() < give_up, f"the stream did not end: {events}"
         if line.startswith("event: "):
             name = line[7:]
         elif line.startswith("data: ") and name is not None:
