@@ -12,6 +12,7 @@ import json
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -291,6 +292,28 @@ def test_each_key_holds_at_most_its_limit_of_waits_and_streams(redis_url):
         wait_for(lambda: httpx.get(base + "/_threads").json()["open"] == 0, 10, "the release")
         with events(job_a, KEY_A) as again, events(job_a, KEY_A) as again2:
             assert (again.status_code, again2.status_code) == (200, 200)
+
+
+def test_canceling_a_queued_job_ends_its_streams_and_waits(redis_url):
+    # No re-read in the test's time: only the gateway's announcement of the cancel wakes them.
+    with serve(_settings(redis_url), reread_s=NEVER_S) as base:
+        httpx.get(base + "/_threads")  # sets the re-read period before any watch exists
+        idem = {"Idempotency-Key": "one-job"}
+        job = _submit(base, KEY_A, idem).json()["id"]
+        url = f"{base}/v1/inversions/{job}/events"
+        with (
+            ThreadPoolExecutor(1) as pool,
+            httpx.stream("GET", url, headers={"X-API-Key": KEY_A}, timeout=30) as stream,
+        ):
+            waited = pool.submit(_submit, base, KEY_A, idem | {"Prefer": "wait=60"})
+            wait_for(lambda: httpx.get(base + "/_threads").json()["open"] == 2, 10, "both")
+            cancel = httpx.delete(f"{base}/v1/inversions/{job}", headers={"X-API-Key": KEY_A})
+            assert cancel.status_code == 202
+            events = _events(stream)
+            answer = waited.result()
+    assert [name for name, _ in events][-1] == "end"
+    assert events[-1][1] == {"id": job, "status": "canceled"}
+    assert answer.status_code == 200 and answer.json()["status"] == "canceled"
 
 
 def test_the_anonymous_owner_has_no_limit_of_waits_and_streams(redis_url):
