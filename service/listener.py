@@ -94,9 +94,8 @@ async def until(event: asyncio.Event, timeout_s: float) -> bool:
     """Whether `event` was set within `timeout_s` (never raises on the timeout)."""
     if timeout_s <= 0:
         return event.is_set()
-    with contextlib.suppress(TimeoutError):
-        async with asyncio.timeout(timeout_s):
-            await event.wait()
+    with contextlib.suppress(asyncio.TimeoutError):  # not the builtin one before 3.11
+        await asyncio.wait_for(event.wait(), timeout_s)
     return event.is_set()
 
 
