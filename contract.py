@@ -545,6 +545,17 @@ def ended_key(job_id: str) -> str:
 ENDED_TTL_S = 600
 """How long a job's `ended` signal is kept: long enough for any waiter to see it."""
 
+JOB_EVENTS_CHANNEL = f"{KEY_PREFIX}job-events"
+"""Pub/sub channel that carries a job's id each time its progress or its end is written:
+each gateway process holds one subscription and wakes that job's `Prefer: wait` and event
+stream waiters, which then read the job (no waiter polls Redis)."""
+
+
+def publish_job_event(pipe: Any, job_id: str) -> None:
+    """Announce a change of the job on JOB_EVENTS_CHANNEL: queued in `pipe` (a redis client
+    or pipeline) after the writes it announces, so that a woken reader sees them."""
+    pipe.publish(JOB_EVENTS_CHANNEL, job_id)
+
 
 # -- per-key budgets and fair ordering -------------------------------------------------
 #

@@ -6,7 +6,9 @@ from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from prometheus_client import Gauge
 
+from service.auth_middleware import ApiKeyMiddleware
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import GatewayMetrics, RequestMetricsMiddleware
@@ -32,12 +34,21 @@ RFC 9457 `application/problem+json` with a stable `code`.
 """
 
 
-def create_app(settings: GatewaySettings | None = None, redis_client: Any = None) -> FastAPI:
+def _open_waits(app: FastAPI) -> int:
+    listener = getattr(app.state, "listener", None)  # None until the lifespan started
+    return listener.open_waits if listener is not None else 0
+
+
+def create_app(
+    settings: GatewaySettings | None = None,
+    redis_client: Any = None,
+    async_redis_client: Any = None,
+) -> FastAPI:
     """A new app; `settings` replaces the environment's (tests, embedding).
 
-    `redis_client` replaces the client the lifespan would open from `redis_url` (it is not
-    closed at shutdown). The lifespan refuses to start without API keys unless auth is
-    disabled, and on a Redis that may evict keys.
+    `redis_client` and `async_redis_client` replace the clients the lifespan would open
+    from `redis_url` (they are not closed at shutdown). The lifespan refuses to start
+    without API keys unless auth is disabled, and on a Redis that may evict keys.
     """
     app = FastAPI(
         title="DDIM inversion service",
@@ -49,10 +60,22 @@ def create_app(settings: GatewaySettings | None = None, redis_client: Any = None
         app.dependency_overrides[get_settings] = lambda: settings
     effective = settings or get_settings()
     app.state.metrics = GatewayMetrics()
+    Gauge(
+        "inversion_open_waits",
+        "`Prefer: wait` submissions and event streams open in this gateway process.",
+        registry=app.state.metrics.registry,
+    ).set_function(lambda: _open_waits(app))
     app.state.redis_client = redis_client
+    app.state.async_redis_client = async_redis_client
     install_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=effective.max_upload_bytes + FORM_OVERHEAD_BYTES
+    )
+    # Outside the body limit: a caller without a valid key is refused before any body byte.
+    app.add_middleware(
+        ApiKeyMiddleware,
+        api_key_hashes=effective.api_key_hashes,
+        disabled=effective.auth_disabled,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     if effective.cors_origins:

@@ -19,6 +19,8 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from service import auth
+from service.auth_middleware import owner_of
+from service.listener import JobListener
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings, get_settings
 
@@ -52,18 +54,30 @@ _api_key_header = APIKeyHeader(
 
 
 async def get_owner(
+    request: Request,
     settings: SettingsDep,
     bearer: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
     x_api_key: Annotated[str | None, Security(_api_key_header)],
 ) -> str:
     """The caller's owner id: the SHA-256 of its API key, "" while auth is disabled.
 
-    401 (`unauthorized`, `WWW-Authenticate: Bearer`) without a key or with an unknown one.
+    `ApiKeyMiddleware` has already authenticated the request from its headers (before its
+    body was read) and left the owner in the request's state; the check here stands in
+    for an app without it. 401 (`unauthorized`, `WWW-Authenticate: Bearer`) without a key
+    or with an unknown one.
     """
+    owner = owner_of(request.scope)
+    if owner is not None:
+        return owner
     if settings.auth_disabled:
         return auth.ANONYMOUS
     authorization = f"{bearer.scheme} {bearer.credentials}" if bearer is not None else None
     return auth.authenticate(auth.presented_key(authorization, x_api_key), settings.api_key_hashes)
+
+
+async def get_listener(request: Request) -> JobListener:
+    """The process's job-events listener, which waits and event streams sleep on."""
+    return request.app.state.listener
 
 
 async def get_metrics(request: Request) -> GatewayMetrics:
@@ -73,4 +87,5 @@ async def get_metrics(request: Request) -> GatewayMetrics:
 
 QueueDep = Annotated[Queue, Depends(get_queue)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
+ListenerDep = Annotated[JobListener, Depends(get_listener)]
 OwnerDep = Annotated[str, Depends(get_owner)]

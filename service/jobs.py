@@ -370,6 +370,7 @@ def cancel_queued(connection: redis.Redis, job: Job) -> None:
         connection.hincrby(contract.JOB_METRICS_KEY, "ended:canceled", 1)
         connection.rpush(contract.ended_key(job.id), "canceled")
         connection.expire(contract.ended_key(job.id), contract.ENDED_TTL_S)
+        contract.publish_job_event(connection, job.id)
     except InvalidJobOperation:
         logger.info("job %s was already canceled", job.id)
     job.meta[contract.META_ERROR] = {

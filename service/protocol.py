@@ -5,10 +5,11 @@
   key enqueues that one job id, exclusively, so concurrent ones, and a retry after a lost
   reply, make one job. The same key with another payload is a 422.
 - `Prefer: wait=N` (RFC 7240): the submission waits up to N seconds for the job to end.
-- Events: `GET /v1/inversions/{id}/events` streams `status`, `progress` and `end` events.
+- Events: `GET /v1/inversions/{id}/events` streams `status`, `progress` and `end` events,
+  or `reconnect` once the stream reached its lifetime (INVERSION_MAX_STREAM_S).
 
-Waiting and streaming poll Redis from async code, each read in the threadpool, so that no
-event loop blocks and no thread is held between polls.
+Waiting and streaming hold no thread: they sleep on the process's one job-events listener
+(service/listener.py) and read the job only when it changed (or every few seconds).
 """
 
 from __future__ import annotations
@@ -16,33 +17,31 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Hashable
+from functools import partial
+from typing import Any
 
 import redis
+import redis.asyncio
 from pydantic import BaseModel
 from rq.job import Job
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 import contract
 from contract import ErrorCode
 from service.errors import ProblemError
+from service.listener import JobListener, until
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
 _WAIT_PATTERN = re.compile(r"^\s*wait\s*=\s*\"?(\d{1,9})\"?\s*$", re.IGNORECASE)
 
-BLOCK_SLICE_S = 0.5
-"""Longest single blocking wait on a job's end signal: under the Redis socket timeout."""
-EVENTS_POLL_S = 0.1
-"""How often the event stream reads its job."""
 KEEPALIVE_S = 15.0
 """An SSE comment this often, so that proxies do not close a quiet stream."""
 
 TERMINAL_RQ = frozenset({b"finished", b"failed", b"canceled", b"stopped"})
-
-T = TypeVar("T")
 
 
 # -- Idempotency-Key ---------------------------------------------------------------------
@@ -128,52 +127,52 @@ def preferred_wait(headers: list[str], cap_s: int) -> int | None:
     return None
 
 
-async def wait_until_ended(
-    connection: redis.Redis, job_id: str, wait_s: float, read: Callable[[], T]
-) -> tuple[bool, T]:
-    """(whether the job ended, or vanished, within `wait_s`; `read()` once it did or the
-    time ran out), waiting in `wait_slice`s, each in the threadpool."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        answer = await run_in_threadpool(wait_slice, connection, job_id, deadline, read)
-        if answer is not None:
-            return answer
+async def has_ended(client: redis.asyncio.Redis, job_id: str) -> bool:
+    """Whether the job ended or vanished: its RQ status (which also covers a job that ended
+    without a worker: lost), or its `ended` signal (written with the end)."""
+    async with client.pipeline(transaction=False) as pipe:
+        pipe.hget(Job.key_for(job_id), "status")
+        pipe.exists(contract.ended_key(job_id))
+        state, signalled = await pipe.execute()
+    return state is None or state in TERMINAL_RQ or bool(signalled)
 
 
-def wait_slice(
-    connection: redis.Redis,
-    job_id: str,
-    deadline: float,
-    read: Callable[[], T],
-    check_status: bool = True,
-) -> tuple[bool, T] | None:
-    """One slice of a wait for the job's end, blocking (a worker thread): (ended, `read()`)
-    once the job ended or vanished or `deadline` (monotonic) passed; None while it runs.
-
-    Blocks on the job's `ended` signal (BLMOVE of the list onto itself, so it is not
-    consumed) for at most BLOCK_SLICE_S, under the socket timeout. First it reads the RQ
-    status, which covers jobs that ended without a worker (lost); a caller that has just
-    enqueued the job skips that (`check_status=False`): the job cannot have ended, and a
-    cancel while queued pushes the signal. `read` runs in the thread that saw the end, so
-    the answer costs no further threadpool hop.
-    """
-    if check_status:
-        state = connection.hget(Job.key_for(job_id), "status")
-        if state is None or state in TERMINAL_RQ:
-            return True, read()
-    remaining = deadline - time.monotonic()
-    if remaining > 0:
-        signal = contract.ended_key(job_id)
-        if _block_on(connection, signal, max(0.01, min(BLOCK_SLICE_S, remaining))) is not None:
-            return True, read()
-        if time.monotonic() < deadline:
-            return None
-    return False, read()
+async def wait_until_ended(listener: JobListener, job_id: str, wait_s: float) -> bool:
+    """Whether the job ended (or vanished) within `wait_s`, woken by its events: no thread
+    and no poll of its own (one shared status read per change, for every waiter)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + wait_s
+    read = partial(has_ended, listener.client, job_id)
+    async with listener.watch(job_id, "ended", read) as watch:
+        while True:
+            changed = watch.changed
+            if await watch.current():
+                return True
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            await until(changed, min(remaining, watch.reread_s))
 
 
-def _block_on(connection: redis.Redis, signal: str, timeout_s: float) -> Any:
-    """Wait for the list to hold an element, without taking it (moved onto itself)."""
-    return connection.blmove(signal, signal, timeout_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
+async def wait_while_connected(
+    listener: JobListener, job_id: str, wait_s: float, receive: Receive
+) -> bool | None:
+    """`wait_until_ended`, given up as soon as the client disconnects (None then): a
+    client gone must not keep its wait, nor its place among its key's waits."""
+    waiting = asyncio.ensure_future(wait_until_ended(listener, job_id, wait_s))
+    gone = asyncio.ensure_future(_disconnected(receive))
+    try:
+        await asyncio.wait((waiting, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        waiting.cancel()
+    return waiting.result() if waiting.done() and not waiting.cancelled() else None
+
+
+async def _disconnected(receive: Receive) -> None:
+    """Returns once the client is gone (the request body was read before)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
 
 
 # -- Server-Sent Events ------------------------------------------------------------------
@@ -189,45 +188,74 @@ def sse(event: str, data: Any) -> bytes:
 
 
 async def job_events(
+    listener: JobListener,
+    job_id: str,
+    kind: Hashable,
     read: Callable[[], tuple[Any, dict[str, Any] | None]],
-    poll_s: float = EVENTS_POLL_S,
+    lifetime_s: float,
     keepalive_s: float = KEEPALIVE_S,
 ) -> AsyncIterator[bytes]:
     """`status` on each change of status (or queue position), `progress` on each new step,
-    then `end` once the job is terminal.
+    then `end` once the job is terminal; `reconnect` (and the stream ends) after
+    `lifetime_s`.
 
-    `read` returns (JobView, progress meta) and raises ProblemError once the job is gone.
+    `read` (blocking: it runs in the threadpool, once per change for every stream of the
+    same `kind`) returns (JobView, progress meta) and raises ProblemError once the job is
+    gone. Between changes the stream holds no thread.
     """
+    loop = asyncio.get_running_loop()
+    ends_at = loop.time() + lifetime_s
     last_status: tuple[Any, Any] | None = None
     last_progress: dict[str, Any] | None = None
-    last_sent = time.monotonic()
-    while True:
+    last_sent = loop.time()
+    async with listener.watch(job_id, kind, partial(run_in_threadpool, read)) as watch:
+        while True:
+            changed = watch.changed
+            try:
+                view, progress = await watch.current()
+            except ProblemError as exc:
+                yield sse("end", {"status": None, "code": exc.code.value, "detail": str(exc)})
+                return
+            out: list[bytes] = []
+            current = (view.status, view.queue_position)
+            if current != last_status:
+                last_status = current
+                out.append(sse("status", view))
+            if isinstance(progress, dict) and progress != last_progress:
+                last_progress = progress
+                step = {"step": progress.get("step"), "total": progress.get("total")}
+                # Before the terminal status: the last step is seen before the end.
+                at = len(out) - 1 if view.status.is_terminal and out else len(out)
+                out.insert(at, sse("progress", step))
+            if view.status.is_terminal:
+                out.append(sse("end", {"id": view.id, "status": view.status.value}))
+            for chunk in out:
+                yield chunk
+            if view.status.is_terminal:
+                return
+            now = loop.time()
+            if now >= ends_at:
+                yield sse("reconnect", {"id": view.id, "after_s": lifetime_s})
+                return
+            if out:
+                last_sent = now
+            elif now - last_sent >= keepalive_s:
+                last_sent = now
+                yield b": keep-alive\n\n"
+            wake_in = min(watch.reread_s, last_sent + keepalive_s - now, ends_at - now)
+            await until(changed, wake_in)
+
+
+class HeldStreamingResponse(StreamingResponse):
+    """A stream that runs `release` once it ends, however it ends (done, client gone,
+    error): the per-key count of open streams (`JobListener.admit`) stays exact."""
+
+    def __init__(self, content: AsyncIterator[bytes], release: Callable[[], None], **kw: Any):
+        super().__init__(content, **kw)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
-            view, progress = await run_in_threadpool(read)
-        except ProblemError as exc:
-            yield sse("end", {"status": None, "code": exc.code.value, "detail": str(exc)})
-            return
-        out: list[bytes] = []
-        current = (view.status, view.queue_position)
-        if current != last_status:
-            last_status = current
-            out.append(sse("status", view))
-        if isinstance(progress, dict) and progress != last_progress:
-            last_progress = progress
-            step = {"step": progress.get("step"), "total": progress.get("total")}
-            # Before the terminal status: the last step is seen before the end.
-            out.insert(
-                len(out) - 1 if view.status.is_terminal and out else len(out), sse("progress", step)
-            )
-        if view.status.is_terminal:
-            out.append(sse("end", {"id": view.id, "status": view.status.value}))
-        for chunk in out:
-            yield chunk
-        if view.status.is_terminal:
-            return
-        if out:
-            last_sent = time.monotonic()
-        elif time.monotonic() - last_sent >= keepalive_s:
-            last_sent = time.monotonic()
-            yield b": keep-alive\n\n"
-        await asyncio.sleep(poll_s)
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()

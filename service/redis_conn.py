@@ -1,4 +1,7 @@
-"""The gateway's one Redis client: opened by the app's lifespan, closed when it stops.
+"""The gateway's Redis clients: opened by the app's lifespan, closed when it stops.
+
+A blocking client serves the routes (in the threadpool), an asyncio client the job-events
+listener and the reads of waits (service/listener.py), which hold no thread.
 
 Responses stay bytes (`decode_responses=False`): RQ stores zlib-compressed job data and
 reads it back as bytes. Short socket timeouts and no retries turn a Redis outage into a
@@ -16,10 +19,13 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import redis
+import redis.asyncio
 from fastapi import FastAPI
+from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from service.listener import JobListener
 from service.settings import GatewaySettings, get_settings
 
 logger = logging.getLogger(__name__)
@@ -38,6 +44,24 @@ def open_redis(settings: GatewaySettings) -> redis.Redis:
         socket_timeout=settings.redis_timeout_s,
         socket_connect_timeout=settings.redis_timeout_s,
         retry=Retry(NoBackoff(), 0),
+        decode_responses=False,
+    )
+
+
+HEALTH_CHECK_S = 30
+"""An async connection idle this long is pinged before use: the job-events subscription
+stays idle for long, and a connection dropped by a proxy must be noticed."""
+
+
+def open_async_redis(settings: GatewaySettings) -> redis.asyncio.Redis:
+    """The asyncio twin of `open_redis`, with the same timeouts and no retries."""
+    return redis.asyncio.Redis.from_url(
+        settings.redis_url,
+        socket_timeout=settings.redis_timeout_s,
+        socket_connect_timeout=settings.redis_timeout_s,
+        socket_keepalive=True,
+        health_check_interval=HEALTH_CHECK_S,
+        retry=AsyncRetry(NoBackoff(), 0),
         decode_responses=False,
     )
 
@@ -80,7 +104,8 @@ def check_eviction_policy(client: Any) -> str | None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Check the settings, open the client (unless one was given) and check Redis's policy."""
+    """Check the settings, open the clients (unless given), check Redis's policy; at the
+    end stop the job-events listener and close what it opened."""
     settings_factory = app.dependency_overrides.get(get_settings, get_settings)
     settings: GatewaySettings = settings_factory()
     settings.require_auth_configured()
@@ -92,9 +117,15 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if given is None:
             client.close()
         raise
+    given_async = getattr(app.state, "async_redis_client", None)
+    async_client = given_async if given_async is not None else open_async_redis(settings)
     app.state.redis = client
+    app.state.listener = JobListener(async_client)
     try:
         yield
     finally:
+        await app.state.listener.close()
+        if given_async is None:
+            await async_client.aclose()
         if given is None:
             client.close()

@@ -159,6 +159,44 @@ class GatewaySettings(BaseSettings):
         le=3600,
         description="Longest `Prefer: wait=N` a submission may hold its request open for.",
     )
+    max_waiters_per_key: int = Field(
+        default=100,
+        ge=1,
+        description="`Prefer: wait` submissions and event streams one API key may hold open at "
+        "once, per gateway process: a stream over it gets 429, a wait over it answers 202 at "
+        "once (the preference is not applied).",
+    )
+    max_stream_s: float = Field(
+        default=900.0,
+        gt=0,
+        description="Longest life of one event stream: it then ends with a `reconnect` event.",
+    )
+    http_keepalive_s: int = Field(
+        default=5,
+        ge=1,
+        description="An idle keep-alive connection is closed after this many seconds (set it "
+        "above the load balancer's idle timeout).",
+    )
+    http_header_timeout_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="A connection must deliver each request's line and headers within this "
+        "many seconds of opening (or of the request's first byte); else it is closed.",
+    )
+    http_max_header_bytes: int = Field(
+        default=32 * 1024,
+        ge=1024,
+        description="Largest request line plus headers, in bytes (400 and closed above).",
+    )
+    http_max_concurrency: int = Field(
+        default=1000,
+        ge=1,
+        description="Open connections (or requests in progress) of one gateway process beyond "
+        "which uvicorn answers 503.",
+    )
+    http_backlog: int = Field(
+        default=2048, ge=1, description="Connections the kernel queues before uvicorn accepts."
+    )
     webhook_allowed_hosts: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
         description=(

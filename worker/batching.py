@@ -55,6 +55,7 @@ from contract import (
     WorkerRecord,
     cancel_key,
     input_key,
+    publish_job_event,
     tokenizer_key,
 )
 from worker import jobs
@@ -412,6 +413,7 @@ class InversionWorker(SimpleWorker):
                     if item.stop_code is None:
                         item.meta[META_PROGRESS] = {"step": step, "total": steps}
                         pipe.hset(item.job.key, "meta", JSONSerializer.dumps(item.meta))
+                        publish_job_event(pipe, item.job.id)
                 pipe.execute()
             self.keep_alive(batch)
 

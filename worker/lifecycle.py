@@ -45,6 +45,7 @@ from contract import (
     ended_key,
     histogram_field,
     input_key,
+    publish_job_event,
     reconstruction_key,
     result_key,
     settle_held_bytes,
@@ -120,6 +121,7 @@ def signal_end(pipe: Any, job: Job, status: str) -> None:
     that did not succeed keeps no bytes: its input goes, and its key's budget gets them back."""
     pipe.rpush(ended_key(job.id), status)
     pipe.expire(ended_key(job.id), ENDED_TTL_S)
+    publish_job_event(pipe, job.id)
     record_job_metrics(pipe, job, status)
     if status != "succeeded":
         settle_held_bytes(pipe, job.meta.get(META_OWNER, ""), job.id)

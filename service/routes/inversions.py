@@ -6,7 +6,7 @@ import io
 import time
 import uuid
 from functools import partial
-from typing import Annotated, Any, Literal, NamedTuple
+from typing import Annotated, Any, Literal
 
 import numpy as np
 from fastapi import (
@@ -28,8 +28,16 @@ from starlette.concurrency import run_in_threadpool
 
 import contract
 from contract import ErrorCode, JobStatus
-from service import jobs, limits, protocol, quotas, uploads
-from service.deps import MetricsDep, OwnerDep, QueueDep, RedisDep, SettingsDep, get_owner
+from service import auth, jobs, limits, protocol, quotas, uploads
+from service.deps import (
+    ListenerDep,
+    MetricsDep,
+    OwnerDep,
+    QueueDep,
+    RedisDep,
+    SettingsDep,
+    get_owner,
+)
 from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, ProblemError
 from service.schemas import JobAccepted, JobUrls, JobView
 
@@ -78,6 +86,7 @@ def _field(description: str, example: str | None = None) -> Any:
 async def submit_inversion(
     request: Request,
     response: Response,
+    listener: ListenerDep,
     redis: RedisDep,
     queue: QueueDep,
     settings: SettingsDep,
@@ -136,8 +145,10 @@ async def submit_inversion(
 
     Answers 202 with the job's URLs; poll `GET /v1/inversions/{id}` until it succeeds.
     With `Prefer: wait=N` it first waits up to N seconds (capped) and answers 200 with the
-    full status body if the job ended. An `Idempotency-Key` seen before with the same
-    payload answers the original job (200 once ended) and queues nothing.
+    full status body if the job ended; a key that already holds its limit of open waits
+    and streams gets the 202 at once, without `Preference-Applied`. An `Idempotency-Key`
+    seen before with the same payload answers the original job (200 once ended) and queues
+    nothing.
     """
     fields = {
         "prompt": prompt,
@@ -160,7 +171,7 @@ async def submit_inversion(
         "verify": verify,
     }
     wait_s = protocol.preferred_wait(request.headers.getlist("prefer"), settings.max_prefer_wait_s)
-    accepted = await run_in_threadpool(
+    job_id, replayed, (code, body) = await run_in_threadpool(
         _accept_and_answer,
         redis,
         queue,
@@ -171,29 +182,33 @@ async def submit_inversion(
         fields,
         webhook_url,
         idempotency_key,
-        wait_s,
     )
-    headers = {"Location": JobUrls.for_job(accepted.job_id).self}
-    if accepted.replayed:
+    headers = {"Location": JobUrls.for_job(job_id).self}
+    if replayed:
         headers["Idempotent-Replayed"] = "true"
-    if wait_s is not None:
+    if wait_s is not None and code == status.HTTP_202_ACCEPTED:
+        # Over the key's limit of open waits the preference is not applied (RFC 7240): the
+        # job is queued all the same, and the 202 says so at once.
+        if listener.admit(owner, _waiter_limit(owner, settings)):
+            headers["Preference-Applied"] = f"wait={wait_s}"
+            try:
+                waited = await protocol.wait_while_connected(
+                    listener, job_id, wait_s, request.receive
+                )
+            finally:
+                listener.leave(owner)
+            if waited is None:  # the client is gone: nobody reads the answer
+                return Response(status_code=status.HTTP_202_ACCEPTED, headers=headers)
+            code, body = await run_in_threadpool(_answer, redis, queue, settings, owner, job_id)
+    elif wait_s is not None:
         headers["Preference-Applied"] = f"wait={wait_s}"
-    if accepted.answer is not None:
-        code, body = accepted.answer
-    else:  # the job still runs after the first slice of the wait
-        read = partial(_answer, redis, queue, settings, owner, accepted.job_id)
-        remaining = accepted.deadline - time.monotonic()
-        _, (code, body) = await protocol.wait_until_ended(redis, accepted.job_id, remaining, read)
     return JSONResponse(body, status_code=code, headers=headers)
 
 
-class _Accepted(NamedTuple):
-    job_id: str
-    replayed: bool
-    answer: tuple[int, Any] | None
-    """(status, body), or None while the job runs after the first slice of the wait."""
-    deadline: float
-    """When the `Prefer: wait` runs out (time.monotonic)."""
+def _waiter_limit(owner: str, settings: Any) -> int | None:
+    """A key's limit of open waits and streams; none for the anonymous owner (auth
+    disabled), like every per-key limit."""
+    return None if owner == auth.ANONYMOUS else settings.max_waiters_per_key
 
 
 def _accept_and_answer(
@@ -206,20 +221,13 @@ def _accept_and_answer(
     fields: dict[str, Any],
     webhook_url: str | None,
     idempotency_key: str | None,
-    wait_s: int | None,
-) -> _Accepted:
-    """`_accept`, then, in the same worker thread, the answer or the first slice of the
-    wait for it: one threadpool hop for a submission whose job ends within that slice."""
+) -> tuple[str, bool, tuple[int, Any]]:
+    """`_accept`, then, in the same worker thread, the answer: (job id, whether replayed,
+    (status, body)); one threadpool hop for a submission that does not wait."""
     job_id, replayed = _accept(
         redis, queue, settings, owner, metrics, image, fields, webhook_url, idempotency_key
     )
-    answer = partial(_answer, redis, queue, settings, owner, job_id)
-    if wait_s is None:
-        return _Accepted(job_id, replayed, answer(), 0.0)
-    deadline = time.monotonic() + wait_s
-    # A job this request has just enqueued cannot have ended: no status read first.
-    ended = protocol.wait_slice(redis, job_id, deadline, answer, check_status=replayed)
-    return _Accepted(job_id, replayed, None if ended is None else ended[1], deadline)
+    return job_id, replayed, _answer(redis, queue, settings, owner, job_id)
 
 
 def _answer(redis: Any, queue: Any, settings: Any, owner: str, job_id: str) -> tuple[int, Any]:
@@ -441,17 +449,41 @@ def delete_inversion(
         200: {
             "description": "`text/event-stream`: `status` (the status body, on each change of "
             "status or queue position), `progress` (`{step, total}`, on each new step), then "
-            "`end` (`{id, status}`) once the job is terminal, and the stream closes",
+            "`end` (`{id, status}`) once the job is terminal, and the stream closes; "
+            "`reconnect` (`{id, after_s}`) when the stream reached its lifetime",
             "content": {"text/event-stream": {}},
         },
         404: _PROBLEM,
+        429: _PROBLEM,
     },
 )
 async def inversion_events(
-    job_id: str, redis: RedisDep, queue: QueueDep, settings: SettingsDep, owner: OwnerDep
+    job_id: str,
+    redis: RedisDep,
+    queue: QueueDep,
+    settings: SettingsDep,
+    owner: OwnerDep,
+    listener: ListenerDep,
 ) -> StreamingResponse:
-    """Follow a job without polling: the same owner rules as `GET /v1/inversions/{id}`."""
-    await run_in_threadpool(jobs.load_job, redis, job_id, owner)
+    """Follow a job without polling: the same owner rules as `GET /v1/inversions/{id}`.
+
+    A key holds at most `INVERSION_MAX_WAITERS_PER_KEY` streams and waits at once (429
+    above); a stream lasts at most `INVERSION_MAX_STREAM_S`, then sends `reconnect`
+    (`{id, after_s}`) and ends: open it again to go on following the job.
+    """
+    if not listener.admit(owner, _waiter_limit(owner, settings)):
+        raise ProblemError(
+            429,
+            ErrorCode.RATE_LIMITED,
+            f"this key already holds {settings.max_waiters_per_key} open event streams and "
+            "waits on this gateway, its limit; close one, or poll the job instead",
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    try:
+        await run_in_threadpool(jobs.load_job, redis, job_id, owner)
+    except BaseException:
+        listener.leave(owner)
+        raise
 
     def read() -> tuple[JobView, Any]:
         job = jobs.load_job(redis, job_id, owner)
@@ -459,8 +491,9 @@ async def inversion_events(
             contract.META_PROGRESS
         )
 
-    return StreamingResponse(
-        protocol.job_events(read),
+    return protocol.HeldStreamingResponse(
+        protocol.job_events(listener, job_id, ("view", owner), read, settings.max_stream_s),
+        release=partial(listener.leave, owner),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )

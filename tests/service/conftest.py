@@ -37,8 +37,14 @@ SD15_SCHEDULER = {
 
 
 @pytest.fixture
-def redis() -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis()
+def fake_server() -> fakeredis.FakeServer:
+    """One fake Redis, shared by the app's blocking and asyncio clients and the test."""
+    return fakeredis.FakeServer()
+
+
+@pytest.fixture
+def redis(fake_server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis(server=fake_server)
 
 
 @pytest.fixture
@@ -47,7 +53,9 @@ def settings() -> GatewaySettings:
 
 
 @pytest.fixture
-def make_client(redis: fakeredis.FakeRedis) -> Iterator[Callable[..., TestClient]]:
+def make_client(
+    redis: fakeredis.FakeRedis, fake_server: fakeredis.FakeServer
+) -> Iterator[Callable[..., TestClient]]:
     """A client over a fresh app; keyword arguments override settings fields.
 
     Auth is disabled unless a test passes `auth_disabled=False` (and `api_key_hashes`).
@@ -57,7 +65,11 @@ def make_client(redis: fakeredis.FakeRedis) -> Iterator[Callable[..., TestClient
     def make(**overrides: Any) -> TestClient:
         fields = {"redis_url": "redis://unused.invalid:6379/0", "auth_disabled": True}
         settings = GatewaySettings(**{**fields, **overrides})
-        app = create_app(settings, redis_client=redis)
+        app = create_app(
+            settings,
+            redis_client=redis,
+            async_redis_client=fakeredis.FakeAsyncRedis(server=fake_server),
+        )
         app.dependency_overrides[get_redis] = lambda: redis
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()
