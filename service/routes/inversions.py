@@ -247,7 +247,7 @@ def _accept(
 ) -> tuple[str, bool]:
     """The synchronous half of a submission: (job id, whether an earlier one is replayed)."""
     params = uploads.build_params(fields, settings)
-    webhook_url = uploads.check_webhook_url(webhook_url, settings.webhook_allowed_hosts)
+    webhook_url = uploads.check_webhook_url(webhook_url, settings)
     key = protocol.check_key(idempotency_key)
     data = uploads.read_upload(image.file, settings.max_upload_bytes)
     job_id = str(uuid.uuid4())
