@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import socketserver
 import ssl
 import subprocess
@@ -60,13 +61,15 @@ class DripReceiver:
     """Reads each request, then sends a status line and one header byte every `every_s`
     for as long as the client stays: a receiver that never finishes its answer.
 
-    Counts connections, those open now, and those the client cut (a send failed).
+    Counts connections, those open now, and those the client cut (a send failed); `alive()`
+    asks the kernel instead, which knows of a client's close at once.
     """
 
     def __init__(self, every_s: float = 0.2) -> None:
         self.connections = 0
         self.open = 0
         self.cut = 0
+        self.sockets: set[socket.socket] = set()
         self.stopped = threading.Event()
         receiver = self
 
@@ -75,6 +78,7 @@ class DripReceiver:
                 with receiver_lock:
                     receiver.connections += 1
                     receiver.open += 1
+                    receiver.sockets.add(self.connection)
                 try:
                     length = 0
                     while (line := self.rfile.readline()) not in (b"\r\n", b""):
@@ -91,6 +95,7 @@ class DripReceiver:
                 finally:
                     with receiver_lock:
                         receiver.open -= 1
+                        receiver.sockets.discard(self.connection)
 
         receiver_lock = threading.Lock()
         self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
@@ -100,6 +105,18 @@ class DripReceiver:
         threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         ).start()
+
+    def alive(self) -> int:
+        """Connections whose client has not closed or shut down its end (no FIN yet)."""
+        count = 0
+        for sock in list(self.sockets):
+            try:
+                count += sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+            except BlockingIOError:
+                count += 1  # nothing to read, and no end either: still there
+            except OSError:
+                pass
+        return count
 
     def close(self) -> None:
         self.stopped.set()

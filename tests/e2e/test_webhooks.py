@@ -40,7 +40,7 @@ def receivers() -> Iterator[list[Receiver | DripReceiver]]:
 
 def test_webhooks_signed_retried_cut_at_the_deadline_and_refused(processes, receivers):
     drip = DripReceiver(every_s=0.1)
-    ok = Receiver(observe=lambda: drip.open)
+    ok = Receiver(observe=drip.alive)
     flaky = Receiver([500, 500])
     receivers += [ok, flaky, drip]
     # Receivers listen on 127.0.0.1 and on ephemeral ports: both must be allowed explicitly.
@@ -81,7 +81,7 @@ def test_webhooks_signed_retried_cut_at_the_deadline_and_refused(processes, rece
 
     # A receiver that never finishes its answer holds one delivery thread, not all of them.
     post(base, webhook_url=drip.url)
-    wait_for(lambda: drip.open, 60, "the dripping receiver's first attempt")
+    wait_for(drip.alive, 60, "the dripping receiver's first attempt")
     post(base, webhook_url=ok.url)
     wait_for(lambda: len(ok.calls) == 2, 60, "the second webhook")
     assert ok.seen[1] == 1, "delivered while the dripping attempt was still open"

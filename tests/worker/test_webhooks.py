@@ -126,7 +126,7 @@ def test_one_slow_host_holds_only_its_own_slots(closing):
     """Two deliveries to a dripping host and one to a fast host, two threads, one per host:
     the fast one goes out while the first drip still holds its thread."""
     drip = closing(DripReceiver(every_s=0.05))
-    fast = closing(Receiver(observe=lambda: (drip.open, drip.connections)))
+    fast = closing(Receiver(observe=lambda: (drip.alive(), drip.connections)))
     webhooks = sender(
         ports=(drip.port, fast.port), allow_private=True, concurrency=2, host_concurrency=1
     )
@@ -134,7 +134,7 @@ def test_one_slow_host_holds_only_its_own_slots(closing):
     drip_url = drip.url.replace("127.0.0.1", "localhost")
     webhooks.send(drip_url, "slow-1", {})
     webhooks.send(drip_url, "slow-2", {})
-    wait_for(lambda: drip.open, 10, "the first drip")
+    wait_for(drip.alive, 10, "the first drip")
     webhooks.send(fast.url, "fast", {})
     wait_for(lambda: fast.calls, 10, "the fast delivery")
     assert fast.seen == [(1, 1)], "the second drip waits for its host's one slot"
