@@ -133,7 +133,8 @@ class GatewaySettings(BaseSettings):
     )
     webhook_allowed_ports: Annotated[tuple[int, ...], NoDecode] = Field(
         default=webhook_policy.DEFAULT_PORTS,
-        description="Ports a `webhook_url` may name (comma-separated); others: 422.",
+        description="Ports a `webhook_url` may name (comma-separated); others: 422. Workers "
+        "check their own `INVERSION_WEBHOOK_ALLOWED_PORTS` at delivery.",
     )
     webhook_allow_private: bool = Field(
         default=False,
