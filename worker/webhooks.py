@@ -12,7 +12,8 @@ Each attempt is signed afresh:
 Each attempt first applies webhook_policy (scheme, port, every resolved address), then
 connects to the addresses it checked, with the original Host header and, for https, the
 certificate verified against the host name. It has one deadline for all of it (connect,
-TLS, request, status line and headers): a receiver that drips bytes is cut off there.
+TLS, request, status line and headers; the body is never read): a receiver that drips
+bytes is cut off there.
 
 A failed attempt (connection error, deadline, 5xx, 408 or 429) is retried after backoff_s,
 2 x backoff_s, 4 x backoff_s ... until `attempts` tries are spent; a refused URL or address
@@ -257,7 +258,7 @@ class WebhookSender:
             target = webhook_policy.parse(url, self.ports)
         except WebhookRefused as exc:
             log.warning("webhook of job %s refused: %s", job_id, exc)
-            self.dropped += 1
+            self._count(delivered=False)
             return
         body = json.dumps(payload, separators=(",", ":"), default=str).encode()
         with self._lock:
@@ -265,6 +266,13 @@ class WebhookSender:
             if not self._threads:
                 self._start()
         self._inbox.put(Delivery(time.monotonic(), next(self._seq), target, job_id, body))
+
+    def _count(self, delivered: bool) -> None:
+        with self._lock:  # pool threads settle deliveries concurrently
+            if delivered:
+                self.delivered += 1
+            else:
+                self.dropped += 1
 
     def _start(self) -> None:
         self._threads.append(threading.Thread(target=self._dispatch, name="webhooks", daemon=True))
@@ -326,13 +334,13 @@ class WebhookSender:
                 delivery.attempt,
                 exc,
             )
-            self.dropped += 1
+            self._count(delivered=False)
             return None
         except Exception as exc:  # never let one delivery stop a thread
             log.exception("webhook of job %s failed unexpectedly: %s", delivery.job_id, exc)
-            self.dropped += 1
+            self._count(delivered=False)
             return None
-        self.delivered += 1
+        self._count(delivered=True)
         return None
 
     def _deliver(self) -> None:
