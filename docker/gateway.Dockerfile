@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# The HTTP gateway: FastAPI + uvicorn, the contract and the image normaliser. No torch, no
-# diffusers: only the `gateway` extra is installed, and the worker package is not copied.
+# The HTTP gateway: FastAPI + uvicorn and the shared modules (contract, image normaliser,
+# webhook policy). No torch, no diffusers: only the `gateway` extra is installed, and the
+# worker package is not copied.
 # Build from the repository root:  docker build -f docker/gateway.Dockerfile -t ddim-gateway .
 FROM python:3.11-slim
 
@@ -12,7 +13,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # Only what the gateway runs: the shared modules, the CLI entry point and service/.
-COPY pyproject.toml contract.py imaging.py ddim_invert.py ./
+COPY pyproject.toml contract.py imaging.py webhook_policy.py ddim_invert.py ./
 COPY service ./service
 
 # A regular (non-editable) install into site-packages; the source tree stays root-owned

@@ -30,7 +30,7 @@ RUN if ! python -c "import torch" >/dev/null 2>&1; then \
 WORKDIR /app
 
 # 2. The project with the worker extra (diffusers, transformers, safetensors, ...).
-COPY pyproject.toml contract.py imaging.py ddim_invert.py ./
+COPY pyproject.toml contract.py imaging.py webhook_policy.py ddim_invert.py ./
 COPY worker ./worker
 RUN pip install --no-cache-dir --constraint /etc/torch-constraint.txt ".[worker]" \
  && rm -rf build ./*.egg-info \

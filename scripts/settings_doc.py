@@ -15,7 +15,7 @@ def table(cls: type[BaseSettings]) -> str:
         default = field.default
         shown = "" if default is None else str(default)
         if isinstance(default, tuple):
-            shown = ",".join(default)
+            shown = ",".join(map(str, default))
         rows.append(f"| `{prefix}{name.upper()}` | `{shown}` | {field.description or ''} |")
     return "\n".join(rows)
 

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 import contract
 import imaging
+import webhook_policy
 
 
 class GatewaySettings(BaseSettings):
@@ -204,6 +205,16 @@ class GatewaySettings(BaseSettings):
             "empty: webhooks are refused."
         ),
     )
+    webhook_allowed_ports: Annotated[tuple[int, ...], NoDecode] = Field(
+        default=webhook_policy.DEFAULT_PORTS,
+        description="Ports a `webhook_url` may name (comma-separated); others: 422. Workers "
+        "check their own `INVERSION_WEBHOOK_ALLOWED_PORTS` at delivery.",
+    )
+    webhook_allow_private: bool = Field(
+        default=False,
+        description="Accept a `webhook_url` whose host is a loopback, private, link-local or "
+        "other non-public IP literal (tests, closed networks); off: 422.",
+    )
 
     @field_validator("api_key_hashes", "cors_origins", "webhook_allowed_hosts", mode="before")
     @classmethod
@@ -220,6 +231,11 @@ class GatewaySettings(BaseSettings):
         if isinstance(value, (list, tuple)):
             return tuple(str(v).strip() for v in value if str(v).strip())
         return value
+
+    @field_validator("webhook_allowed_ports", mode="before")
+    @classmethod
+    def _ports(cls, value: Any) -> Any:
+        return webhook_policy.parse_ports(value)
 
     @field_validator("api_key_hashes")
     @classmethod

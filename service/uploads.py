@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 from typing import Any, BinaryIO
-from urllib.parse import urlsplit
 
 import numpy as np
 from PIL import Image
@@ -17,6 +16,7 @@ from pydantic import ValidationError
 
 import contract
 import imaging
+import webhook_policy
 from contract import ErrorCode, InvalidParameter, InversionParams, WorkerRecord
 from service import prompts
 from service.errors import ProblemError, describe_errors
@@ -25,8 +25,6 @@ from service.settings import GatewaySettings
 CHUNK_BYTES = 1024 * 1024
 FORM_FIELDS: frozenset[str] = frozenset(InversionParams.model_fields) | {"image", "webhook_url"}
 """Every form field a submission may carry; anything else is refused by name."""
-
-MAX_WEBHOOK_URL_CHARS = 2048
 
 _IMAGE_STATUS = {"unsupported_media_type": 415, "image_too_large": 413, "invalid_input": 422}
 
@@ -83,36 +81,20 @@ def build_params(fields: dict[str, Any], settings: GatewaySettings) -> Inversion
     return params
 
 
-def check_webhook_url(url: str | None, allowed_hosts: tuple[str, ...]) -> str | None:
-    """The webhook URL if its scheme is http(s) and its host is allowed; else 422 naming it.
-
-    An entry matches its host exactly; `*.example.com` matches any subdomain of example.com.
-    """
+def check_webhook_url(url: str | None, settings: GatewaySettings) -> str | None:
+    """The webhook URL if webhook_policy allows it (scheme, host, port, address); else 422."""
     if url is None or not url.strip():
         return None
-    url = url.strip()
-    if not allowed_hosts:
-        raise _invalid("webhook_url", "webhooks are not enabled on this service")
-    if len(url) > MAX_WEBHOOK_URL_CHARS:
-        raise _invalid("webhook_url", f"longer than {MAX_WEBHOOK_URL_CHARS} characters")
     try:
-        parts = urlsplit(url)
-        host = (parts.hostname or "").lower()
-        parts.port  # noqa: B018 -- raises ValueError on a malformed port
-    except ValueError as exc:
-        raise _invalid("webhook_url", f"not a valid URL: {exc}") from None
-    if parts.scheme not in ("http", "https"):
-        raise _invalid("webhook_url", "must be an http or https URL")
-    if not host:
-        raise _invalid("webhook_url", "has no host")
-    for entry in allowed_hosts:
-        entry = entry.lower()
-        if entry.startswith("*."):
-            if host.endswith(entry[1:]) and host != entry[2:]:
-                return url
-        elif host == entry:
-            return url
-    raise _invalid("webhook_url", f"the host {host!r} is not among the allowed webhook hosts")
+        webhook_policy.check_submission(
+            url.strip(),
+            settings.webhook_allowed_hosts,
+            settings.webhook_allowed_ports,
+            settings.webhook_allow_private,
+        )
+    except webhook_policy.WebhookRefused as exc:
+        raise _invalid("webhook_url", str(exc)) from None
+    return url.strip()
 
 
 def payload_hash(data: bytes, params: InversionParams, webhook_url: str | None) -> str:

@@ -2,8 +2,11 @@
 
 The compose files, Dockerfiles and redis.conf are read as text/YAML and checked against the
 project: the files they reference exist, the gateway image stays free of torch, every
-`INVERSION_*` variable they set is a real settings field, and the CPU override really drops
-the GPU reservation (merged here the way `docker compose -f a -f b` merges, `!reset` included).
+`INVERSION_*` variable they set is a real settings field, the CPU override really drops
+the GPU reservation and binds the auth-less gateway to this host (merged here the way
+`docker compose -f a -f b` merges, `!reset`, `!override` and merged port lists included),
+Redis admits only its password-protected ACL user and every Redis URL carries it.
+tests/e2e/test_redis_acl.py runs that ACL on a real redis-server.
 """
 
 from __future__ import annotations
@@ -33,6 +36,10 @@ COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
 GATEWAY_DOCKERFILE = DOCKER / "gateway.Dockerfile"
 WORKER_DOCKERFILE = DOCKER / "worker.Dockerfile"
 REDIS_CONF = DOCKER / "redis.conf"
+REDIS_START = DOCKER / "redis-start.sh"
+REDIS_USER = "inversion"
+"""The ACL user of the service in compose's Redis."""
+PASSWORD_VARIABLE = "REDIS_PASSWORD"
 
 HEAVY = ("torch", "diffusers", "transformers")
 
@@ -84,20 +91,26 @@ def load_compose(path: Path) -> dict[str, Any]:
     return data
 
 
-def merge(base: Any, override: Any) -> Any:
-    """A deep merge like compose's for mappings; other values are replaced."""
+REPLACED_SEQUENCES = {"command", "entrypoint", "test"}
+"""Lists an override replaces; compose appends to every other one (ports, volumes, ...)."""
+
+
+def merge(base: Any, override: Any, key: str = "") -> Any:
+    """A deep merge like compose's: mappings merge, most lists append, scalars are replaced."""
     if isinstance(override, _Override):
         return copy.deepcopy(override.value)
     if isinstance(base, dict) and isinstance(override, dict):
         merged = copy.deepcopy(base)
-        for key, value in override.items():
+        for name, value in override.items():
             if value is RESET:
-                merged.pop(key, None)
-            elif key in merged:
-                merged[key] = merge(merged[key], value)
+                merged.pop(name, None)
+            elif name in merged:
+                merged[name] = merge(merged[name], value, name)
             else:
-                merged[key] = copy.deepcopy(value)
+                merged[name] = copy.deepcopy(value)
         return merged
+    if isinstance(base, list) and isinstance(override, list) and key not in REPLACED_SEQUENCES:
+        return copy.deepcopy(base) + [v for v in copy.deepcopy(override) if v not in base]
     return copy.deepcopy(override)
 
 
@@ -106,6 +119,25 @@ def environment(service: dict[str, Any]) -> dict[str, str]:
     if isinstance(env, list):
         env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
     return {str(k): str(v) for k, v in env.items()}
+
+
+def published_ports(service: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(host address, host port, container port) of each published port; "" = every address."""
+    found = []
+    for entry in service.get("ports") or []:
+        if isinstance(entry, dict):
+            found.append(
+                (
+                    str(entry.get("host_ip", "")),
+                    str(entry.get("published", "")),
+                    str(entry["target"]),
+                )
+            )
+            continue
+        parts = str(entry).rsplit(":", 2)
+        parts = [""] * (3 - len(parts)) + parts
+        found.append((parts[0].strip("[]"), parts[1], parts[2]))
+    return found
 
 
 def gpu_devices(service: dict[str, Any]) -> list[dict[str, Any]]:
@@ -153,18 +185,95 @@ def test_services_scale_without_fixed_names(compose: dict[str, Any]) -> None:
     assert "ports" not in compose["services"]["redis"], "redis must stay on the private network"
 
 
+def required_variable(value: str) -> str:
+    """The name in a compose `${NAME:?message}` reference (compose then refuses to start
+    without it); fails unless the value is exactly such a reference."""
+    match = re.fullmatch(r"\$\{([A-Z0-9_]+):\?[^}]+\}", value)
+    assert match, f"{value!r} is not a required ${{VAR:?message}} reference"
+    return match.group(1)
+
+
 def test_redis_service(compose: dict[str, Any]) -> None:
     redis = compose["services"]["redis"]
     assert redis["image"].startswith("redis:7")
-    assert "/usr/local/etc/redis/redis.conf" in " ".join(redis["command"])
     mounts = [str(v) for v in redis["volumes"]]
-    assert any(
-        m.startswith("./docker/redis.conf:/usr/local/etc/redis/redis.conf") and m.endswith(":ro")
-        for m in mounts
-    )
+    for source, target in (
+        ("./docker/redis.conf", "/usr/local/etc/redis/redis.conf"),
+        ("./docker/redis-start.sh", "/usr/local/etc/redis/start.sh"),
+    ):
+        assert f"{source}:{target}:ro" in mounts, f"{source} is mounted read-only"
+        assert (ROOT / source).is_file()
+    assert redis["command"] == ["sh", "/usr/local/etc/redis/start.sh"]
     data = [m for m in mounts if m.split(":")[1:2] == ["/data"]]
     assert data and data[0].split(":")[0] in compose["volumes"], "/data is a named volume"
-    assert "redis-cli ping" in " ".join(redis["healthcheck"]["test"])
+
+
+def test_redis_requires_the_password_of_the_service_user(compose: dict[str, Any]) -> None:
+    """The default user is off; the one user has the password of REDIS_PASSWORD, required."""
+    redis = compose["services"]["redis"]
+    assert required_variable(environment(redis)[PASSWORD_VARIABLE]) == PASSWORD_VARIABLE
+    conf = [line.split() for line in REDIS_CONF.read_text().splitlines()]
+    assert ["user", "default", "off"] in conf, "redis.conf admits no password-less client"
+    assert not any(words[:1] == ["requirepass"] for words in conf)
+
+    script = REDIS_START.read_text()
+    assert re.search(rf'^: "\$\{{{PASSWORD_VARIABLE}:\?[^}}]+\}}"$', script, re.M)
+    assert re.search(rf"printf '%s' \"\${PASSWORD_VARIABLE}\" \| sha256sum", script)
+    command = dockerfile_instructions(REDIS_START).split("exec ", 1)[1]
+    words = command.replace("\n", " ").split()
+    assert words[:3] == ["docker-entrypoint.sh", "redis-server", "/usr/local/etc/redis/redis.conf"]
+    user = words[words.index("--user") :]
+    assert user[1:4] == [REDIS_USER, "on", '"#$hash"'], "on, with the password's hash only"
+    assert "'-@dangerous'" in user and "'+@all'" in user
+
+    probe = " ".join(redis["healthcheck"]["test"])
+    assert f'REDISCLI_AUTH="$${PASSWORD_VARIABLE}"' in probe
+    assert f"--user {REDIS_USER} ping" in probe and "grep -q PONG" in probe
+
+
+def test_every_redis_url_carries_the_service_user_and_the_password(
+    compose: dict[str, Any], compose_cpu: dict[str, Any]
+) -> None:
+    urls = 0
+    for merged in (compose, compose_cpu):
+        for name, service in merged["services"].items():
+            env = environment(service)
+            for var in ("INVERSION_REDIS_URL", "RQ_DASHBOARD_REDIS_URL"):
+                if var not in env:
+                    continue
+                urls += 1
+                url = env[var]
+                match = re.fullmatch(r"redis://([^:@/]+):(\$\{[^}]+\})@redis:6379/0", url)
+                assert match, f"{name}: {var}={url!r} does not name user and password"
+                assert match.group(1) == REDIS_USER, f"{name}: not the ACL user"
+                assert required_variable(match.group(2)) == PASSWORD_VARIABLE, name
+    assert urls == 6, "gateway, worker and dashboard, in both files"
+
+
+def test_published_ports_bind_this_host_where_nothing_else_guards_them(
+    compose: dict[str, Any], compose_cpu: dict[str, Any]
+) -> None:
+    # The dashboard has no login and can delete jobs: this host only, and only on request.
+    dashboard = compose["services"]["rq-dashboard"]
+    assert published_ports(dashboard) == [("127.0.0.1", "9181", "9181")]
+    # The base gateway needs API keys and may face the network...
+    gateway = compose["services"]["gateway"]
+    assert published_ports(gateway) == [("", "8000", "8000")]
+    assert "INVERSION_AUTH_DISABLED" not in environment(gateway)
+    # ... the CPU override's has auth off: this host only, with no all-interfaces entry left.
+    cpu_gateway = compose_cpu["services"]["gateway"]
+    assert environment(cpu_gateway)["INVERSION_AUTH_DISABLED"] == "true"
+    assert published_ports(cpu_gateway) == [("127.0.0.1", "8000", "8000")]
+    for merged in (compose, compose_cpu):
+        for name in ("redis", "worker"):
+            assert published_ports(merged["services"][name]) == [], f"{name} publishes a port"
+
+
+def test_the_merge_appends_ports_as_compose_does(compose: dict[str, Any]) -> None:
+    """Without `!override`, an override's port would be added beside the base file's."""
+    plain = {"services": {"gateway": {"ports": ["127.0.0.1:8000:8000"]}}}
+    ports = published_ports(merge(compose, plain)["services"]["gateway"])
+    assert ports == [("", "8000", "8000"), ("127.0.0.1", "8000", "8000")]
 
 
 def test_gateway_service(compose: dict[str, Any]) -> None:
@@ -172,7 +281,6 @@ def test_gateway_service(compose: dict[str, Any]) -> None:
     assert gateway["build"]["dockerfile"] == "docker/gateway.Dockerfile"
     assert any(str(p).endswith(":8000") for p in gateway["ports"])
     assert gateway["depends_on"]["redis"]["condition"] == "service_healthy"
-    assert environment(gateway)["INVERSION_REDIS_URL"] == "redis://redis:6379/0"
 
 
 def test_worker_has_a_gpu_in_the_base_file_and_none_with_the_cpu_override(
@@ -188,7 +296,6 @@ def test_worker_has_a_gpu_in_the_base_file_and_none_with_the_cpu_override(
     assert devices[0]["capabilities"] == ["gpu"]
     env = environment(worker)
     assert env["INVERSION_MODEL"] == "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    assert env["INVERSION_REDIS_URL"] == "redis://redis:6379/0"
     assert any(str(v).endswith(":/cache") for v in worker["volumes"])
 
     cpu_worker = compose_cpu["services"]["worker"]
@@ -196,7 +303,7 @@ def test_worker_has_a_gpu_in_the_base_file_and_none_with_the_cpu_override(
     cpu_env = environment(cpu_worker)
     assert cpu_env["INVERSION_MODEL"] == "tiny"
     assert cpu_env["INVERSION_DEVICE"] == "cpu"
-    assert cpu_env["INVERSION_REDIS_URL"] == "redis://redis:6379/0", "kept from the base file"
+    assert cpu_env["INVERSION_REDIS_URL"] == env["INVERSION_REDIS_URL"], "kept from the base"
     assert cpu_worker["build"]["args"]["BASE_IMAGE"].startswith("python:3.11")
     assert cpu_worker["image"] != worker["image"], "CPU and CUDA images must not share a tag"
 
@@ -234,6 +341,20 @@ def test_worker_dockerfile_installs_the_worker_extra_keeping_the_image_torch() -
     assert re.search(r"HF_HOME=/cache/huggingface", text)
     assert re.search(r"^VOLUME /cache\b", text, re.M)
     assert re.search(r'^CMD \["ddim-invert", "worker"\]', text, re.M)
+
+
+def test_both_images_get_every_top_level_module() -> None:
+    """A shared module left out of an image fails only when the container starts."""
+    modules = [f"{name}.py" for name in _pyproject()["tool"]["setuptools"]["py-modules"]]
+    for dockerfile in (GATEWAY_DOCKERFILE, WORKER_DOCKERFILE):
+        copy_line = re.search(
+            r"^COPY pyproject\.toml (.+) \./$", dockerfile_instructions(dockerfile), re.M
+        )
+        assert copy_line, f"{dockerfile.name} copies no top-level modules"
+        assert sorted(copy_line.group(1).split()) == sorted(modules), dockerfile.name
+        ignore = Path(f"{dockerfile}.dockerignore").read_text().splitlines()
+        for module in modules:
+            assert f"!{module}" in ignore, f"{dockerfile.name}.dockerignore drops {module}"
 
 
 def test_redis_conf_persists_and_never_evicts() -> None:
@@ -300,7 +421,7 @@ def test_gateway_extra_has_no_heavy_dependency() -> None:
 
 
 def _third_party_imports(paths: list[Path]) -> set[str]:
-    local = {"service", "contract", "imaging", "worker", "client", "ddim_invert"}
+    local = {"service", "worker", "client", *_pyproject()["tool"]["setuptools"]["py-modules"]}
     modules: set[str] = set()
     for path in paths:
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -343,7 +464,8 @@ def test_gateway_imports_are_installed_by_base_and_gateway_deps() -> None:
     from packaging.utils import canonicalize_name
 
     project = _pyproject()["project"]
-    files = [*sorted((ROOT / "service").rglob("*.py")), ROOT / "contract.py", ROOT / "imaging.py"]
+    shared = [ROOT / f"{name}.py" for name in ("contract", "imaging", "webhook_policy")]
+    files = [*sorted((ROOT / "service").rglob("*.py")), *shared]
     imports = _third_party_imports(files)
     providers = importlib.metadata.packages_distributions()
     installed = _installable_closure(

@@ -166,12 +166,7 @@ class InversionWorker(SimpleWorker):
         self._cancel_requests: set[str] = set()
         self.batches_run = 0
         self.images_per_s: float | None = None
-        self.webhooks = WebhookSender(
-            settings.webhook_secret,
-            attempts=settings.webhook_attempts,
-            backoff_s=settings.webhook_backoff_s,
-            timeout_s=settings.webhook_timeout_s,
-        )
+        self.webhooks = WebhookSender.from_settings(settings)
 
     # -- liveness -------------------------------------------------------------------------
 

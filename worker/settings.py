@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+import webhook_policy
 from contract import QUEUE_NAME
 
 
@@ -86,8 +87,36 @@ class WorkerSettings(BaseSettings):
         1.0, ge=0, le=600, description="Wait before a webhook's 2nd try; doubled for each next."
     )
     webhook_timeout_s: float = Field(
-        5.0, gt=0, le=60, description="Timeout of one webhook delivery attempt."
+        5.0,
+        gt=0,
+        le=60,
+        description="Deadline of one webhook delivery attempt, all of it: connecting, sending "
+        "and reading the answer's status and headers.",
     )
+    webhook_concurrency: int = Field(
+        4, ge=1, le=64, description="Webhook deliveries a worker makes at once (its threads)."
+    )
+    webhook_host_concurrency: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Of those, how many may go to one host at once: a slow receiver holds "
+        "only these.",
+    )
+    webhook_allowed_ports: Annotated[tuple[int, ...], NoDecode] = Field(
+        webhook_policy.DEFAULT_PORTS,
+        description="Ports a webhook may be delivered to (comma-separated).",
+    )
+    webhook_allow_private: bool = Field(
+        False,
+        description="Deliver webhooks to loopback, private, link-local and other non-public "
+        "addresses too (tests, closed networks); off: refused at each attempt.",
+    )
+
+    @field_validator("webhook_allowed_ports", mode="before")
+    @classmethod
+    def _ports(cls, value: Any) -> Any:
+        return webhook_policy.parse_ports(value)
 
 
 @lru_cache

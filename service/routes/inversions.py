@@ -264,7 +264,7 @@ def _accept(
     finds or makes the one job, and an admission never enqueued lapses by itself.
     """
     params = uploads.build_params(fields, settings)
-    webhook_url = uploads.check_webhook_url(webhook_url, settings.webhook_allowed_hosts)
+    webhook_url = uploads.check_webhook_url(webhook_url, settings)
     key = protocol.check_key(idempotency_key)
     data = uploads.read_upload(image.file, settings.max_upload_bytes)
     # Before the replay check: replays cost a request like any other.

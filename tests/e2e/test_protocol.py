@@ -1,20 +1,18 @@
-"""Protocol features end to end: Idempotency-Key, Prefer: wait, SSE events, webhooks, waits."""
+"""Protocol features end to end: Idempotency-Key, Prefer: wait, SSE events, waits.
+
+Webhooks: tests/e2e/test_webhooks.py.
+"""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import threading
-import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import httpx
 import pytest
 
-from tests.conftest import SAMPLES, wait_for
+from tests.conftest import SAMPLES
 
 pytestmark = pytest.mark.e2e
 
@@ -99,69 +97,3 @@ def test_events_stream_until_the_end(shared_service):
     assert len(steps) >= 2 and steps == sorted(set(steps)) and steps[-1] == 300
     missing = httpx.get(f"{base}/v1/inversions/6f1c2a53-3f7e-4f4e-9d7c-6b0c1f2b9a11/events")
     assert missing.status_code == 404
-
-
-class Receiver:
-    """A local webhook receiver: answers `codes` in turn (then 200), records each POST."""
-
-    def __init__(self, codes: list[int] | None = None) -> None:
-        self.codes = list(codes or [])
-        self.calls: list[tuple[dict[str, str], bytes]] = []
-        receiver = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                receiver.calls.append(({k.lower(): v for k, v in self.headers.items()}, body))
-                self.send_response(receiver.codes.pop(0) if receiver.codes else 200)
-                self.send_header("Content-Length", "0")
-                self.end_headers()
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture
-def receivers() -> Iterator[list[Receiver]]:
-    made: list[Receiver] = []
-    yield made
-    for receiver in made:
-        receiver.close()
-
-
-def test_webhooks_signed_retried_and_refused(processes, receivers):
-    base = processes.gateway(INVERSION_WEBHOOK_ALLOWED_HOSTS="127.0.0.1")
-    processes.worker(INVERSION_WEBHOOK_SECRET="s3cret", INVERSION_WEBHOOK_BACKOFF_S="0.2")
-    ok, flaky = Receiver(), Receiver([500, 500])
-    receivers += [ok, flaky]
-
-    job = post(base, webhook_url=ok.url).json()
-    wait_for(lambda: ok.calls, 60, "the webhook")
-    headers, body = ok.calls[0]
-    expected = hmac.new(
-        b"s3cret", headers["x-inversion-timestamp"].encode() + b"." + body, hashlib.sha256
-    ).hexdigest()
-    assert hmac.compare_digest(headers["x-inversion-signature"], "sha256=" + expected)
-    assert abs(int(headers["x-inversion-timestamp"]) - time.time()) < 60
-    assert headers["x-inversion-job"] == job["id"]
-    payload = json.loads(body)
-    assert payload["id"] == job["id"] and payload["status"] == "succeeded"
-    assert payload["result"]["num_inference_steps"] == 3 and payload["finished_at"]
-
-    job = post(base, webhook_url=flaky.url).json()
-    wait_for(lambda: len(flaky.calls) >= 3, 60, "three attempts")
-    time.sleep(1.0)
-    assert len(flaky.calls) == 3
-    assert {c[0]["x-inversion-job"] for c in flaky.calls} == {job["id"]}
-    assert len(ok.calls) == 1
-
-    refused = post(base, webhook_url="http://example.com/hook")
-    assert refused.status_code == 422 and refused.json()["field"] == "webhook_url"

@@ -10,6 +10,7 @@ import pytest
 import contract
 from service import jobs, protocol, uploads
 from service.errors import ProblemError
+from service.settings import GatewaySettings
 from worker.webhooks import sign
 
 
@@ -52,17 +53,39 @@ def test_preferred_wait(headers, cap, expected):
     assert protocol.preferred_wait(headers, cap) == expected
 
 
-def test_webhook_hosts():
-    allowed = ("hooks.example.com", "*.example.org")
-    assert uploads.check_webhook_url("https://hooks.example.com/x", allowed)
-    assert uploads.check_webhook_url("http://a.b.example.org:8080/x", allowed)
-    for bad in ("https://example.org/x", "ftp://hooks.example.com/", "https://evil.com/"):
-        with pytest.raises(ProblemError) as caught:
-            uploads.check_webhook_url(bad, allowed)
-        assert caught.value.status == 422 and caught.value.field == "webhook_url"
-    with pytest.raises(ProblemError):
-        uploads.check_webhook_url("https://hooks.example.com/x", ())
-    assert uploads.check_webhook_url(None, ()) is None
+def test_webhook_urls_are_checked_at_submit(make_client, submit, small_png, monkeypatch):
+    """Host allow-list, ports and inside IP literals: 422 naming webhook_url, nothing queued."""
+    client = make_client(webhook_allowed_hosts=("hooks.example.com", "*.example.org", "10.0.0.7"))
+    refused = {
+        "https://example.org/x": "not among the allowed webhook hosts",
+        "ftp://hooks.example.com/": "must be an http or https URL",
+        "https://evil.com/": "not among the allowed webhook hosts",
+        "https://hooks.example.com:8443/x": "port 8443 is not allowed; allowed: 80, 443",
+        "http://a.example.org:8080/x": "port 8080 is not allowed",
+        "http://10.0.0.7/x": "10.0.0.7 is a private address",
+    }
+    for url, reason in refused.items():
+        answer = submit(client, small_png, webhook_url=url)
+        assert answer.status_code == 422, (url, answer.text)
+        assert answer.json()["field"] == "webhook_url" and reason in answer.json()["detail"]
+
+    # Other ports and inside targets only when the settings say so (as variables give them).
+    monkeypatch.setenv("INVERSION_WEBHOOK_ALLOWED_PORTS", "443,8080")
+    monkeypatch.setenv("INVERSION_WEBHOOK_ALLOW_PRIVATE", "true")
+    monkeypatch.setenv("INVERSION_WEBHOOK_ALLOWED_HOSTS", "*.example.org,10.0.0.7")
+    settings = GatewaySettings(redis_url="redis://unused.invalid:6379/0")
+    assert settings.webhook_allowed_ports == (443, 8080)
+    assert uploads.check_webhook_url(" http://a.example.org:8080/x ", settings) == (
+        "http://a.example.org:8080/x"
+    )
+    assert uploads.check_webhook_url("https://10.0.0.7/x", settings)
+    with pytest.raises(ProblemError) as caught:
+        uploads.check_webhook_url("http://10.0.0.7/x", settings)  # port 80 is no longer listed
+    assert caught.value.status == 422 and caught.value.field == "webhook_url"
+    assert uploads.check_webhook_url(None, settings) is None
+    off = {"webhook_allowed_hosts": ()}
+    with pytest.raises(ProblemError, match="not enabled"):
+        uploads.check_webhook_url("https://a.example.org/x", settings.model_copy(update=off))
 
 
 def test_signature_matches_the_documented_verification():

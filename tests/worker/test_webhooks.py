@@ -1,0 +1,167 @@
+"""The worker's webhook sender against real local receivers, with names resolved by a hook.
+
+`webhook_policy.resolver` stands in for DNS: a test makes an allowed name answer 127.0.0.1,
+as a rebound or hostile record would. Names end in `.test`, which real DNS never resolves,
+so a delivery that looked the name up again instead of using the checked address fails.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+from collections.abc import Callable, Iterator
+
+import pytest
+
+import webhook_policy
+from tests.conftest import wait_for
+from tests.webhook_receivers import DripReceiver, Receiver, self_signed
+from worker.settings import WorkerSettings
+from worker.webhooks import WebhookSender
+
+
+@pytest.fixture
+def lookups(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[str]]:
+    """Host name -> the addresses the resolver hook answers; every lookup is counted."""
+    answers: dict[str, list[str]] = {}
+
+    def resolve(host: str, port: int) -> list[str]:
+        answers.setdefault("lookups", []).append(host)
+        return answers[host]
+
+    monkeypatch.setattr(webhook_policy, "resolver", resolve)
+    return answers
+
+
+@pytest.fixture
+def closing() -> Iterator[Callable[..., object]]:
+    made: list[object] = []
+
+    def keep(thing: object) -> object:
+        made.append(thing)
+        return thing
+
+    yield keep
+    for thing in made:
+        thing.close()  # type: ignore[attr-defined]
+
+
+def sender(**options: object) -> WebhookSender:
+    return WebhookSender("s3cret", attempts=2, backoff_s=0.01, timeout_s=10, **options)
+
+
+def test_a_name_that_resolves_inside_is_refused_unless_private_targets_are_allowed(
+    lookups, closing
+):
+    receiver = closing(Receiver())
+    lookups["hooks.example.test"] = ["127.0.0.1"]
+    url = f"http://hooks.example.test:{receiver.port}/hook?k=1"
+
+    refusing = sender(ports=(receiver.port,))
+    refusing.send(url, "job-1", {"id": "job-1"})
+    assert refusing.flush(10)
+    assert (refusing.delivered, refusing.dropped, receiver.calls) == (0, 1, [])
+    assert lookups["lookups"] == ["hooks.example.test"], "refused at once: not retried"
+
+    allowing = sender(ports=(receiver.port,), allow_private=True)
+    allowing.send(url, "job-2", {"id": "job-2"})
+    assert allowing.flush(10)
+    assert (allowing.delivered, allowing.dropped) == (1, 0)
+    (headers, body), *_ = receiver.calls
+    # Connected to the checked address, yet asked for the URL's own host and path.
+    assert headers["host"] == f"hooks.example.test:{receiver.port}"
+    assert json.loads(body) == {"id": "job-2"} and headers["x-inversion-job"] == "job-2"
+    assert lookups["lookups"].count("hooks.example.test") == 2, "one lookup per attempt"
+
+
+def test_one_inside_address_among_public_ones_refuses_the_name(lookups, closing):
+    receiver = closing(Receiver())
+    lookups["mixed.example.test"] = ["93.184.216.34", "127.0.0.1"]
+    webhooks = sender(ports=(receiver.port,))
+    webhooks.send(f"http://mixed.example.test:{receiver.port}/", "job-1", {})
+    assert webhooks.flush(10)
+    assert (webhooks.delivered, webhooks.dropped, receiver.calls) == (0, 1, [])
+
+
+def test_ports_are_checked_at_delivery(lookups, closing):
+    """The worker's own list decides, whatever the gateway accepted (or Redis holds)."""
+    receiver = closing(Receiver())
+    webhooks = sender(allow_private=True)  # ports 80 and 443 only
+    webhooks.send(receiver.url, "job-1", {})
+    assert webhooks.flush(10)
+    assert (webhooks.delivered, webhooks.dropped, receiver.calls) == (0, 1, [])
+    assert "lookups" not in lookups, "refused before any lookup or connection"
+
+    for url in ("ftp://127.0.0.1/x", "http://u:p@127.0.0.1/x", "not a url"):
+        webhooks.send(url, "job-2", {})
+    assert webhooks.dropped == 4 and receiver.calls == []
+
+
+def test_https_is_verified_against_the_host_name_not_the_address(lookups, closing, tmp_path):
+    cert, key = self_signed(tmp_path, "hooks.example.test")
+    server_side = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_side.load_cert_chain(cert, key)
+    receiver = closing(Receiver(tls=server_side))
+    lookups["hooks.example.test"] = ["127.0.0.1"]
+    lookups["other.example.test"] = ["127.0.0.1"]  # same address, a name the cert lacks
+    trusting = ssl.create_default_context(cafile=str(cert))
+    webhooks = sender(ports=(receiver.port,), allow_private=True, context=trusting)
+
+    webhooks.send(f"https://hooks.example.test:{receiver.port}/hook", "job-1", {})
+    assert webhooks.flush(10) and webhooks.delivered == 1
+    assert receiver.calls[0][0]["host"] == f"hooks.example.test:{receiver.port}"
+
+    webhooks.send(f"https://other.example.test:{receiver.port}/hook", "job-2", {})
+    assert webhooks.flush(10)
+    assert (webhooks.delivered, webhooks.dropped, len(receiver.calls)) == (1, 1, 1)
+
+    # And a certificate nobody vouches for is refused by the default context.
+    default = sender(ports=(receiver.port,), allow_private=True)
+    default.send(f"https://hooks.example.test:{receiver.port}/hook", "job-3", {})
+    assert default.flush(10)
+    assert (default.delivered, default.dropped, len(receiver.calls)) == (0, 1, 1)
+
+
+def test_one_slow_host_holds_only_its_own_slots(closing):
+    """Two deliveries to a dripping host and one to a fast host, two threads, one per host:
+    the fast one goes out while the first drip still holds its thread."""
+    drip = closing(DripReceiver(every_s=0.05))
+    fast = closing(Receiver(observe=lambda: (drip.alive(), drip.connections)))
+    webhooks = sender(
+        ports=(drip.port, fast.port), allow_private=True, concurrency=2, host_concurrency=1
+    )
+    # Both receivers are 127.0.0.1: tell the hosts apart by name.
+    drip_url = drip.url.replace("127.0.0.1", "localhost")
+    webhooks.send(drip_url, "slow-1", {})
+    webhooks.send(drip_url, "slow-2", {})
+    wait_for(drip.alive, 10, "the first drip")
+    webhooks.send(fast.url, "fast", {})
+    wait_for(lambda: fast.calls, 10, "the fast delivery")
+    assert fast.seen == [(1, 1)], "the second drip waits for its host's one slot"
+
+
+def test_an_attempt_ends_at_its_deadline_however_the_bytes_drip(closing):
+    drip = closing(DripReceiver(every_s=0.05))
+    webhooks = WebhookSender(
+        attempts=2, backoff_s=0.01, timeout_s=0.5, ports=(drip.port,), allow_private=True
+    )
+    webhooks.send(drip.url, "job-1", {})
+    assert webhooks.flush(30), "each attempt was cut at its deadline"
+    assert (webhooks.delivered, webhooks.dropped) == (0, 1)
+    wait_for(lambda: drip.cut == 2, 10, "the receiver to see both attempts cut")
+    assert drip.connections == 2
+
+
+def test_the_settings_reach_the_sender(monkeypatch):
+    monkeypatch.setenv("INVERSION_WEBHOOK_ALLOWED_PORTS", "443,8443")
+    monkeypatch.setenv("INVERSION_WEBHOOK_ALLOW_PRIVATE", "true")
+    monkeypatch.setenv("INVERSION_WEBHOOK_CONCURRENCY", "3")
+    monkeypatch.setenv("INVERSION_WEBHOOK_HOST_CONCURRENCY", "1")
+    monkeypatch.setenv("INVERSION_WEBHOOK_TIMEOUT_S", "7")
+    built = WebhookSender.from_settings(WorkerSettings())
+    assert (built.ports, built.allow_private, built.concurrency) == ((443, 8443), True, 3)
+    assert (built.host_concurrency, built.timeout_s) == (1, 7.0)
+    for name in ("ALLOWED_PORTS", "ALLOW_PRIVATE"):
+        monkeypatch.delenv(f"INVERSION_WEBHOOK_{name}")
+    defaults = WebhookSender.from_settings(WorkerSettings())
+    assert (defaults.ports, defaults.allow_private) == ((80, 443), False)
