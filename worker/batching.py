@@ -33,6 +33,8 @@ from datetime import datetime, timezone
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
+from redis.exceptions import RedisError
 from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, SimpleWorker
@@ -63,7 +65,10 @@ from worker.lifecycle import (
     StartReply,
     Success,
     already_finished,
+    clean_registries,
+    expire_canceled,
     finish_successes,
+    forget_failed_inputs,
     signal_end,
     start_batch,
 )
@@ -93,28 +98,26 @@ THROUGHPUT_ALPHA = 0.3
 """Weight of the newest batch in the images/s EWMA that gateways estimate waits from."""
 
 
+REDIS_MAX_VALUE_BYTES = 512 * 2**20
+"""Redis's default `proto-max-bulk-len`, assumed when its CONFIG GET is refused."""
+
+OUTAGE_LOG_EVERY_S = 10.0
+"""Least interval between two warnings about one Redis outage (the others are counted)."""
+
+STORE_RETRY_FIRST_S = 0.2
+"""First wait before writing results again after a lost connection; doubled each time..."""
+
+STORE_RETRY_MAX_S = 5.0
+"""...up to this."""
+
+
 @contextlib.contextmanager
-def redis_outage_tolerated(worker: SimpleWorker) -> Iterator[None]:
+def redis_outage_tolerated(worker: InversionWorker) -> Iterator[None]:
     """Progress and cancel checks are best effort: the GPU keeps working through an outage."""
     try:
         yield
     except (RedisConnectionError, RedisTimeoutError) as exc:
-        worker.log.warning("Redis unavailable during a batch (%s); continuing", exc)
-
-
-def wait_for_redis(worker: SimpleWorker, limit_s: float = 300.0) -> None:
-    """Before writing results, wait (with backoff) for Redis to come back after an outage."""
-    delay, waited = 0.2, 0.0
-    while True:
-        try:
-            worker.connection.ping()
-            return
-        except (RedisConnectionError, RedisTimeoutError):
-            if waited >= limit_s:
-                raise
-            time.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 5.0)
+        worker.warn_outage("Redis unavailable during a batch (%s); continuing", exc)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -163,6 +166,9 @@ class InversionWorker(SimpleWorker):
         self._last_reap = 0.0
         self._running_ids: set[str] = set()
         self._cancel_requests: set[str] = set()
+        self._max_value_bytes: int | None = None
+        self._last_outage_log = -float("inf")
+        self._outage_logs_skipped = 0
         self.batches_run = 0
         self.images_per_s: float | None = None
         self.webhooks = WebhookSender(
@@ -235,7 +241,8 @@ class InversionWorker(SimpleWorker):
         RQ's own StartedJobRegistry.cleanup does it: an expired execution is retried while the
         job has retries left (the gateway enqueues with Retry(max_retries)), else it fails
         with AbandonedJobError, which the gateway reports as `worker_lost`. Any live worker
-        runs it, every lost_after_s / 2.
+        runs it, every lost_after_s / 2, and then forgets ended jobs past their TTL from the
+        registries.
         """
         moment = time.monotonic()
         if moment - self._last_reap < self.settings.lost_after_s / 2:
@@ -243,7 +250,12 @@ class InversionWorker(SimpleWorker):
         self._last_reap = moment
         for queue in self.queues:
             try:
-                queue.started_job_registry.cleanup()
+                registry = queue.started_job_registry
+                lost = registry.get_expired_job_ids()
+                registry.cleanup()
+                if lost:
+                    forget_failed_inputs(self.connection, lost)
+                clean_registries(self.connection, queue)
             except Exception as exc:  # a reaping hiccup must not stop the worker
                 self.log.warning("reaping lost jobs failed: %s", exc)
 
@@ -313,7 +325,7 @@ class InversionWorker(SimpleWorker):
                 if job is None:
                     continue
                 try:
-                    payload = jobs.parse_payload(job.kwargs)
+                    payload = jobs.trusted_payload(job)
                 except jobs.JobFailed:
                     seen_incompatible.add(job.id)
                     continue
@@ -344,8 +356,10 @@ class InversionWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         head = Running(job=job)
         try:
-            head.payload = jobs.parse_payload(job.kwargs)
+            head.payload = jobs.trusted_payload(job)
         except jobs.JobFailed as exc:
+            # Before RQ's start and failure paths see it: they would resolve its callbacks.
+            jobs.disarm(job)
             head.error = (exc.code, exc.message)
         batch = [head, *self.gather(head, queue)]
         self.run(batch, queue)
@@ -485,33 +499,131 @@ class InversionWorker(SimpleWorker):
     def finish(
         self, queue: Queue, done: list[tuple[Running, Success]], throughput: str | None
     ) -> None:
-        """Write the successes of a batch in one transaction, surviving a Redis outage.
+        """Write the successes of a batch in one transaction; a job Redis refuses fails alone.
 
-        The GPU's work is not thrown away because Redis is briefly gone: the worker waits for
-        it (with backoff) and writes again, unless the lost reply hid a transaction that went
-        through. Redis refusing the transaction (out of memory, say) splits it, so that only
-        a job whose own writes are refused fails.
+        A result larger than Redis takes in one value fails its job with `result_too_large`
+        before anything is sent: Redis answers such a write by closing the connection, which
+        would otherwise read as an outage. A write refused for being out of memory fails the
+        batch's jobs with `storage_full`, once their inputs are freed and the write is tried
+        again; any other refusal splits the batch, so only a job whose own writes are
+        refused fails. Failures are final: no other worker runs those jobs again.
         """
+        done = self.drop_oversize(queue, done)
+        if not done:
+            return
+        try:
+            stored = self.store(queue, done, throughput)
+        except RedisOutOfMemoryError:
+            # The inputs are not needed whatever happens next; freeing them may be enough.
+            self.free_inputs([item for item, _ in done])
+            try:
+                stored = self.store(queue, done, throughput)
+            except RedisResponseError as exc:
+                full = isinstance(exc, RedisOutOfMemoryError)
+                code = ErrorCode.STORAGE_FULL if full else ErrorCode.INTERNAL
+                for item, _ in done:
+                    self.fail(item, queue, code, f"Redis refused the result: {exc}")
+                return
+        except RedisResponseError as exc:
+            if len(done) > 1:
+                half = len(done) // 2
+                self.finish(queue, done[:half], throughput)
+                self.finish(queue, done[half:], None)
+                return
+            item = done[0][0]
+            self.fail(item, queue, ErrorCode.INTERNAL, f"storing the result failed: {exc}")
+            return
+        for item, _ in stored:
+            self.send_webhook(item, "succeeded")
+
+    def store(
+        self, queue: Queue, done: list[tuple[Running, Success]], throughput: str | None
+    ) -> list[tuple[Running, Success]]:
+        """Write the successes, through a Redis outage of up to `redis_outage_wait_s`.
+
+        The GPU's work is not thrown away because Redis is briefly gone: the worker tries
+        again with backoff, heartbeating its jobs whenever Redis answers, unless the lost
+        reply hid a transaction that went through. Past the wait the batch is given up (the
+        lost-job cleanup runs its jobs again). What was stored is returned.
+        """
+        deadline = time.monotonic() + self.settings.redis_outage_wait_s
+        delay = STORE_RETRY_FIRST_S
+        retrying = False
         while True:
             try:
+                if retrying:
+                    if already_finished(self, done):
+                        return done
+                    self.keep_alive([item for item, _ in done])
+                    # A limit lowered since it was read: the refusal was not an outage.
+                    done = self.drop_oversize(queue, done, reread=True)
+                    if not done:
+                        return []
                 finish_successes(self, queue, done, throughput)
-                break
+                return done
             except (RedisConnectionError, RedisTimeoutError) as exc:
-                self.log.warning("Redis unavailable while storing results (%s); waiting", exc)
-                wait_for_redis(self)
-                if already_finished(self, done):
-                    break
-            except RedisResponseError as exc:
-                if len(done) > 1:
-                    half = len(done) // 2
-                    self.finish(queue, done[:half], throughput)
-                    self.finish(queue, done[half:], None)
-                    return
-                item = done[0][0]
-                self.fail(item, queue, ErrorCode.INTERNAL, f"storing the result failed: {exc}")
-                return
-        for item, _ in done:
-            self.send_webhook(item, "succeeded")
+                if time.monotonic() >= deadline:
+                    self.log.error(
+                        "Redis unavailable for %.0f s while storing %d results (%s); giving "
+                        "them up: their jobs run again once their executions expire",
+                        self.settings.redis_outage_wait_s,
+                        len(done),
+                        exc,
+                    )
+                    return []
+                self.warn_outage("Redis unavailable while storing results (%s); waiting", exc)
+                time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
+                delay = min(delay * 2, STORE_RETRY_MAX_S)
+                retrying = True
+
+    def max_value_bytes(self, reread: bool = False) -> int:
+        """The largest value Redis takes (`proto-max-bulk-len`), read once (or again)."""
+        if self._max_value_bytes is None or reread:
+            try:
+                reply: Any = self.connection.config_get("proto-max-bulk-len")
+                self._max_value_bytes = int(next(iter(reply.values())))
+            except (RedisResponseError, StopIteration, ValueError):
+                # CONFIG disabled (managed Redis): its default.
+                self._max_value_bytes = REDIS_MAX_VALUE_BYTES
+        return self._max_value_bytes
+
+    def drop_oversize(
+        self, queue: Queue, done: list[tuple[Running, Success]], reread: bool = False
+    ) -> list[tuple[Running, Success]]:
+        """Fail the jobs whose result Redis cannot take in one value; the others remain."""
+        limit = self.max_value_bytes(reread)
+        fits = []
+        for item, success in done:
+            size = max(len(success.result), len(success.reconstruction_png or b""))
+            if size <= limit:
+                fits.append((item, success))
+                continue
+            self.fail(
+                item,
+                queue,
+                ErrorCode.RESULT_TOO_LARGE,
+                f"the result is {size} bytes, over the {limit} bytes Redis takes in one value "
+                "(its proto-max-bulk-len): ask for fewer steps, a smaller resolution, or no "
+                "trajectory",
+            )
+        return fits
+
+    def warn_outage(self, message: str, *args: object) -> None:
+        """A warning about Redis being unavailable, at most once per OUTAGE_LOG_EVERY_S."""
+        moment = time.monotonic()
+        if moment - self._last_outage_log < OUTAGE_LOG_EVERY_S:
+            self._outage_logs_skipped += 1
+            return
+        if self._outage_logs_skipped:
+            message += f" ({self._outage_logs_skipped} like it not logged)"
+        self.log.warning(message, *args)
+        self._last_outage_log = moment
+        self._outage_logs_skipped = 0
+
+    def free_inputs(self, items: Sequence[Running]) -> None:
+        """Delete the inputs of jobs that will not run again: Redis allows DEL when full."""
+        with contextlib.suppress(RedisError):
+            self.connection.delete(*[input_key(item.job.id) for item in items])
 
     def update_throughput(self, images: int, seconds: float) -> str | None:
         """This worker's images/s EWMA, as the record gateways estimate waits from."""
@@ -547,14 +659,28 @@ class InversionWorker(SimpleWorker):
     # -- endings --------------------------------------------------------------------------
 
     def fail(self, item: Running, queue: Queue, code: ErrorCode, message: str) -> None:
-        item.meta[META_ERROR] = jobs.error_meta(code, message)
-        item.job.meta = item.meta
-        item.job.save_meta()
-        error = jobs.JobFailed(code, message)
-        # A failure with a code is final: retries are for jobs whose worker was lost.
-        item.job.retries_left = 0
-        assert item.execution is not None
-        self._finalize_failure(item.job, queue, item.execution, (type(error), error, None))
+        """A job's final failure, with its code: retries are for jobs whose worker was lost."""
+        job = item.job
+        try:
+            # First what Redis allows even when full (DEL): the job no longer needs them.
+            self.connection.delete(input_key(job.id), cancel_key(job.id))
+            item.meta[META_ERROR] = jobs.error_meta(code, message)
+            job.meta = item.meta
+            job.save_meta()
+            error = jobs.JobFailed(code, message)
+            job.retries_left = 0
+            assert item.execution is not None
+            self._finalize_failure(job, queue, item.execution, (type(error), error, None))
+        except RedisError as exc:
+            self.log.error(
+                "could not record the failure of job %s (%s: %s): %s; it ends when its "
+                "execution expires",
+                job.id,
+                code.value,
+                message,
+                exc,
+            )
+            return
         self.notify(item, "failed")
 
     def cancel(self, item: Running, queue: Queue, code: ErrorCode) -> None:
@@ -563,16 +689,21 @@ class InversionWorker(SimpleWorker):
             timeout = item.job.timeout
             self.fail(item, queue, code, f"the job ran past its timeout of {timeout} s")
             return
-        item.meta[META_ERROR] = jobs.error_meta(ErrorCode.CANCELED, "canceled by the client")
-        item.job.meta = item.meta
-        item.job.save_meta()
-        with self.connection.pipeline() as pipe:
-            self.cleanup_execution(item.job, pipeline=pipe, execution=item.execution)
-            pipe.execute()
-        item.job.ended_at = now()
-        if item.job.get_status(refresh=True) != JobStatus.CANCELED:
-            item.job.cancel()
-        self.connection.delete(input_key(item.job.id))
+        job = item.job
+        try:
+            item.meta[META_ERROR] = jobs.error_meta(ErrorCode.CANCELED, "canceled by the client")
+            job.meta = item.meta
+            job.save_meta()
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe, execution=item.execution)
+                pipe.execute()
+            job.ended_at = now()
+            if job.get_status(refresh=True) != JobStatus.CANCELED:
+                job.cancel()
+            expire_canceled(self.connection, queue, job)
+        except RedisError as exc:
+            self.log.error("could not record the cancel of job %s: %s", job.id, exc)
+            return
         self.notify(item, "canceled")
 
     def free_memory(self) -> None:
