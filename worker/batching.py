@@ -32,12 +32,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
 from redis.exceptions import RedisError
 from redis.exceptions import ResponseError as RedisResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -59,15 +58,13 @@ from contract import (
     input_key,
     tokenizer_key,
 )
-from worker import jobs
+from worker import jobs, storing
 from worker.engine import InversionRequest, batch_key, invert, progress_total
 from worker.lifecycle import (
     StartReply,
     Success,
-    already_finished,
     clean_registries,
     expire_canceled,
-    finish_successes,
     forget_failed_inputs,
     signal_end,
     start_batch,
@@ -98,26 +95,13 @@ THROUGHPUT_ALPHA = 0.3
 """Weight of the newest batch in the images/s EWMA that gateways estimate waits from."""
 
 
-REDIS_MAX_VALUE_BYTES = 512 * 2**20
-"""Redis's default `proto-max-bulk-len`, assumed when its CONFIG GET is refused."""
-
-OUTAGE_LOG_EVERY_S = 10.0
-"""Least interval between two warnings about one Redis outage (the others are counted)."""
-
-STORE_RETRY_FIRST_S = 0.2
-"""First wait before writing results again after a lost connection; doubled each time..."""
-
-STORE_RETRY_MAX_S = 5.0
-"""...up to this."""
-
-
 @contextlib.contextmanager
 def redis_outage_tolerated(worker: InversionWorker) -> Iterator[None]:
     """Progress and cancel checks are best effort: the GPU keeps working through an outage."""
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        worker.warn_outage("Redis unavailable during a batch (%s); continuing", exc)
+    except storing.LOST as exc:
+        worker.outages.warn("Redis unavailable during a batch (%s); continuing", exc)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -167,8 +151,7 @@ class InversionWorker(SimpleWorker):
         self._running_ids: set[str] = set()
         self._cancel_requests: set[str] = set()
         self._max_value_bytes: int | None = None
-        self._last_outage_log = -float("inf")
-        self._outage_logs_skipped = 0
+        self.outages = storing.OutageLog(self.log)
         self.batches_run = 0
         self.images_per_s: float | None = None
         self.webhooks = WebhookSender(
@@ -212,13 +195,41 @@ class InversionWorker(SimpleWorker):
         if pipeline is not None or timeout is not None:
             super().heartbeat(timeout, pipeline)
             return
-        # RQ heartbeats several times per job; its TTL is a minute, so once a second is
-        # plenty, and short jobs do not pay three Redis writes for each.
-        if moment - self._last_rq_heartbeat >= RQ_HEARTBEAT_EVERY_S:
-            super().heartbeat()
-            self._last_rq_heartbeat = moment
-        self.publish_record()
-        self.reap_lost_jobs()
+        # A missed heartbeat is harmless; RQ's loop would quit on the error after a job.
+        with redis_outage_tolerated(self):
+            # RQ heartbeats several times per job; its TTL is a minute, so once a second is
+            # plenty, and short jobs do not pay three Redis writes for each.
+            if moment - self._last_rq_heartbeat >= RQ_HEARTBEAT_EVERY_S:
+                super().heartbeat()
+                self._last_rq_heartbeat = moment
+            self.publish_record()
+            self.reap_lost_jobs()
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ's check, run before each dequeue; Redis away is the dequeue's to wait for."""
+        with redis_outage_tolerated(self):
+            super().check_for_suspension(burst)
+
+    def run_maintenance_tasks(self) -> None:
+        """RQ's periodic registry cleaning; skipped while Redis is away, not fatal."""
+        with redis_outage_tolerated(self):
+            super().run_maintenance_tasks()
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """RQ's dequeue, surviving what RQ's own loop lets through and would quit on: Redis
+        lost before its first write, and a full Redis, which refuses even a dequeue."""
+        delay = storing.RETRY_FIRST_S
+        while True:
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except (*storing.LOST, RedisOutOfMemoryError) as exc:
+                if self._stop_requested:
+                    raise StopRequested() from exc
+                self.outages.warn("Redis unavailable or full between jobs (%s); waiting", exc)
+                time.sleep(delay)
+                delay = min(delay * 2, storing.RETRY_MAX_S)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """A running job's execution expires this long after its worker was last heard from."""
@@ -427,7 +438,8 @@ class InversionWorker(SimpleWorker):
                         item.meta[META_PROGRESS] = {"step": step, "total": steps}
                         pipe.hset(item.job.key, "meta", JSONSerializer.dumps(item.meta))
                 pipe.execute()
-            self.keep_alive(batch)
+            with redis_outage_tolerated(self):
+                self.keep_alive(batch)
 
         last_poll = [time.monotonic()]  # the flags were read when the batch started
 
@@ -502,29 +514,21 @@ class InversionWorker(SimpleWorker):
         """Write the successes of a batch in one transaction; a job Redis refuses fails alone.
 
         A result larger than Redis takes in one value fails its job with `result_too_large`
-        before anything is sent: Redis answers such a write by closing the connection, which
-        would otherwise read as an outage. A write refused for being out of memory fails the
-        batch's jobs with `storage_full`, once their inputs are freed and the write is tried
-        again; any other refusal splits the batch, so only a job whose own writes are
-        refused fails. Failures are final: no other worker runs those jobs again.
+        before anything is sent. Through an outage or a full Redis the worker waits (see
+        `storing`); Redis still full after the wait fails the batch's jobs with
+        `storage_full`. Any other refusal splits the batch, so that only a job whose own
+        writes are refused fails. Failures are final: no other worker runs those jobs again.
         """
         done = self.drop_oversize(queue, done)
         if not done:
             return
         try:
-            stored = self.store(queue, done, throughput)
-        except RedisOutOfMemoryError:
-            # The inputs are not needed whatever happens next; freeing them may be enough.
-            self.free_inputs([item for item, _ in done])
-            try:
-                stored = self.store(queue, done, throughput)
-            except RedisResponseError as exc:
-                full = isinstance(exc, RedisOutOfMemoryError)
-                code = ErrorCode.STORAGE_FULL if full else ErrorCode.INTERNAL
-                for item, _ in done:
-                    self.fail(item, queue, code, f"Redis refused the result: {exc}")
-                return
+            stored = storing.store(self, queue, done, throughput)
         except RedisResponseError as exc:
+            if isinstance(exc, RedisOutOfMemoryError):
+                for item, _ in done:
+                    self.fail(item, queue, ErrorCode.STORAGE_FULL, f"Redis is full: {exc}")
+                return
             if len(done) > 1:
                 half = len(done) // 2
                 self.finish(queue, done[:half], throughput)
@@ -536,65 +540,25 @@ class InversionWorker(SimpleWorker):
         for item, _ in stored:
             self.send_webhook(item, "succeeded")
 
-    def store(
-        self, queue: Queue, done: list[tuple[Running, Success]], throughput: str | None
-    ) -> list[tuple[Running, Success]]:
-        """Write the successes, through a Redis outage of up to `redis_outage_wait_s`.
-
-        The GPU's work is not thrown away because Redis is briefly gone: the worker tries
-        again with backoff, heartbeating its jobs whenever Redis answers, unless the lost
-        reply hid a transaction that went through. Past the wait the batch is given up (the
-        lost-job cleanup runs its jobs again). What was stored is returned.
-        """
-        deadline = time.monotonic() + self.settings.redis_outage_wait_s
-        delay = STORE_RETRY_FIRST_S
-        retrying = False
-        while True:
-            try:
-                if retrying:
-                    if already_finished(self, done):
-                        return done
-                    self.keep_alive([item for item, _ in done])
-                    # A limit lowered since it was read: the refusal was not an outage.
-                    done = self.drop_oversize(queue, done, reread=True)
-                    if not done:
-                        return []
-                finish_successes(self, queue, done, throughput)
-                return done
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                if time.monotonic() >= deadline:
-                    self.log.error(
-                        "Redis unavailable for %.0f s while storing %d results (%s); giving "
-                        "them up: their jobs run again once their executions expire",
-                        self.settings.redis_outage_wait_s,
-                        len(done),
-                        exc,
-                    )
-                    return []
-                self.warn_outage("Redis unavailable while storing results (%s); waiting", exc)
-                time.sleep(max(0.0, min(delay, deadline - time.monotonic())))
-                delay = min(delay * 2, STORE_RETRY_MAX_S)
-                retrying = True
-
-    def max_value_bytes(self, reread: bool = False) -> int:
-        """The largest value Redis takes (`proto-max-bulk-len`), read once (or again)."""
-        if self._max_value_bytes is None or reread:
-            try:
-                reply: Any = self.connection.config_get("proto-max-bulk-len")
-                self._max_value_bytes = int(next(iter(reply.values())))
-            except (RedisResponseError, StopIteration, ValueError):
-                # CONFIG disabled (managed Redis): its default.
-                self._max_value_bytes = REDIS_MAX_VALUE_BYTES
-        return self._max_value_bytes
-
     def drop_oversize(
         self, queue: Queue, done: list[tuple[Running, Success]], reread: bool = False
     ) -> list[tuple[Running, Success]]:
-        """Fail the jobs whose result Redis cannot take in one value; the others remain."""
-        limit = self.max_value_bytes(reread)
+        """Fail the jobs whose result Redis cannot take in one value; the others remain.
+
+        The limit is read once, and again (`reread`) after a write was cut off; a first
+        read during an outage is left to the retry after it.
+        """
+        if self._max_value_bytes is None or reread:
+            try:
+                self._max_value_bytes = storing.max_value_bytes(self.connection)
+            except storing.LOST:
+                if reread:
+                    raise
+                return done
+        limit = self._max_value_bytes
         fits = []
         for item, success in done:
-            size = max(len(success.result), len(success.reconstruction_png or b""))
+            size = storing.largest_value(success)
             if size <= limit:
                 fits.append((item, success))
                 continue
@@ -607,23 +571,6 @@ class InversionWorker(SimpleWorker):
                 "trajectory",
             )
         return fits
-
-    def warn_outage(self, message: str, *args: object) -> None:
-        """A warning about Redis being unavailable, at most once per OUTAGE_LOG_EVERY_S."""
-        moment = time.monotonic()
-        if moment - self._last_outage_log < OUTAGE_LOG_EVERY_S:
-            self._outage_logs_skipped += 1
-            return
-        if self._outage_logs_skipped:
-            message += f" ({self._outage_logs_skipped} like it not logged)"
-        self.log.warning(message, *args)
-        self._last_outage_log = moment
-        self._outage_logs_skipped = 0
-
-    def free_inputs(self, items: Sequence[Running]) -> None:
-        """Delete the inputs of jobs that will not run again: Redis allows DEL when full."""
-        with contextlib.suppress(RedisError):
-            self.connection.delete(*[input_key(item.job.id) for item in items])
 
     def update_throughput(self, images: int, seconds: float) -> str | None:
         """This worker's images/s EWMA, as the record gateways estimate waits from."""
