@@ -64,8 +64,8 @@ class WorkerSettings(BaseSettings):
         ge=0,
         le=3600,
         description="How long a worker holding finished results waits for Redis to come back "
-        "and take them; past it the batch is given up, and its jobs run again on a live "
-        "worker (or fail `worker_lost` once their retries are used).",
+        "(or, full, to have room for them); past it the batch is given up and its jobs run "
+        "again (a full Redis: they fail `storage_full`).",
     )
     max_retries: int = Field(
         2, ge=0, le=10, description="How often a job whose worker died is run again."
