@@ -584,10 +584,16 @@ class InversionWorker(SimpleWorker):
         return json.dumps({"images_per_s": self.images_per_s, "updated_at": time.time()})
 
     def notify(self, item: Running, status: str) -> None:
-        """Signal a job's end that was not a success (successes signal in their transaction)."""
-        with redis_outage_tolerated(self), self.connection.pipeline(transaction=False) as pipe:
-            signal_end(pipe, item.job, status)
-            pipe.execute()
+        """Signal a job's end that was not a success (successes signal in their transaction).
+
+        Best effort: the job's status is recorded, and waiters read it too.
+        """
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                signal_end(pipe, item.job, status)
+                pipe.execute()
+        except RedisError as exc:
+            self.outages.warn("could not signal the end of job %s (%s)", item.job.id, exc)
         self.send_webhook(item, status)
 
     def send_webhook(self, item: Running, status: str) -> None:

@@ -10,12 +10,16 @@ same records are written, with RQ's own methods, in one MULTI/EXEC per batch, so
    the job's `started` status, heartbeats and worker name, its removal from the
    intermediate queue, its first progress, and the worker's `busy` state. The same round
    trip reads each job's cancel flag and input image.
-2. Success: the result bytes (and reconstruction), the input deleted, the job's meta
-   (final progress, result metadata, engine time), RQ's Result stream entry, `finished`
-   status, FinishedJobRegistry and TTLs, the execution's cleanup, the worker's counters,
-   the job-ended signal that waiting gateways block on, the service-wide job metrics and
-   this worker's throughput. One transaction: a gateway that sees `finished` always finds
-   the result.
+2. Success: the result bytes (and reconstruction), the input and any cancel flag deleted,
+   the job's meta (final progress, result metadata, engine time), RQ's Result stream
+   entry, `finished` status, FinishedJobRegistry and TTLs, the execution's cleanup, the
+   worker's counters, the job-ended signal that waiting gateways block on, the
+   service-wide job metrics and this worker's throughput. One transaction: a gateway that
+   sees `finished` always finds the result.
+
+Every ended job, and everything of its, expires: a success with its result TTL, a
+failure or a cancel with its failure TTL (`kept_for_s`); RQ's cancel sets none, which
+`expire_canceled` makes up for, and `clean_registries` drops expired registry entries.
 
 The gateway never enqueues a job with `depends_on`, so no job has dependents to release
 and RQ's WATCH loop over the dependents key has nothing to guard.
