@@ -377,7 +377,8 @@ def cancel_queued(connection: redis.Redis, job: Job) -> None:
         )
         pipe.expire(job.key, ttl)
         pipe.delete(contract.input_key(job.id))
-        pipe.expire(contract.cancel_key(job.id), ttl, lt=True)
+        # The DELETE route set the flag to outlive the job's timeout; not the job itself.
+        pipe.expire(contract.cancel_key(job.id), min(ttl, int(job.timeout or 0) + 60))
         if canceled_here:
             # A job canceled before any worker saw it ends here: count it like the workers do.
             pipe.hincrby(contract.JOB_METRICS_KEY, "ended:canceled", 1)
