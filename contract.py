@@ -52,6 +52,10 @@ class ErrorCode(str, enum.Enum):
     WORKER_LOST = "worker_lost"
     CANCELED = "canceled"
     INTERNAL = "internal"
+    RESULT_TOO_LARGE = "result_too_large"
+    """The result is larger than Redis takes in one value (its `proto-max-bulk-len`)."""
+    STORAGE_FULL = "storage_full"
+    """Redis refused to store the result: out of memory (`maxmemory`); submit again later."""
     # Errors of a request, before any job exists.
     VALIDATION_ERROR = "validation_error"
     UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"

@@ -19,9 +19,11 @@ import numpy as np
 import redis
 from pydantic import ValidationError
 from rq import Queue, Retry
+from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
+from rq.registry import CanceledJobRegistry
 from rq.serializers import JSONSerializer
 
 import contract
@@ -363,22 +365,42 @@ def job_view(job: Job, queue: Queue, stale_s: float | None = None) -> JobView:
 
 
 def cancel_queued(connection: redis.Redis, job: Job) -> None:
-    """Take a queued job out of the queue for good and say why in its meta."""
+    """Take a queued job out of the queue for good and say why in its meta.
+
+    It then expires like a failed job, with everything of its: RQ's cancel keeps the hash
+    forever and scores the canceled registry entry at the cancel itself (which the
+    workers' registry cleaning would drop at once), so both get the failure TTL; the input
+    goes now; the cancel flag (kept for a worker that dequeued the job meanwhile) and the
+    end signal expire with the job at the latest.
+    """
+    ttl = job.failure_ttl if job.failure_ttl and job.failure_ttl > 0 else DEFAULT_FAILURE_TTL
     try:
         job.cancel()
-        # A job canceled before any worker saw it ends here: count it like the workers do.
-        connection.hincrby(contract.JOB_METRICS_KEY, "ended:canceled", 1)
-        connection.rpush(contract.ended_key(job.id), "canceled")
-        connection.expire(contract.ended_key(job.id), contract.ENDED_TTL_S)
-        contract.publish_job_event(connection, job.id)
+        canceled_here = True
     except InvalidJobOperation:
         logger.info("job %s was already canceled", job.id)
+        canceled_here = False
     job.meta[contract.META_ERROR] = {
         "code": ErrorCode.CANCELED.value,
         "message": "canceled by the client",
     }
-    job.save_meta()
-    # Deletes its input: the job's bytes are gone.
+    with connection.pipeline(transaction=False) as pipe:
+        pipe.hset(job.key, "meta", job.serializer.dumps(job.meta))
+        CanceledJobRegistry(job.origin, connection, serializer=job.serializer).add(
+            job, ttl, pipeline=pipe
+        )
+        pipe.expire(job.key, ttl)
+        pipe.delete(contract.input_key(job.id))
+        # The DELETE route set the flag to outlive the job's timeout; not the job itself.
+        pipe.expire(contract.cancel_key(job.id), min(ttl, int(job.timeout or 0) + 60))
+        if canceled_here:
+            # A job canceled before any worker saw it ends here: count it like the workers do.
+            pipe.hincrby(contract.JOB_METRICS_KEY, "ended:canceled", 1)
+            pipe.rpush(contract.ended_key(job.id), "canceled")
+            pipe.expire(contract.ended_key(job.id), min(contract.ENDED_TTL_S, ttl))
+            contract.publish_job_event(pipe, job.id)
+        pipe.execute()
+    # Its input is deleted above: the job's bytes are gone from its key's budget.
     contract.settle_held_bytes(connection, job.meta.get(contract.META_OWNER, ""), job.id)
 
 

@@ -32,10 +32,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError as RedisOutOfMemoryError
+from redis.exceptions import RedisError
 from redis.exceptions import ResponseError as RedisResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue, SimpleWorker
+from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
@@ -58,13 +59,14 @@ from contract import (
     publish_job_event,
     tokenizer_key,
 )
-from worker import jobs
+from worker import jobs, storing
 from worker.engine import InversionRequest, batch_key, invert, progress_total
 from worker.lifecycle import (
     StartReply,
     Success,
-    already_finished,
-    finish_successes,
+    clean_registries,
+    expire_canceled,
+    forget_failed_inputs,
     signal_end,
     start_batch,
 )
@@ -95,27 +97,12 @@ THROUGHPUT_ALPHA = 0.3
 
 
 @contextlib.contextmanager
-def redis_outage_tolerated(worker: SimpleWorker) -> Iterator[None]:
+def redis_outage_tolerated(worker: InversionWorker) -> Iterator[None]:
     """Progress and cancel checks are best effort: the GPU keeps working through an outage."""
     try:
         yield
-    except (RedisConnectionError, RedisTimeoutError) as exc:
-        worker.log.warning("Redis unavailable during a batch (%s); continuing", exc)
-
-
-def wait_for_redis(worker: SimpleWorker, limit_s: float = 300.0) -> None:
-    """Before writing results, wait (with backoff) for Redis to come back after an outage."""
-    delay, waited = 0.2, 0.0
-    while True:
-        try:
-            worker.connection.ping()
-            return
-        except (RedisConnectionError, RedisTimeoutError):
-            if waited >= limit_s:
-                raise
-            time.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, 5.0)
+    except storing.LOST as exc:
+        worker.outages.warn("Redis unavailable during a batch (%s); continuing", exc)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -164,6 +151,8 @@ class InversionWorker(SimpleWorker):
         self._last_reap = 0.0
         self._running_ids: set[str] = set()
         self._cancel_requests: set[str] = set()
+        self._max_value_bytes: int | None = None
+        self.outages = storing.OutageLog(self.log)
         self.batches_run = 0
         self.images_per_s: float | None = None
         self.webhooks = WebhookSender.from_settings(settings)
@@ -202,13 +191,41 @@ class InversionWorker(SimpleWorker):
         if pipeline is not None or timeout is not None:
             super().heartbeat(timeout, pipeline)
             return
-        # RQ heartbeats several times per job; its TTL is a minute, so once a second is
-        # plenty, and short jobs do not pay three Redis writes for each.
-        if moment - self._last_rq_heartbeat >= RQ_HEARTBEAT_EVERY_S:
-            super().heartbeat()
-            self._last_rq_heartbeat = moment
-        self.publish_record()
-        self.reap_lost_jobs()
+        # A missed heartbeat is harmless; RQ's loop would quit on the error after a job.
+        with redis_outage_tolerated(self):
+            # RQ heartbeats several times per job; its TTL is a minute, so once a second is
+            # plenty, and short jobs do not pay three Redis writes for each.
+            if moment - self._last_rq_heartbeat >= RQ_HEARTBEAT_EVERY_S:
+                super().heartbeat()
+                self._last_rq_heartbeat = moment
+            self.publish_record()
+            self.reap_lost_jobs()
+
+    def check_for_suspension(self, burst: bool) -> None:
+        """RQ's check, run before each dequeue; Redis away is the dequeue's to wait for."""
+        with redis_outage_tolerated(self):
+            super().check_for_suspension(burst)
+
+    def run_maintenance_tasks(self) -> None:
+        """RQ's periodic registry cleaning; skipped while Redis is away, not fatal."""
+        with redis_outage_tolerated(self):
+            super().run_maintenance_tasks()
+
+    def dequeue_job_and_maintain_ttl(
+        self, timeout: int | None, max_idle_time: int | None = None
+    ) -> tuple[Job, Queue] | None:
+        """RQ's dequeue, surviving what RQ's own loop lets through and would quit on: Redis
+        lost before its first write, and a full Redis, which refuses even a dequeue."""
+        delay = storing.RETRY_FIRST_S
+        while True:
+            try:
+                return super().dequeue_job_and_maintain_ttl(timeout, max_idle_time)
+            except (*storing.LOST, RedisOutOfMemoryError) as exc:
+                if self._stop_requested:
+                    raise StopRequested() from exc
+                self.outages.warn("Redis unavailable or full between jobs (%s); waiting", exc)
+                time.sleep(delay)
+                delay = min(delay * 2, storing.RETRY_MAX_S)
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """A running job's execution expires this long after its worker was last heard from."""
@@ -231,7 +248,8 @@ class InversionWorker(SimpleWorker):
         RQ's own StartedJobRegistry.cleanup does it: an expired execution is retried while the
         job has retries left (the gateway enqueues with Retry(max_retries)), else it fails
         with AbandonedJobError, which the gateway reports as `worker_lost`. Any live worker
-        runs it, every lost_after_s / 2.
+        runs it, every lost_after_s / 2, and then forgets ended jobs past their TTL from the
+        registries.
         """
         moment = time.monotonic()
         if moment - self._last_reap < self.settings.lost_after_s / 2:
@@ -239,7 +257,12 @@ class InversionWorker(SimpleWorker):
         self._last_reap = moment
         for queue in self.queues:
             try:
-                queue.started_job_registry.cleanup()
+                registry = queue.started_job_registry
+                lost = registry.get_expired_job_ids()
+                registry.cleanup()
+                if lost:
+                    forget_failed_inputs(self.connection, lost)
+                clean_registries(self.connection, queue)
             except Exception as exc:  # a reaping hiccup must not stop the worker
                 self.log.warning("reaping lost jobs failed: %s", exc)
 
@@ -309,7 +332,7 @@ class InversionWorker(SimpleWorker):
                 if job is None:
                     continue
                 try:
-                    payload = jobs.parse_payload(job.kwargs)
+                    payload = jobs.trusted_payload(job)
                 except jobs.JobFailed:
                     seen_incompatible.add(job.id)
                     continue
@@ -340,8 +363,10 @@ class InversionWorker(SimpleWorker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         head = Running(job=job)
         try:
-            head.payload = jobs.parse_payload(job.kwargs)
+            head.payload = jobs.trusted_payload(job)
         except jobs.JobFailed as exc:
+            # Before RQ's start and failure paths see it: they would resolve its callbacks.
+            jobs.disarm(job)
             head.error = (exc.code, exc.message)
         batch = [head, *self.gather(head, queue)]
         self.run(batch, queue)
@@ -410,7 +435,8 @@ class InversionWorker(SimpleWorker):
                         pipe.hset(item.job.key, "meta", JSONSerializer.dumps(item.meta))
                         publish_job_event(pipe, item.job.id)
                 pipe.execute()
-            self.keep_alive(batch)
+            with redis_outage_tolerated(self):
+                self.keep_alive(batch)
 
         last_poll = [time.monotonic()]  # the flags were read when the batch started
 
@@ -482,33 +508,66 @@ class InversionWorker(SimpleWorker):
     def finish(
         self, queue: Queue, done: list[tuple[Running, Success]], throughput: str | None
     ) -> None:
-        """Write the successes of a batch in one transaction, surviving a Redis outage.
+        """Write the successes of a batch in one transaction; a job Redis refuses fails alone.
 
-        The GPU's work is not thrown away because Redis is briefly gone: the worker waits for
-        it (with backoff) and writes again, unless the lost reply hid a transaction that went
-        through. Redis refusing the transaction (out of memory, say) splits it, so that only
-        a job whose own writes are refused fails.
+        A result larger than Redis takes in one value fails its job with `result_too_large`
+        before anything is sent. Through an outage or a full Redis the worker waits (see
+        `storing`); Redis still full after the wait fails the batch's jobs with
+        `storage_full`. Any other refusal splits the batch, so that only a job whose own
+        writes are refused fails. Failures are final: no other worker runs those jobs again.
         """
-        while True:
-            try:
-                finish_successes(self, queue, done, throughput)
-                break
-            except (RedisConnectionError, RedisTimeoutError) as exc:
-                self.log.warning("Redis unavailable while storing results (%s); waiting", exc)
-                wait_for_redis(self)
-                if already_finished(self, done):
-                    break
-            except RedisResponseError as exc:
-                if len(done) > 1:
-                    half = len(done) // 2
-                    self.finish(queue, done[:half], throughput)
-                    self.finish(queue, done[half:], None)
-                    return
-                item = done[0][0]
-                self.fail(item, queue, ErrorCode.INTERNAL, f"storing the result failed: {exc}")
+        done = self.drop_oversize(queue, done)
+        if not done:
+            return
+        try:
+            stored = storing.store(self, queue, done, throughput)
+        except RedisResponseError as exc:
+            if isinstance(exc, RedisOutOfMemoryError):
+                for item, _ in done:
+                    self.fail(item, queue, ErrorCode.STORAGE_FULL, f"Redis is full: {exc}")
                 return
-        for item, _ in done:
+            if len(done) > 1:
+                half = len(done) // 2
+                self.finish(queue, done[:half], throughput)
+                self.finish(queue, done[half:], None)
+                return
+            item = done[0][0]
+            self.fail(item, queue, ErrorCode.INTERNAL, f"storing the result failed: {exc}")
+            return
+        for item, _ in stored:
             self.send_webhook(item, "succeeded")
+
+    def drop_oversize(
+        self, queue: Queue, done: list[tuple[Running, Success]], reread: bool = False
+    ) -> list[tuple[Running, Success]]:
+        """Fail the jobs whose result Redis cannot take in one value; the others remain.
+
+        The limit is read once, and again (`reread`) after a write was cut off; a first
+        read during an outage is left to the retry after it.
+        """
+        if self._max_value_bytes is None or reread:
+            try:
+                self._max_value_bytes = storing.max_value_bytes(self.connection)
+            except storing.LOST:
+                if reread:
+                    raise
+                return done
+        limit = self._max_value_bytes
+        fits = []
+        for item, success in done:
+            size = storing.largest_value(success)
+            if size <= limit:
+                fits.append((item, success))
+                continue
+            self.fail(
+                item,
+                queue,
+                ErrorCode.RESULT_TOO_LARGE,
+                f"the result is {size} bytes, over the {limit} bytes Redis takes in one value "
+                "(its proto-max-bulk-len): ask for fewer steps, a smaller resolution, or no "
+                "trajectory",
+            )
+        return fits
 
     def update_throughput(self, images: int, seconds: float) -> str | None:
         """This worker's images/s EWMA, as the record gateways estimate waits from."""
@@ -522,10 +581,16 @@ class InversionWorker(SimpleWorker):
         return json.dumps({"images_per_s": self.images_per_s, "updated_at": time.time()})
 
     def notify(self, item: Running, status: str) -> None:
-        """Signal a job's end that was not a success (successes signal in their transaction)."""
-        with redis_outage_tolerated(self), self.connection.pipeline(transaction=False) as pipe:
-            signal_end(pipe, item.job, status)
-            pipe.execute()
+        """Signal a job's end that was not a success (successes signal in their transaction).
+
+        Best effort: the job's status is recorded, and waiters read it too.
+        """
+        try:
+            with self.connection.pipeline(transaction=False) as pipe:
+                signal_end(pipe, item.job, status)
+                pipe.execute()
+        except RedisError as exc:
+            self.outages.warn("could not signal the end of job %s (%s)", item.job.id, exc)
         self.send_webhook(item, status)
 
     def send_webhook(self, item: Running, status: str) -> None:
@@ -544,14 +609,28 @@ class InversionWorker(SimpleWorker):
     # -- endings --------------------------------------------------------------------------
 
     def fail(self, item: Running, queue: Queue, code: ErrorCode, message: str) -> None:
-        item.meta[META_ERROR] = jobs.error_meta(code, message)
-        item.job.meta = item.meta
-        item.job.save_meta()
-        error = jobs.JobFailed(code, message)
-        # A failure with a code is final: retries are for jobs whose worker was lost.
-        item.job.retries_left = 0
-        assert item.execution is not None
-        self._finalize_failure(item.job, queue, item.execution, (type(error), error, None))
+        """A job's final failure, with its code: retries are for jobs whose worker was lost."""
+        job = item.job
+        try:
+            # First what Redis allows even when full (DEL): the job no longer needs them.
+            self.connection.delete(input_key(job.id), cancel_key(job.id))
+            item.meta[META_ERROR] = jobs.error_meta(code, message)
+            job.meta = item.meta
+            job.save_meta()
+            error = jobs.JobFailed(code, message)
+            job.retries_left = 0
+            assert item.execution is not None
+            self._finalize_failure(job, queue, item.execution, (type(error), error, None))
+        except RedisError as exc:
+            self.log.error(
+                "could not record the failure of job %s (%s: %s): %s; it ends when its "
+                "execution expires",
+                job.id,
+                code.value,
+                message,
+                exc,
+            )
+            return
         self.notify(item, "failed")
 
     def cancel(self, item: Running, queue: Queue, code: ErrorCode) -> None:
@@ -560,16 +639,21 @@ class InversionWorker(SimpleWorker):
             timeout = item.job.timeout
             self.fail(item, queue, code, f"the job ran past its timeout of {timeout} s")
             return
-        item.meta[META_ERROR] = jobs.error_meta(ErrorCode.CANCELED, "canceled by the client")
-        item.job.meta = item.meta
-        item.job.save_meta()
-        with self.connection.pipeline() as pipe:
-            self.cleanup_execution(item.job, pipeline=pipe, execution=item.execution)
-            pipe.execute()
-        item.job.ended_at = now()
-        if item.job.get_status(refresh=True) != JobStatus.CANCELED:
-            item.job.cancel()
-        self.connection.delete(input_key(item.job.id))
+        job = item.job
+        try:
+            item.meta[META_ERROR] = jobs.error_meta(ErrorCode.CANCELED, "canceled by the client")
+            job.meta = item.meta
+            job.save_meta()
+            with self.connection.pipeline() as pipe:
+                self.cleanup_execution(job, pipeline=pipe, execution=item.execution)
+                pipe.execute()
+            job.ended_at = now()
+            if job.get_status(refresh=True) != JobStatus.CANCELED:
+                job.cancel()
+            expire_canceled(self.connection, queue, job)
+        except RedisError as exc:
+            self.log.error("could not record the cancel of job %s: %s", job.id, exc)
+            return
         self.notify(item, "canceled")
 
     def free_memory(self) -> None:

@@ -188,23 +188,21 @@ def encode_prompts(
     return embeddings, token_counts, [n > max_length for n in full_lengths]
 
 
-def encode_images(
-    model: LoadedModel, arrays: list[np.ndarray], requests: list[InversionRequest]
-) -> torch.Tensor:
-    """Step 2: clean latents z_0 = (E(x) - shift) * scaling_factor, in the state dtype."""
-    encoded = []
-    # One image at a time: a VAE encode is already a large GPU workload at 512x512, and a
-    # row's latent then cannot depend on its batch-mates (batched == solo, bit for bit).
-    for array, request in zip(arrays, requests, strict=True):
-        pixels = torch.from_numpy(array.copy()).to(model.device).permute(2, 0, 1).unsqueeze(0)
-        distribution = model.vae.encode(pixels.to(model.dtype) / 127.5 - 1.0).latent_dist
-        latent = distribution.mean.to(state_dtype(model))
-        if request.params.encode_mode == "sample":
-            generator = torch.Generator(device="cpu").manual_seed(int(request.params.seed or 0))
-            noise = torch.randn(latent.shape, generator=generator, dtype=latent.dtype)
-            latent = latent + distribution.std.to(latent.dtype) * noise.to(model.device)
-        encoded.append(latent)
-    return (torch.cat(encoded) - model.shift_factor) * model.scaling_factor
+def encode_image(model: LoadedModel, array: np.ndarray, params: InversionParams) -> torch.Tensor:
+    """Step 2: one clean latent z_0 = (E(x) - shift) * scaling_factor (1, C, h, w).
+
+    One image per VAE call: a VAE encode is already a large GPU workload at 512x512, a row's
+    latent then cannot depend on its batch-mates (batched == solo, bit for bit), and a
+    canceled row is dropped between two calls.
+    """
+    pixels = torch.from_numpy(array.copy()).to(model.device).permute(2, 0, 1).unsqueeze(0)
+    distribution = model.vae.encode(pixels.to(model.dtype) / 127.5 - 1.0).latent_dist
+    latent = distribution.mean.to(state_dtype(model))
+    if params.encode_mode == "sample":
+        generator = torch.Generator(device="cpu").manual_seed(int(params.seed or 0))
+        noise = torch.randn(latent.shape, generator=generator, dtype=latent.dtype)
+        latent = latent + distribution.std.to(latent.dtype) * noise.to(model.device)
+    return (latent - model.shift_factor) * model.scaling_factor
 
 
 def state_dtype(model: LoadedModel) -> torch.dtype:
@@ -213,6 +211,26 @@ def state_dtype(model: LoadedModel) -> torch.dtype:
 
 
 # -- the inversion ----------------------------------------------------------------------
+
+
+def still_running(check_canceled: CancelCheck | None, active: list[int]) -> list[int] | None:
+    """The row positions in `active` that go on after a cancel check; None if none stopped.
+
+    Every phase calls it between its units of work (a step, a refine iteration, a null-text
+    iteration, a VAE call), so a cancel or a deadline stops a row within one unit.
+    """
+    if check_canceled is None:
+        return None
+    canceled = set(check_canceled(list(active)))
+    if not canceled & set(active):
+        return None
+    return [row for row, index in enumerate(active) if index not in canceled]
+
+
+def take(tensors: list[torch.Tensor], rows: list[int]) -> list[torch.Tensor]:
+    """Each tensor's rows `rows` (along dim 0), in that order."""
+    index = torch.tensor(rows, dtype=torch.long)
+    return [tensor.index_select(0, index.to(tensor.device)) for tensor in tensors]
 
 
 def invert(
@@ -255,6 +273,7 @@ def invert(
                 group,
                 group_results,
                 progress=_offset_progress(progress, total - steps, total),
+                check_canceled=group_cancel,
             )
         for index, result in zip(indices, group_results, strict=True):
             results[index] = result
@@ -294,9 +313,20 @@ def invert_batch(
 
     # 1. Images: decoded, oriented, RGB, resized, scaled to [-1, 1].
     arrays = [image_array(r, size) for r in requests]
-    # 2. VAE encode: z_0.
-    z = encode_images(model, arrays, list(requests))
-    clean = z.clone()
+    # 2. VAE encode: z_0, one image per call, with a cancel check before each call (the
+    # first step's check comes after the last). `active`: the request indices still
+    # running, in row order.
+    active = list(range(len(requests)))
+    clean: dict[int, torch.Tensor] = {}
+    for index in range(len(requests)):
+        keep = still_running(check_canceled, active)
+        if keep is not None:
+            active = [active[row] for row in keep]
+        if index in active:
+            clean[index] = encode_image(model, arrays[index], requests[index].params)
+    if not active:
+        return [None] * len(requests)
+    z = torch.cat([clean[index] for index in active])
     encoded = time.perf_counter()
     # 3. Prompts: conditional embeddings, and unconditional ones in the same batch under guidance.
     guided = first.uses_guidance
@@ -304,22 +334,23 @@ def invert_batch(
     negatives = [r.params.negative_prompt for r in requests] if guided else []
     text, token_counts, truncated = encode_prompts(model, negatives + prompts)
     token_counts, truncated = token_counts[len(negatives) :], truncated[len(negatives) :]
+    # Per row of the state: the texts (unconditional, conditional) and the guidance scales.
+    rows_text: list[torch.Tensor] = list(text.chunk(2)) if guided else [text]
     if guided:
-        uncond, cond = text.chunk(2)
         scales = torch.tensor(
             [r.params.guidance_scale for r in requests], device=model.device, dtype=z.dtype
         ).view(-1, 1, 1, 1)
+        rows_text.append(scales)
+    rows_text = take(rows_text, active)
 
     def predict_noise(
         state: torch.Tensor, t: int, rows: torch.Tensor | None = None
     ) -> torch.Tensor:
         """eps = unet(state, t, text), guided as asked; `rows` picks the active rows' texts."""
         model_input = state.to(model.dtype)
+        picked = rows_text if rows is None else [x.index_select(0, rows) for x in rows_text]
         if guided:
-            row_uncond, row_cond, row_scales = uncond, cond, scales
-            if rows is not None:
-                row_uncond, row_cond = uncond.index_select(0, rows), cond.index_select(0, rows)
-                row_scales = scales.index_select(0, rows)
+            row_uncond, row_cond, row_scales = picked
             eps_uncond, eps_cond = (
                 model.unet(
                     torch.cat([model_input, model_input]),
@@ -330,8 +361,7 @@ def invert_batch(
                 .chunk(2)
             )
             return eps_uncond + row_scales * (eps_cond - eps_uncond)
-        row_text = text if rows is None else text.index_select(0, rows)
-        return model.unet(model_input, t, encoder_hidden_states=row_text).sample.to(state.dtype)
+        return model.unet(model_input, t, encoder_hidden_states=picked[0]).sample.to(state.dtype)
 
     def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         """Per row, ||new - old|| / ||new||."""
@@ -351,25 +381,16 @@ def invert_batch(
 
     want_trajectory = [r.params.return_trajectory for r in requests]
     trajectory: list[torch.Tensor] = [z.clone()] if any(want_trajectory) else []
-    active = list(range(len(requests)))
-    finished: dict[int, torch.Tensor] = {}
     # 5. The loop: eps = unet(z, t, text); z = step(eps, t, z).prev_sample, for ascending t.
+    # A row stopped by a cancel check leaves every row tensor; the others are untouched.
     for step_index, t in enumerate(timesteps):
-        if check_canceled is not None:
-            canceled = set(check_canceled(list(active)))
-            if canceled:
-                keep = [row for row, index in enumerate(active) if index not in canceled]
-                active = [active[row] for row in keep]
-                if not active:
-                    break
-                rows = torch.tensor(keep, device=model.device)
-                z = z.index_select(0, rows)
-                trajectory = [state.index_select(0, rows) for state in trajectory]
-                if guided:
-                    uncond, cond = uncond.index_select(0, rows), cond.index_select(0, rows)
-                    scales = scales.index_select(0, rows)
-                else:
-                    text = text.index_select(0, rows)
+        keep = still_running(check_canceled, active)
+        if keep is not None:
+            if not keep:
+                return [None] * len(requests)
+            active = [active[row] for row in keep]
+            z, *trajectory = take([z, *trajectory], keep)
+            rows_text = take(rows_text, keep)
         z_next = scheduler.step(predict_noise(z, t), t, z).prev_sample
         # 6. Exact inversion (3): z_next <- step(unet(z_next, t), t, z). The sampler's step
         # from z_next labelled t evaluates the UNet at (z_next, t) and lands on t - T/steps,
@@ -380,6 +401,18 @@ def invert_batch(
             residuals = [0.0] * len(active)
             pending = list(range(len(active)))
             for _ in range(refine_iterations):
+                keep = still_running(check_canceled, active)
+                if keep is not None:
+                    if not keep:
+                        return [None] * len(requests)
+                    active = [active[row] for row in keep]
+                    z, z_next, *trajectory = take([z, z_next, *trajectory], keep)
+                    rows_text = take(rows_text, keep)
+                    counts = [counts[row] for row in keep]
+                    residuals = [residuals[row] for row in keep]
+                    pending = [keep.index(row) for row in pending if row in keep]
+                    if not pending:
+                        break
                 rows = torch.tensor(pending, device=model.device)
                 source = z.index_select(0, rows)
                 guess = z_next.index_select(0, rows)
@@ -403,8 +436,7 @@ def invert_batch(
             trajectory.append(z.clone())
         if progress is not None:
             progress(step_index + 1, steps)
-    for row, index in enumerate(active):
-        finished[index] = z[row]
+    finished = {index: z[row] for row, index in enumerate(active)}
     done = time.perf_counter()
 
     # 7. Results, on the CPU, each with its own metadata.
@@ -451,7 +483,7 @@ def invert_batch(
                 timesteps=timesteps_tensor,
                 metadata=metadata,
                 trajectory=path,
-                clean=clean[index].unsqueeze(0).cpu(),
+                clean=clean[index].cpu(),
                 timings={
                     "encode_s": encoded - started,
                     "loop_s": done - encoded,

@@ -12,8 +12,11 @@ from typing import Any
 
 import numpy as np
 from redis import Redis
+from rq.exceptions import DeserializationError
+from rq.job import Job
 
 from contract import (
+    JOB_FUNCTION,
     META_ERROR,
     META_RESULT,
     ErrorCode,
@@ -49,6 +52,65 @@ def parse_payload(kwargs: dict[str, Any]) -> JobPayload:
         return JobPayload.model_validate(kwargs["payload"])
     except Exception as exc:
         raise JobFailed(ErrorCode.INVALID_INPUT, f"the job's payload is not valid: {exc}") from None
+
+
+FOREIGN_FIELDS = (
+    "success_callback_name",
+    "failure_callback_name",
+    "stopped_callback_name",
+    "dependency_id",
+    "dependency_ids",
+    "webhooks",
+)
+"""Fields of an RQ job hash through which RQ imports and calls what a job names (callbacks,
+while ending it), enqueues other jobs (dependencies) or POSTs (webhooks); gateways never
+write them."""
+
+
+def foreign(job: Job) -> str | None:
+    """Why the job is not one a gateway queued, or None. Reads attributes only: nothing
+    the job names is imported or called."""
+    try:
+        function, instance, args, kwargs = job.func_name, job.instance, job.args, job.kwargs
+    except DeserializationError:
+        return "its data is not a JSON-serialised RQ job"
+    if function != JOB_FUNCTION or instance is not None:
+        return f"its function is {function!r}, not {JOB_FUNCTION}"
+    if args or not isinstance(kwargs, dict) or set(kwargs) != {"payload"}:
+        return "its arguments are not the one keyword argument `payload`"
+    # RQ's own names for what the job's hash holds: callbacks resolve from them, lazily.
+    callbacks = {
+        "success": job._success_callback_name,
+        "failure": job._failure_callback_name,
+        "stopped": job._stopped_callback_name,
+    }
+    named = [kind for kind, name in callbacks.items() if name]
+    if named:
+        return f"it has {' and '.join(named)} callbacks"
+    if job._dependency_ids:
+        return "it depends on other jobs"
+    if job.webhooks:
+        return "it has RQ webhooks"
+    return None
+
+
+def trusted_payload(job: Job) -> JobPayload:
+    """The payload of a job a gateway queued; JobFailed(invalid_input) for any other job
+    (one written straight into Redis), which must be `disarm`ed before RQ ends it."""
+    reason = foreign(job)
+    if reason is not None:
+        raise JobFailed(ErrorCode.INVALID_INPUT, f"not a job the service queued: {reason}")
+    return parse_payload(job.kwargs)
+
+
+def disarm(job: Job) -> None:
+    """Forget what a foreign job names, in memory and in its hash, so that no path of RQ's
+    (failing it here, or the lost-job cleanup of any worker later) imports or calls it."""
+    job._success_callback_name = job._failure_callback_name = job._stopped_callback_name = None
+    job._success_callback = job._failure_callback = job._stopped_callback = None
+    job._dependency_ids = []
+    job.webhooks = []
+    job.connection.hdel(job.key, *FOREIGN_FIELDS)
 
 
 def load_image(connection: Redis, job_id: str, payload: JobPayload) -> np.ndarray:
@@ -112,7 +174,9 @@ def run_inversion(payload: dict[str, Any]) -> dict[str, Any]:
 __all__ = [
     "InversionParams",
     "JobFailed",
+    "disarm",
     "error_meta",
+    "foreign",
     "image_from_bytes",
     "load_image",
     "parse_payload",
@@ -120,4 +184,5 @@ __all__ = [
     "run_inversion",
     "set_model",
     "store_result",
+    "trusted_payload",
 ]

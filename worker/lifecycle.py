@@ -10,12 +10,17 @@ same records are written, with RQ's own methods, in one MULTI/EXEC per batch, so
    the job's `started` status, heartbeats and worker name, its removal from the
    intermediate queue, its first progress, and the worker's `busy` state. The same round
    trip reads each job's cancel flag and input image.
-2. Success: the result bytes (and reconstruction), the input deleted, the job's meta
-   (final progress, result metadata, engine time), RQ's Result stream entry, `finished`
-   status, FinishedJobRegistry and TTLs, the execution's cleanup, the worker's counters,
-   the job-ended signal that waiting gateways block on, the service-wide job metrics, the
-   bytes the job now holds against its key's budget, and this worker's throughput. One
-   transaction: a gateway that sees `finished` always finds the result.
+2. Success: the result bytes (and reconstruction), the input and any cancel flag deleted,
+   the job's meta (final progress, result metadata, engine time), RQ's Result stream
+   entry, `finished` status, FinishedJobRegistry and TTLs, the execution's cleanup, the
+   worker's counters, the job-ended signal that waiting gateways block on, the
+   service-wide job metrics, the bytes the job now holds against its key's budget, and
+   this worker's throughput. One transaction: a gateway that
+   sees `finished` always finds the result.
+
+Every ended job, and everything of its, expires: a success with its result TTL, a
+failure or a cancel with its failure TTL (`kept_for_s`); RQ's cancel sets none, which
+`expire_canceled` makes up for, and `clean_registries` drops expired registry entries.
 
 The gateway never enqueues a job with `depends_on`, so no job has dependents to release
 and RQ's WATCH loop over the dependents key has nothing to guard.
@@ -28,11 +33,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any
 
+from redis import Redis
 from rq import Queue
+from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
-from rq.utils import now
+from rq.utils import current_timestamp, now
 from rq.worker.base import WorkerStatus
 
 from contract import (
@@ -116,15 +123,64 @@ def record_job_metrics(pipe: Any, job: Job, status: str) -> None:
         pipe.hincrbyfloat(JOB_METRICS_KEY, f"{name}:sum", seconds)
 
 
+def kept_for_s(job: Job, status: str) -> int:
+    """How long an ended job and everything of its are kept: its result TTL once succeeded,
+    its failure TTL once failed or canceled."""
+    ttl = job.result_ttl if status == "succeeded" else job.failure_ttl
+    return ttl if ttl is not None and ttl > 0 else DEFAULT_FAILURE_TTL
+
+
 def signal_end(pipe: Any, job: Job, status: str) -> None:
     """The job-ended signal gateways block on (`Prefer: wait`), and the job's metrics. A job
     that did not succeed keeps no bytes: its input goes, and its key's budget gets them back."""
     pipe.rpush(ended_key(job.id), status)
-    pipe.expire(ended_key(job.id), ENDED_TTL_S)
+    pipe.expire(ended_key(job.id), min(ENDED_TTL_S, kept_for_s(job, status)))
     publish_job_event(pipe, job.id)
     record_job_metrics(pipe, job, status)
     if status != "succeeded":
         settle_held_bytes(pipe, job.meta.get(META_OWNER, ""), job.id)
+
+
+def expire_canceled(connection: Redis, queue: Queue, job: Job) -> None:
+    """A canceled job expires like a failed one: RQ's cancel keeps its hash forever and
+    scores it in the canceled registry at the moment of the cancel; here the hash gets the
+    failure TTL and the registry entry that expiry, which `clean_registries` honours."""
+    ttl = kept_for_s(job, "canceled")
+    with connection.pipeline() as pipe:
+        queue.canceled_job_registry.add(job, ttl, pipeline=pipe)
+        pipe.expire(job.key, ttl)
+        pipe.delete(input_key(job.id), cancel_key(job.id))
+        pipe.execute()
+
+
+def forget_failed_inputs(connection: Redis, job_ids: Sequence[str]) -> None:
+    """Delete the input and cancel flag of those jobs that have failed: RQ's lost-job
+    cleanup fails a job without touching the service's keys, which would outlive it."""
+    with connection.pipeline(transaction=False) as pipe:
+        for job_id in job_ids:
+            pipe.hget(Job.key_for(job_id), "status")
+        statuses = pipe.execute()
+    failed = [
+        job_id
+        for job_id, status in zip(job_ids, statuses, strict=True)
+        if status in (JobStatus.FAILED.value, JobStatus.FAILED.value.encode())
+    ]
+    if failed:
+        connection.delete(*[key for i in failed for key in (input_key(i), cancel_key(i))])
+
+
+def clean_registries(connection: Redis, queue: Queue) -> None:
+    """Forget ended jobs whose TTL has passed from RQ's finished, failed and canceled
+    registries (RQ cleans the first two every 10 minutes, the canceled one never)."""
+    moment = current_timestamp()
+    with connection.pipeline(transaction=False) as pipe:
+        for registry in (
+            queue.finished_job_registry,
+            queue.failed_job_registry,
+            queue.canceled_job_registry,
+        ):
+            pipe.zremrangebyscore(registry.key, 0, moment)
+        pipe.execute()
 
 
 def finish_successes(
@@ -143,7 +199,7 @@ def finish_successes(
             pipe.set(result_key(job.id), success.result, ex=expiry)
             if success.reconstruction_png is not None:
                 pipe.set(reconstruction_key(job.id), success.reconstruction_png, ex=expiry)
-            pipe.delete(input_key(job.id))
+            pipe.delete(input_key(job.id), cancel_key(job.id))
             job.meta = item.meta
             kept = len(success.result) + len(success.reconstruction_png or b"")
             settle_held_bytes(pipe, job.meta.get(META_OWNER, ""), job.id, kept, expiry)

@@ -17,12 +17,15 @@ import torch
 from PIL import Image
 
 from worker.engine import (
+    CancelCheck,
     InversionRequest,
     InversionResult,
     ProgressCallback,
     encode_prompts,
     image_array,
     state_dtype,
+    still_running,
+    take,
 )
 from worker.models import LoadedModel
 
@@ -69,12 +72,15 @@ def verify_batch(
     results: list[InversionResult | None],
     *,
     progress: ProgressCallback | None = None,
+    check_canceled: CancelCheck | None = None,
 ) -> None:
     """Sample each result back and decode it; fills in the reconstruction fields in place.
 
     DDIMScheduler from the result's scheduler config, the request's prompt embedding and
     guidance scale; the unconditional embedding is the negative prompt's, or for null_text
-    the step's optimised one. Rows share the UNet calls.
+    the step's optimised one. Rows share the UNet calls; each row is decoded alone. A row
+    stopped by a cancel check (before each step and each decode, and after the last)
+    becomes None in `results`.
     """
     live = [i for i, result in enumerate(results) if result is not None]
     if not live:
@@ -91,22 +97,42 @@ def verify_batch(
     prompts = [requests[i].params.prompt for i in live]
     negatives = [requests[i].params.negative_prompt for i in live] if guided else []
     text = encode_prompts(model, negatives + prompts)[0]
-    cond = text[len(negatives) :]
-    uncond = text[: len(negatives)]
-    scales = torch.tensor(
-        [requests[i].params.guidance_scale for i in live], dtype=dtype, device=model.device
-    ).view(-1, 1, 1, 1)
-    nulls = None
+    # Per row: the conditional text, the guidance scale, and the unconditional text (or for
+    # null_text the per-step null embeddings, steps along dim 1).
+    rows: list[torch.Tensor] = [
+        text[len(negatives) :],
+        torch.tensor(
+            [requests[i].params.guidance_scale for i in live], dtype=dtype, device=model.device
+        ).view(-1, 1, 1, 1),
+    ]
     if params.method == "null_text":
-        nulls = torch.stack(
-            [results[i].null_embeddings for i in live],  # type: ignore[union-attr,misc]
-            dim=1,
-        ).to(model.device, model.dtype)
+        nulls = [results[i].null_embeddings for i in live]  # type: ignore[union-attr]
+        rows.append(torch.stack(nulls).to(model.device, model.dtype))  # type: ignore[arg-type]
+    elif guided:
+        rows.append(text[: len(negatives)])
     z = torch.cat([results[i].latents for i in live]).to(model.device, dtype)  # type: ignore[union-attr]
+
+    def stop(check_at: list[int]) -> list[int] | None:
+        """Run the cancel check; drop the stopped rows from `live` and `results`."""
+        nonlocal live
+        keep = still_running(check_canceled, check_at)
+        if keep is None:
+            return None
+        for index in set(check_at) - {check_at[row] for row in keep}:
+            results[index] = None
+        live = [i for i in live if results[i] is not None]
+        return keep
+
     for j, t in enumerate(scheduler.timesteps):
+        keep = stop(live)
+        if keep is not None:
+            if not live:
+                return
+            z, *rows = take([z, *rows], keep)
         t = int(t)
+        cond, scales = rows[0], rows[1]
         if guided:
-            step_uncond = nulls[j] if nulls is not None else uncond
+            step_uncond = rows[2][:, j] if params.method == "null_text" else rows[2]
             model_input = z.to(model.dtype)
             eps_u, eps_c = (
                 model.unet(
@@ -123,19 +149,24 @@ def verify_batch(
         z = scheduler.step(eps, t, z).prev_sample
         if progress is not None:
             progress(j + 1, steps)
-    images = decode_latents(model, z)
+    sampled = dict(zip(live, z, strict=True))
+    images: dict[int, np.ndarray] = {}
+    for index in [*live, None]:
+        stop(live)
+        if index is not None and index in live:
+            images[index] = decode_latents(model, sampled[index].unsqueeze(0))[0]
     seconds = time.perf_counter() - started
     size = (first.metadata.width, first.metadata.height)
-    for n, i in enumerate(live):
+    for i in live:
         result = results[i]
         assert result is not None
         update: dict[str, Any] = {}
         if result.clean is not None:
             clean = result.clean.to(model.device, dtype)
-            error = (z[n : n + 1] - clean).norm() / clean.norm().clamp_min(1e-12)
+            error = (sampled[i].unsqueeze(0) - clean).norm() / clean.norm().clamp_min(1e-12)
             update["reconstruction_latent_error"] = float(error)
-        update["reconstruction_psnr"] = psnr(images[n], image_array(requests[i], size))
+        update["reconstruction_psnr"] = psnr(images[i], image_array(requests[i], size))
         result.metadata = result.metadata.model_copy(update=update)
-        result.reconstruction_png = png_bytes(images[n])
+        result.reconstruction_png = png_bytes(images[i])
         result.timings["verify_s"] = seconds
         result.timings["total_s"] = result.timings.get("total_s", 0.0) + seconds

@@ -60,6 +60,14 @@ class WorkerSettings(BaseSettings):
         gt=0,
         description="A running job whose worker has not been heard from for this long is lost.",
     )
+    redis_outage_wait_s: float = Field(
+        300.0,
+        ge=0,
+        le=3600,
+        description="How long a worker holding finished results waits for Redis to come back "
+        "(or, full, to have room for them); past it the batch is given up and its jobs run "
+        "again (a full Redis: they fail `storage_full`).",
+    )
     max_retries: int = Field(
         2, ge=0, le=10, description="How often a job whose worker died is run again."
     )

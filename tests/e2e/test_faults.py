@@ -18,6 +18,7 @@ import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from contract import input_key
 from tests.conftest import BIN, ROOT, SAMPLES, Processes, RedisServer, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -153,6 +154,9 @@ def test_killed_worker_without_retries_fails_worker_lost(processes):
     final = wait_terminal(base, job_id, 30)
     assert final["status"] == "failed", (final, processes.log_text())
     assert final["error"]["code"] == "worker_lost", final
+    # RQ's cleanup failed it; the worker that ran the cleanup deletes its input too.
+    with redis.Redis.from_url(processes.env["INVERSION_REDIS_URL"]) as client:
+        wait_for(lambda: client.get(input_key(job_id)) is None, 10, "the input to be deleted")
 
 
 # -- 2. Redis unavailable, then back ------------------------------------------------------------

@@ -10,7 +10,14 @@ import torch
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from contract import CANCEL_CHANNEL, META_ERROR, META_RESULT, cancel_key, result_key
+from contract import (
+    CANCEL_CHANNEL,
+    META_ERROR,
+    META_RESULT,
+    cancel_key,
+    reconstruction_key,
+    result_key,
+)
 from tests.jobs_helper import enqueue, queue_for, solo_latents
 from worker.batching import InversionWorker
 from worker.engine import load_result
@@ -223,3 +230,29 @@ def test_job_timeout_fails_with_timeout_code(redis_client, tiny_model):
     assert timed_out.get_status() == JobStatus.FAILED
     assert timed_out.meta[META_ERROR]["code"] == "timeout"
     assert fetch(redis_client, fast).get_status() == JobStatus.FINISHED
+
+
+def test_timeout_during_verify_fails_timeout_and_stores_nothing(redis_client, tiny_model):
+    steps, timeout = 2, 4
+    job_id = enqueue(
+        redis_client, prompt="slow verify", num_inference_steps=steps, verify=True, timeout=timeout
+    )
+    worker = make_worker(redis_client, tiny_model, 1)
+    calls: list[int] = []
+
+    def slow_verify(module, args) -> None:
+        calls.append(1)
+        if len(calls) == steps + 1:  # verify's first sampling step outlasts the job's timeout
+            time.sleep(timeout + 0.5)
+
+    handle = tiny_model.unet.register_forward_pre_hook(slow_verify)
+    try:
+        worker.work(burst=True)
+    finally:
+        handle.remove()
+    timed_out = fetch(redis_client, job_id)
+    assert timed_out.get_status() == JobStatus.FAILED
+    assert timed_out.meta[META_ERROR]["code"] == "timeout"
+    assert len(calls) == steps + 1, "stopped inside verify, at the check after its deadline"
+    assert redis_client.get(result_key(job_id)) is None
+    assert redis_client.get(reconstruction_key(job_id)) is None
