@@ -92,7 +92,8 @@ def stack(tmp_path_factory, model_cache_dir) -> Iterator[Stack]:
         workers = procs.workers(
             2, wait=False, PYTHONPATH=str(trace_dir), TRACE_DIR=str(trace_dir), **WORKER_ENV
         )
-        base = procs.gateway()
+        # 256 px is 4x the tiny model's native size: over the gateway's default bound of 2x.
+        base = procs.gateway(INVERSION_MAX_RESOLUTION_SCALE="4")
         short = procs.gateway(
             INVERSION_RESULT_TTL_S=str(SHORT_TTL_S), INVERSION_FAILURE_TTL_S=str(SHORT_TTL_S)
         )
