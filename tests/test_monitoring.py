@@ -87,10 +87,10 @@ def grouping_labels(expr: Any) -> list[tuple[set[str], list[Any]]]:
     found: list[tuple[set[str], list[Any]]] = []
 
     def visit(node: Any) -> None:
-        modifier = getattr(node, "modifier", None)
-        by = modifier is not None and modifier.type == promql.AggModifierType.By
-        if isinstance(node, promql.AggregateExpr) and by:
-            found.append((set(modifier.labels), selectors(node.expr)))
+        if not isinstance(node, promql.AggregateExpr) or node.modifier is None:
+            return
+        if node.modifier.type == promql.AggModifierType.By:
+            found.append((set(node.modifier.labels), selectors(node.expr)))
 
     promql.walk(expr, visit)
     return found
