@@ -288,19 +288,20 @@ def _result_of(job: Job, status: JobStatus) -> contract.ResultMetadata | None:
         return None
 
 
+def images_per_s(raw: Any) -> float | None:
+    """The `images_per_s` of one THROUGHPUT_KEY value, if readable, finite and positive."""
+    if raw is None:
+        return None
+    try:
+        rate = float(json.loads(raw)["images_per_s"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return rate if math.isfinite(rate) and rate > 0 else None
+
+
 def _summed_rates(records: Iterable[Any]) -> float | None:
     """The sum of the readable, finite, positive `images_per_s` of THROUGHPUT_KEY values."""
-    total = 0.0
-    for raw in records:
-        if raw is None:
-            continue
-        try:
-            rate = float(json.loads(raw)["images_per_s"])
-        except (ValueError, KeyError, TypeError):
-            continue
-        if math.isfinite(rate) and rate > 0:
-            total += rate
-    return total or None
+    return sum(rate for rate in map(images_per_s, records) if rate is not None) or None
 
 
 def _position_and_rate(

@@ -3,23 +3,30 @@
 Request counts come from a small ASGI middleware. Jobs end inside workers, and gateways
 are many, so job outcomes and durations are counted by the workers in one Redis hash and
 every gateway exports them at scrape time, together with the queue depth, the size of
-each RQ registry and the number of live workers.
+each RQ registry, the live workers and their throughput, and the failed jobs by code.
+Every gateway replica therefore exports the same service-wide values for these: aggregate
+them across replicas with `max`, never `sum` (docker/monitoring/ does).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import timezone
 from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from rq import Queue
+from rq.job import Job
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import contract
-from service.jobs import live_workers
+from contract import JobStatus
+from service import jobs
 
 
 class JobMetricsCollector(Collector):
@@ -60,6 +67,142 @@ class JobMetricsCollector(Collector):
             )
 
 
+FAILED_SCAN_LIMIT = 1000
+"""Most failed jobs of one queue a scrape classifies by code: the newest ones. Each is read
+once per gateway process (its code never changes), so a scrape costs one ZREVRANGE plus the
+jobs that failed since the last one."""
+
+
+@dataclass(frozen=True)
+class Failure:
+    """What a failed job contributes to the failure series."""
+
+    code: str
+    failed_at: float | None
+
+
+class PoolCollector(Collector):
+    """Series whose labels come and go with the pool, read from Redis at scrape time.
+
+    Per queue: jobs queued and running (RQ's started registry), the estimated wait of a job
+    submitted now, and the failed jobs still held (failure TTL) by code with the time of the
+    latest failure of each code. Per live worker: its images/s. Yielded afresh at each
+    scrape, so a worker that left or a code no longer held leaves no stale series behind.
+    """
+
+    def __init__(self) -> None:
+        self.scrape: tuple[redis.Redis, Sequence[Queue], float] | None = None
+        self._failures: dict[str, Failure] = {}
+
+    def collect(self) -> Iterator[Any]:
+        if self.scrape is None:
+            return
+        connection, queues, stale_s = self.scrape
+        pipe = connection.pipeline(transaction=False)
+        for queue in queues:
+            pipe.llen(queue.key)
+            pipe.zcard(queue.started_job_registry.key)
+            pipe.zrevrange(queue.failed_job_registry.key, 0, FAILED_SCAN_LIMIT - 1)
+        pipe.hgetall(contract.WORKERS_KEY)
+        pipe.hgetall(contract.THROUGHPUT_KEY)
+        *per_queue, raw_workers, raw_rates = pipe.execute()
+        rates = {_text(name): jobs.images_per_s(raw) for name, raw in raw_rates.items()}
+
+        workers = GaugeMetricFamily(
+            "inversion_worker_images_per_second",
+            "Images per second of each live worker (its moving average over recent batches).",
+            labels=["worker", "model"],
+        )
+        total_rate = 0.0
+        for record in jobs.fresh_workers(raw_workers, stale_s):
+            rate = rates.get(record.name)
+            if rate is not None:
+                workers.add_metric([record.name, record.model.name], rate)
+                total_rate += rate
+        yield workers
+
+        depth = GaugeMetricFamily(
+            "inversion_queue_jobs",
+            "Jobs of each queue by state: queued (waiting) and running (RQ's started "
+            "registry). Their sum is the work the pool still owes: what workers scale on.",
+            labels=["queue", "state"],
+        )
+        wait = GaugeMetricFamily(
+            "inversion_queue_estimated_wait_seconds",
+            "Seconds until a job submitted now would have run: the queued jobs and it, over "
+            "the live workers' images/s; absent while no worker has a measured rate.",
+            labels=["queue"],
+        )
+        failed = GaugeMetricFamily(
+            "inversion_failed_jobs",
+            "Failed jobs still held (INVERSION_FAILURE_TTL_S), by failure code.",
+            labels=["queue", "code"],
+        )
+        last = GaugeMetricFamily(
+            "inversion_last_failure_timestamp_seconds",
+            "Unix time of the latest failure of each code among the failed jobs held.",
+            labels=["queue", "code"],
+        )
+        held: dict[str, Failure] = {}
+        for index, queue in enumerate(queues):
+            queued, running, failed_ids = per_queue[3 * index : 3 * index + 3]
+            depth.add_metric([queue.name, "queued"], queued)
+            depth.add_metric([queue.name, "running"], running)
+            estimate = jobs.estimate_wait_s(queued, total_rate or None)
+            if estimate is not None:
+                wait.add_metric([queue.name], estimate)
+            counts: dict[str, int] = {}
+            latest: dict[str, float] = {}
+            for failure in self._classify(connection, queue, [_text(i) for i in failed_ids], held):
+                counts[failure.code] = counts.get(failure.code, 0) + 1
+                if failure.failed_at is not None:
+                    latest[failure.code] = max(latest.get(failure.code, 0.0), failure.failed_at)
+            for code, count in sorted(counts.items()):
+                failed.add_metric([queue.name, code], count)
+            for code, moment in sorted(latest.items()):
+                last.add_metric([queue.name, code], moment)
+        self._failures = held  # forget jobs no longer in any failed registry
+        yield depth
+        yield wait
+        yield failed
+        yield last
+
+    def _classify(
+        self, connection: redis.Redis, queue: Queue, job_ids: list[str], held: dict[str, Failure]
+    ) -> Iterator[Failure]:
+        """Each failed job's code (as its status shows it) and time, read once per process."""
+        unknown = [job_id for job_id in job_ids if job_id not in self._failures]
+        fetched = Job.fetch_many(unknown, connection=connection, serializer=queue.serializer)
+        for job in fetched:
+            if job is None:  # expired while still listed: RQ cleans registries lazily
+                continue
+            error = jobs.job_error(job, JobStatus.FAILED)
+            code = error.code.value if error is not None else contract.ErrorCode.INTERNAL.value
+            self._failures[job.id] = Failure(code, _failed_at(job))
+        for job_id in job_ids:
+            if job_id in self._failures:
+                held[job_id] = self._failures[job_id]
+                yield held[job_id]
+
+
+def _failed_at(job: Job) -> float | None:
+    """When the job failed: RQ's `ended_at`, or its failure Result's time (a job failed by
+    RQ's lost-worker cleanup has no `ended_at`)."""
+    moment = job.ended_at
+    if moment is None:
+        result = job.latest_result()
+        moment = result.created_at if result is not None else None
+    if moment is None:
+        return None
+    if moment.tzinfo is None:  # RQ stores naive UTC
+        moment = moment.replace(tzinfo=timezone.utc)
+    return moment.timestamp()
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 class GatewayMetrics:
     """The metric objects of one app."""
 
@@ -95,9 +238,17 @@ class GatewayMetrics:
             "Workers with a fresh heartbeat, read at scrape time.",
             registry=self.registry,
         )
+        self.pool = PoolCollector()
+        self.registry.register(self.pool)
+        # The scrape-time collectors hold one scrape's connection: one scrape at a time.
+        self._scraping = threading.Lock()
 
     def render(self, connection: redis.Redis, queue: Queue, worker_stale_s: float) -> bytes:
         """Refresh the scrape-time gauges from Redis, then serialise everything."""
+        with self._scraping:
+            return self._render(connection, queue, worker_stale_s)
+
+    def _render(self, connection: redis.Redis, queue: Queue, worker_stale_s: float) -> bytes:
         self.queue_depth.set(queue.count)
         registries = {
             "started": queue.started_job_registry,
@@ -110,12 +261,14 @@ class GatewayMetrics:
         for name, registry in registries.items():
             # No cleanup: a scrape must not move jobs between registries.
             self.registry_jobs.labels(name).set(registry.get_job_count(cleanup=False))
-        self.live_workers.set(len(live_workers(connection, worker_stale_s)))
+        self.live_workers.set(len(jobs.live_workers(connection, worker_stale_s)))
         self.jobs.connection = connection
+        self.pool.scrape = (connection, [queue], worker_stale_s)
         try:
             return generate_latest(self.registry)
         finally:
             self.jobs.connection = None
+            self.pool.scrape = None
 
 
 class RequestMetricsMiddleware:
