@@ -5,7 +5,7 @@
 // reads the SSE stream with fetch() instead of EventSource, which cannot send headers.
 //
 // The typedefs below follow the gateway's OpenAPI schema (`/openapi.json`), property by
-// property; tests/browser/test_client_types.py fails when the two drift apart.
+// property; tests/service/test_client_types.py fails when the two drift apart.
 
 /**
  * The parameters of a submission, as the form fields of `POST /v1/inversions` (OpenAPI:

@@ -32,6 +32,7 @@ def channel_grays(latents: np.ndarray) -> np.ndarray:
 def test_drop_submit_watch_see_and_download(shared_service, tab, tmp_path: Path):
     base, page = shared_service.url, tab.page
     page.goto(base + "/")
+    assert page.is_hidden("#model")  # this gateway lists no models (no GET /v1/models)
     tab.drop("#drop-zone", SAMPLES / "chelsea.png")
     page.wait_for_selector("#input-preview:not([hidden])")
     page.fill("#prompt", "a photo of a cat")
@@ -209,4 +210,3 @@ def test_the_page_reads_float16_and_float32_safetensors(shared_service, tab):
         expected = values.astype(dtype).astype(np.float32).ravel()
         assert np.array_equal(np.array(parsed["latents"], dtype=np.float32), expected)
     tab.assert_clean(shared_service.url)
-
