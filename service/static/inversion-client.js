@@ -181,7 +181,9 @@ export class InversionError extends Error {
 /**
  * How a submission's body is built, by encoding name. Only multipart form data today; a
  * JSON body (the image as base64) is one more entry here, chosen with `submit(..., {body})`.
- * @type {Object<string, function(Blob, SubmitParams): (FormData|{body: string, type: string})>}
+ * An encoder may be async (reading the image's bytes is).
+ * @type {Object<string, function(Blob, SubmitParams):
+ *   (FormData|{body: string, type: string}|Promise<{body: string, type: string}>)>}
  */
 const BODY_ENCODERS = {
   form: (image, params) => {
@@ -226,7 +228,7 @@ export class InversionClient {
     if (!encode) {
       throw new TypeError(`unknown body encoding ${body}; valid: ${Object.keys(BODY_ENCODERS)}`);
     }
-    const encoded = encode(image, params);
+    const encoded = await encode(image, params);
     const headers = idempotencyKey ? { "Idempotency-Key": idempotencyKey } : {};
     const init = { method: "POST", headers, signal };
     if (encoded instanceof FormData) {

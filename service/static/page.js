@@ -151,6 +151,7 @@ function track(url) {
 function resetJob() {
   for (const url of jobUrls) URL.revokeObjectURL(url);
   jobUrls = [];
+  $("job").hidden = true;
   $("result").hidden = true;
   $("reconstruction-figure").hidden = true;
   $("channels").replaceChildren();
@@ -197,13 +198,7 @@ form.addEventListener("submit", async (event) => {
     $("job").hidden = false;
     $("job-id").textContent = accepted.id;
     setStatus(accepted);
-    for await (const { event: name, data } of api.events(accepted.id)) {
-      if (name === "status") setStatus(data);
-      else if (name === "progress") setProgress(data);
-      else if (name === "end") break;
-    }
-    const view = await api.status(accepted.id);
-    setStatus(view);
+    const view = await follow(api, accepted.id);
     running = null;
     $("cancel").disabled = true;
     if (view.status === "succeeded") await showResult(api, view, image);
@@ -215,6 +210,21 @@ form.addEventListener("submit", async (event) => {
     $("submit").disabled = false;
   }
 });
+
+/** The job's events until it ends (the stream is opened again if it drops before); its
+ * final status. */
+async function follow(api, id) {
+  for (;;) {
+    for await (const { event: name, data } of api.events(id)) {
+      if (name === "status") setStatus(data);
+      else if (name === "progress") setProgress(data);
+      else if (name === "end") break;
+    }
+    const view = await api.status(id);
+    setStatus(view);
+    if (!["queued", "running"].includes(view.status)) return view;
+  }
+}
 
 $("cancel").addEventListener("click", async () => {
   if (!running) return;

@@ -37,6 +37,11 @@ document.addEventListener("DOMContentLoaded", () => {
 """Every value the progress bar takes, in order (the test reads `window.__progress`)."""
 
 
+MISSING = (
+    "browser tests skipped: Chromium is not installed (apt-get install chromium; "
+    ".ci/run installs it)"
+)
+
 HTTP_ERROR_LOG = "Failed to load resource: the server responded with a status of"
 
 
@@ -44,15 +49,21 @@ def chromium_path() -> str | None:
     return shutil.which("chromium") or shutil.which("chromium-browser")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Skipped before any fixture starts a service, with the reason in the summary."""
+    if chromium_path() is None:
+        skip = pytest.mark.skip(reason=MISSING)
+        for item in items:
+            if "browser" in item.keywords:
+                item.add_marker(skip)
+
+
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     """One Chromium per test module (a module's tests share it; about a second to start)."""
     path = chromium_path()
     if path is None:
-        pytest.skip(
-            "browser tests skipped: Chromium is not installed "
-            "(apt-get install chromium; .ci/run installs it)"
-        )
+        pytest.skip(MISSING)
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load, load_file, save
 
+from service import protocol
 from service.auth import key_hash
 from tests.conftest import ROOT, SAMPLES
 from tests.e2e.test_service import status
@@ -97,8 +98,11 @@ def test_drop_submit_watch_see_and_download(shared_service, tab, tmp_path: Path)
 def test_a_refused_parameter_shows_the_problem_by_its_field(shared_service, tab):
     base, page = shared_service.url, tab.page
     page.goto(base + "/")
-    page.set_input_files("#image", str(SAMPLES / "coffee.png"))
     page.fill("#prompt", "a cup of coffee")
+    page.click("#submit")  # no image yet: said by the image field, nothing sent
+    assert page.inner_text('[data-error-for="image"]') == "pick or drop an image first"
+    assert not [r for r in tab.requests if "/v1/inversions" in r.url]
+    page.set_input_files("#image", str(SAMPLES / "coffee.png"))
     for field, value in (("num_inference_steps", "5000"), ("resolution", "100x100")):
         page.fill(f"#{field}", value)
         # The same submission straight to the API: the page shows its problem, by its field.
@@ -209,4 +213,40 @@ def test_the_page_reads_float16_and_float32_safetensors(shared_service, tab):
         assert parsed["timesteps"] == [0, 1, 2] and parsed["metadata"] == {"model": "tiny"}
         expected = values.astype(dtype).astype(np.float32).ravel()
         assert np.array_equal(np.array(parsed["latents"], dtype=np.float32), expected)
+    tab.assert_clean(shared_service.url)
+
+
+def test_the_event_parser_reads_the_servers_events_cut_anywhere(shared_service, tab):
+    """The client's SSE parser against the gateway's own encoder, in chunks cut at every
+    offset, with LF and CRLF line ends and a keep-alive comment between events."""
+    events = [("status", {"id": "j", "status": "running"}), ("progress", {"step": 3, "total": 9})]
+    events.append(("end", {"id": "j", "status": "succeeded", "note": "a: b\u00e9"}))
+    stream = (
+        protocol.sse(*events[0])
+        + b": keep-alive\n\n"
+        + b"".join(protocol.sse(*e) for e in events[1:])
+    )
+    page = tab.page
+    page.goto(shared_service.url + "/")
+    for text in (stream.decode(), stream.decode().replace("\n", "\r\n")):
+        parsed = page.evaluate(
+            """async (text) => {
+                const {SseParser} = await import("/static/inversion-client.js");
+                const read = (chunks) => {
+                    const parser = new SseParser();
+                    return chunks.flatMap((c) => parser.push(c)).map(
+                        (m) => [m.event, JSON.parse(m.data)]
+                    );
+                };
+                const runs = [];
+                for (let cut = 0; cut <= text.length; cut++) {
+                    runs.push(read([text.slice(0, cut), text.slice(cut)]));
+                }
+                runs.push(read([...text]));  // one character at a time
+                return runs;
+            }""",
+            text,
+        )
+        assert len(parsed) == len(text) + 2
+        assert all(run == [[name, data] for name, data in events] for run in parsed)
     tab.assert_clean(shared_service.url)
