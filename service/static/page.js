@@ -6,9 +6,6 @@ import { parseSafetensors } from "/static/safetensors.js";
 /** sessionStorage, not localStorage: the key is gone when the tab closes. */
 const KEY_STORAGE = "inversion.apiKey";
 
-/** Form fields sent as numbers; the rest are text, and `verify` a checkbox. */
-const NUMBER_FIELDS = new Set(["num_inference_steps", "guidance_scale", "refine_iterations"]);
-
 const $ = (id) => document.getElementById(id);
 const form = $("submit-form");
 const keyInput = $("api_key");
@@ -138,7 +135,7 @@ function params() {
     if (!name || name === "image" || element.closest("[hidden]")) continue;
     if (element.type === "checkbox") out[name] = element.checked;
     else if (element.value.trim() === "") continue; // absent: the service's default
-    else out[name] = NUMBER_FIELDS.has(name) ? Number(element.value) : element.value.trim();
+    else out[name] = element.type === "number" ? Number(element.value) : element.value.trim();
   }
   return out;
 }
