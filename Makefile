@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export INVERSION_MODEL_CACHE_DIR ?= $(CURDIR)/.cache/models
 
-.PHONY: install serve demo test lint bench
+.PHONY: install serve demo test lint bench screenshot
 
 $(BIN)/ddim-invert: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check . && $(BIN)/ruff format --check . && $(BIN)/mypy .
+
+# docs/page.png: the page after a finished job, taken by the browser test (needs chromium).
+screenshot: install
+	BROWSER_SCREENSHOT=docs/page.png $(BIN)/python -m pytest -q tests/browser -k drop_submit

@@ -13,7 +13,7 @@ from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import GatewayMetrics, RequestMetricsMiddleware
 from service.redis_conn import lifespan
-from service.routes import health, inversions
+from service.routes import health, inversions, page
 from service.settings import GatewaySettings, get_settings
 
 CORS_REQUEST_HEADERS = ("Idempotency-Key", "Prefer", "Last-Event-ID")
@@ -90,4 +90,5 @@ def create_app(
         )
     app.include_router(inversions.router)
     app.include_router(health.router)
+    app.include_router(page.router)
     return app
