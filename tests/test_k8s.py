@@ -307,7 +307,8 @@ def test_the_environment_resolves_and_validates_in_the_settings_classes(
                     monkeypatch.setenv(name, value)
                 settings = cls()
                 address = env["REDIS_ADDRESS"]
-                assert settings.redis_url == f"redis://:0f1e2d@{address}/0", overlay
+                user = env["REDIS_USERNAME"]
+                assert settings.redis_url == f"redis://{user}:0f1e2d@{address}/0", overlay
                 if role == "gateway":
                     assert settings.api_key_hashes == ("a" * 64,)
                     assert settings.http_workers == 1
@@ -418,6 +419,7 @@ def test_keda_triggers_follow_each_model_queue(rendered) -> None:
             assert redis_trigger["listName"] == rq_queue_key(queue)
             assert redis_trigger["addressFromEnv"] in env
             assert redis_trigger["passwordFromEnv"] in env
+            assert redis_trigger["usernameFromEnv"] in env
             assert redis_trigger["listLength"] == prom["threshold"], "one per-worker target"
             assert prom["ignoreNullValues"] == "false"
             expr = promql.parse(prom["query"])
@@ -525,7 +527,7 @@ def test_redis_config_is_docker_redis_conf_and_its_address_this_namespace(render
 
 def test_the_redis_container_requires_its_password(rendered, tmp_path: Path) -> None:
     """The StatefulSet's own command, run with a real redis-server: it refuses to start
-    without a password, and with one it refuses unauthenticated clients."""
+    without a password, and with one it admits only the service's ACL user."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not installed")
     statefulset = one(rendered["production"], "StatefulSet", "redis")
@@ -560,10 +562,12 @@ def test_the_redis_container_requires_its_password(rendered, tmp_path: Path) -> 
         stderr=subprocess.DEVNULL,
     )
     try:
-        authed = redis_lib.Redis(port=port, password="s3cret")
+        authed = redis_lib.Redis(port=port, username="inversion", password="s3cret")
         wait_for(authed.ping, 10, "the redis container's server")
         with pytest.raises(redis_lib.AuthenticationError):
             redis_lib.Redis(port=port).ping()
+        with pytest.raises(redis_lib.AuthenticationError):  # the default user is off
+            redis_lib.Redis(port=port, password="s3cret").ping()
         assert authed.config_get("maxmemory-policy") == {"maxmemory-policy": "noeviction"}
         assert authed.config_get("appendonly") == {"appendonly": "yes"}
         authed.close()
