@@ -21,7 +21,6 @@ import httpx
 from rq import Callback, Queue
 from rq.serializers import JSONSerializer
 
-import contract
 from bench.abuse_stack import (
     KEY_A,
     KEY_A_RACES,
@@ -42,6 +41,8 @@ from bench.abuse_stack import (
     view_of,
     wait_terminal,
 )
+from ddim_inversion.contract import JOB_FUNCTION
+from ddim_inversion.keys import QUEUE_NAME, input_key, result_key
 
 LONG_STEPS = 900
 """A job that runs for seconds on the tiny model (from 1.5 ms a step on a free core);
@@ -112,11 +113,9 @@ def forget(ctx: Ctx, jobs: list[str]) -> int:
     for job in jobs:
         if ctx.stack.redis.exists(f"rq:job:{job}"):
             forced += 1
-            for queue in (contract.QUEUE_NAME, PARKED_QUEUE):
+            for queue in (QUEUE_NAME, PARKED_QUEUE):
                 ctx.stack.redis.lrem(f"rq:queue:{queue}", 0, job)
-            ctx.stack.redis.delete(
-                f"rq:job:{job}", contract.input_key(job), contract.result_key(job)
-            )
+            ctx.stack.redis.delete(f"rq:job:{job}", input_key(job), result_key(job))
     return forced
 
 
@@ -338,7 +337,7 @@ def canceled_ttls(ctx: Ctx) -> tuple[str, str]:
                 forever.append(name.decode().replace(job, "<id>"))
     registries = sum(
         stack.redis.zscore(f"rq:canceled:{queue}", job) is not None
-        for queue in (contract.QUEUE_NAME, PARKED_QUEUE)
+        for queue in (QUEUE_NAME, PARKED_QUEUE)
         for job in (queued, running)
     )
     names = ", ".join(sorted(set(forever))) or "none"
@@ -351,10 +350,10 @@ def forged_jobs(ctx: Ctx) -> tuple[str, str]:
     """Point 7: jobs written straight into Redis, naming code for the worker to run."""
     assert ctx.b is not None
     ctx.b.start()
-    queue = Queue(contract.QUEUE_NAME, connection=ctx.stack.redis, serializer=JSONSerializer)
+    queue = Queue(QUEUE_NAME, connection=ctx.stack.redis, serializer=JSONSerializer)
     marker = f"ABUSE-FORGED-{uuid.uuid4().hex[:8]}"
     callback = queue.enqueue(
-        contract.JOB_FUNCTION,
+        JOB_FUNCTION,
         kwargs={"payload": {"bogus": marker}},
         job_id=f"forged-{marker}",
         on_failure=Callback("builtins.print"),

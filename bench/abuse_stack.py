@@ -31,7 +31,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from contract import WORKERS_KEY  # noqa: E402
+from ddim_inversion.keys import WORKERS_KEY  # noqa: E402
 from service.auth import key_hash  # noqa: E402
 from tests.conftest import Processes, RedisServer, subprocess_env  # noqa: E402
 

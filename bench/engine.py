@@ -23,8 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import imaging
-from contract import InversionParams
+from ddim_inversion import imaging
+from ddim_inversion.params import InversionParams
 from worker.engine import InversionRequest, invert
 from worker.models import LoadedModel, load_model
 

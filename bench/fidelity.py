@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import imaging  # noqa: E402
-from contract import InversionParams  # noqa: E402
+
+from ddim_inversion.params import InversionParams  # noqa: E402
 from worker.engine import InversionRequest, InversionResult, encode_prompts, invert  # noqa: E402
 from worker.models import LoadedModel, load_model  # noqa: E402
 

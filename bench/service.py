@@ -108,8 +108,8 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)
-    import imaging
-    from contract import InversionParams
+    from ddim_inversion import imaging
+    from ddim_inversion.params import InversionParams
     from worker.engine import InversionRequest, invert
     from worker.main import warm_up
     from worker.models import load_model
@@ -161,7 +161,7 @@ def main() -> int:
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    from contract import META_ENGINE_S
+    from ddim_inversion.contract import META_ENGINE_S
 
     connection = redis.Redis(port=redis_port)
     out: dict[str, object] = {"jobs": args.jobs, "steps": args.steps, "machine": "cpu"}

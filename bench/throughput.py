@@ -30,7 +30,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import imaging  # noqa: E402
-from contract import JOB_FUNCTION, QUEUE_NAME, InversionParams, JobPayload, input_key  # noqa: E402
+
+from ddim_inversion.contract import JOB_FUNCTION, JobPayload  # noqa: E402
+from ddim_inversion.keys import QUEUE_NAME, input_key  # noqa: E402
+from ddim_inversion.params import InversionParams  # noqa: E402
 
 
 def start_redis() -> tuple[str, subprocess.Popen[bytes]]:
@@ -178,7 +181,7 @@ def main() -> int:
         service = args.jobs / elapsed
         out["service_images_per_s"] = service
         # Batched results against one-at-a-time ones, in this dtype on this device.
-        from contract import result_key
+        from ddim_inversion.keys import result_key
         from worker.engine import InversionRequest, invert, load_result
 
         worst = 0.0

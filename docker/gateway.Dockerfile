@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
-# The HTTP gateway: FastAPI + uvicorn and the shared modules (contract, image normaliser,
-# webhook policy). No torch, no diffusers: only the `gateway` extra is installed, and the
+# The HTTP gateway: FastAPI + uvicorn and the shared package (ddim_inversion: contract,
+# parameters, Redis keys, image normaliser, webhook policy). No torch, no diffusers: only the `gateway` extra is installed, and the
 # worker package is not copied.
 # Build from the repository root:  docker build -f docker/gateway.Dockerfile -t ddim-gateway .
 FROM python:3.11-slim
@@ -12,8 +12,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 
 WORKDIR /app
 
-# Only what the gateway runs: the shared modules, the CLI entry point and service/.
-COPY pyproject.toml contract.py imaging.py webhook_policy.py ddim_invert.py ./
+# Only what the gateway runs: the shared package, the CLI and service/.
+COPY pyproject.toml ./
+COPY ddim_inversion ./ddim_inversion
+COPY ddim_inversion_cli ./ddim_inversion_cli
 COPY service ./service
 
 # A regular (non-editable) install into site-packages; the source tree stays root-owned

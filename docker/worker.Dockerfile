@@ -30,7 +30,9 @@ RUN if ! python -c "import torch" >/dev/null 2>&1; then \
 WORKDIR /app
 
 # 2. The project with the worker extra (diffusers, transformers, safetensors, ...).
-COPY pyproject.toml contract.py imaging.py webhook_policy.py ddim_invert.py ./
+COPY pyproject.toml ./
+COPY ddim_inversion ./ddim_inversion
+COPY ddim_inversion_cli ./ddim_inversion_cli
 COPY worker ./worker
 RUN pip install --no-cache-dir --constraint /etc/torch-constraint.txt ".[worker]" \
  && rm -rf build ./*.egg-info \

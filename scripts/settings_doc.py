@@ -25,7 +25,7 @@ END = "<!-- settings:end -->"
 
 
 def tables() -> str:
-    from client.settings import ClientSettings
+    from ddim_inversion_client.settings import ClientSettings
     from service.settings import GatewaySettings
     from worker.settings import WorkerSettings
 
@@ -34,7 +34,7 @@ def tables() -> str:
         + table(GatewaySettings)
         + "\n\n### Worker (`ddim-invert worker`, and `ddim-invert local`)\n\n"
         + table(WorkerSettings)
-        + "\n\n### Client (`client.InversionClient`, and `ddim-invert submit`)\n\n"
+        + "\n\n### Client (`ddim_inversion_client.InversionClient`, and `ddim-invert submit`)\n\n"
         + table(ClientSettings)
     )
 

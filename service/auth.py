@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 
-from contract import ErrorCode
+from ddim_inversion.errors import ErrorCode
 from service.errors import ProblemError
 
 ANONYMOUS = ""

@@ -12,7 +12,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from contract import ErrorCode
+from ddim_inversion.errors import ErrorCode
 from service.errors import problem_response
 
 

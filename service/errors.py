@@ -17,7 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from contract import ErrorCode
+from ddim_inversion.errors import ErrorCode
 
 logger = logging.getLogger(__name__)
 

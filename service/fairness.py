@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import contract
+from ddim_inversion.keys import fair_owners_key, fair_rounds_key
 
 PLACE_LUA = """
 -- KEYS: queue, rounds, owners. ARGV: job (RQ has just pushed it to the tail), owner, ttl.
@@ -69,8 +69,8 @@ def place(pipe: Any, queue_key: str, queue_name: str, job_id: str, owner: str, t
         PLACE_LUA,
         3,
         queue_key,
-        contract.fair_rounds_key(queue_name),
-        contract.fair_owners_key(queue_name),
+        fair_rounds_key(queue_name),
+        fair_owners_key(queue_name),
         job_id,
         owner,
         ttl_s,

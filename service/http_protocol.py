@@ -25,7 +25,7 @@ from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from contract import ErrorCode
+from ddim_inversion.errors import ErrorCode
 from service.errors import PROBLEM_MEDIA_TYPE, PROBLEM_TYPE_BASE
 from service.settings import get_settings
 

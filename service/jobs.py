@@ -26,8 +26,33 @@ from rq.job import JobStatus as RQStatus
 from rq.registry import CanceledJobRegistry
 from rq.serializers import JSONSerializer
 
-import contract
-from contract import ErrorCode, JobError, JobPayload, JobStatus, WorkerRecord
+from ddim_inversion.contract import (
+    JOB_FUNCTION,
+    META_ERROR,
+    META_OWNER,
+    META_PROGRESS,
+    META_RESULT,
+    JobPayload,
+    JobStatus,
+    Progress,
+    ResultMetadata,
+    WorkerRecord,
+)
+from ddim_inversion.errors import ErrorCode, JobError
+from ddim_inversion.held_bytes import settle_held_bytes
+from ddim_inversion.keys import (
+    ENDED_TTL_S,
+    JOB_METRICS_KEY,
+    THROUGHPUT_KEY,
+    WORKERS_KEY,
+    cancel_key,
+    ended_key,
+    input_key,
+    publish_job_event,
+    reconstruction_key,
+    result_key,
+)
+from ddim_inversion.params import InversionParams
 from service import fairness, limits
 from service.errors import ProblemError
 from service.schemas import JobParams, JobUrls, JobView, Timings
@@ -52,7 +77,7 @@ STATUS_BY_RQ: dict[RQStatus, JobStatus] = {
 
 def live_workers(connection: redis.Redis, stale_s: float) -> list[WorkerRecord]:
     """Workers whose heartbeat is fresher than `stale_s`, the most recent first."""
-    return fresh_workers(connection.hgetall(contract.WORKERS_KEY), stale_s)
+    return fresh_workers(connection.hgetall(WORKERS_KEY), stale_s)
 
 
 def fresh_workers(raw_records: Mapping[Any, Any], stale_s: float) -> list[WorkerRecord]:
@@ -76,7 +101,7 @@ def queue_depth_and_workers(
     """The jobs waiting and the live workers, in one round trip: a submission needs both."""
     pipe = connection.pipeline(transaction=False)
     pipe.llen(queue.key)
-    pipe.hgetall(contract.WORKERS_KEY)
+    pipe.hgetall(WORKERS_KEY)
     depth, raw_records = pipe.execute()
     return int(depth), fresh_workers(raw_records, stale_s)
 
@@ -89,7 +114,7 @@ def enqueue(
     connection: redis.Redis,
     queue: Queue,
     settings: GatewaySettings,
-    params: contract.InversionParams,
+    params: InversionParams,
     rgb: np.ndarray,
     owner: str,
     job_id: str | None = None,
@@ -122,16 +147,16 @@ def enqueue(
         # Explicitly, before the first command: RQ would call MULTI itself, which a
         # pipeline that already holds a command refuses.
         pipe.multi()
-        pipe.set(contract.input_key(job_id), rgb.tobytes(), ex=settings.input_ttl_s)
+        pipe.set(input_key(job_id), rgb.tobytes(), ex=settings.input_ttl_s)
         job = queue.enqueue_call(
-            contract.JOB_FUNCTION,
+            JOB_FUNCTION,
             kwargs={"payload": payload.model_dump(mode="json")},
             job_id=job_id,
             timeout=settings.job_timeout_s,
             result_ttl=settings.result_ttl_s,
             failure_ttl=settings.failure_ttl_s,
             description=f"inversion {job_id}",
-            meta={contract.META_OWNER: owner},
+            meta={META_OWNER: owner},
             # Retries are for lost workers only: a worker marks a failure with a code final.
             retry=Retry(max=settings.max_retries) if settings.max_retries else None,
             pipeline=pipe,
@@ -172,7 +197,7 @@ def _owned_job(connection: redis.Redis, job_id: str, raw: Mapping[Any, Any], own
         job.restore(raw)
     except NoSuchJobError:
         raise _not_found(job_id) from None
-    if job.meta.get(contract.META_OWNER, "") != owner:
+    if job.meta.get(META_OWNER, "") != owner:
         raise _not_found(job_id)
     return job
 
@@ -208,7 +233,7 @@ def job_error(job: Job, status: JobStatus) -> JobError | None:
     """What the worker wrote, or a best guess from RQ when the worker could not write it."""
     if status not in (JobStatus.FAILED, JobStatus.CANCELED):
         return None
-    meta = job.meta.get(contract.META_ERROR)
+    meta = job.meta.get(META_ERROR)
     if isinstance(meta, dict):
         try:
             return JobError.model_validate(meta)
@@ -258,7 +283,7 @@ def timings_of(job: Job) -> Timings:
     )
 
 
-def _params_of(job: Job, result: contract.ResultMetadata | None) -> JobParams | None:
+def _params_of(job: Job, result: ResultMetadata | None) -> JobParams | None:
     raw: Any = (job.kwargs or {}).get("payload", {}).get("params")
     if raw is None:
         return None
@@ -277,12 +302,12 @@ def _params_of(job: Job, result: contract.ResultMetadata | None) -> JobParams | 
     )
 
 
-def _result_of(job: Job, status: JobStatus) -> contract.ResultMetadata | None:
-    raw = job.meta.get(contract.META_RESULT)
+def _result_of(job: Job, status: JobStatus) -> ResultMetadata | None:
+    raw = job.meta.get(META_RESULT)
     if status is not JobStatus.SUCCEEDED or raw is None:
         return None
     try:
-        return contract.ResultMetadata.model_validate(raw)
+        return ResultMetadata.model_validate(raw)
     except ValidationError:
         logger.warning("job %s has unreadable result metadata", job.id)
         return None
@@ -314,8 +339,8 @@ def _position_and_rate(
     pipe = queue.connection.pipeline(transaction=False)
     pipe.lpos(queue.key, job_id)
     if stale_s is not None:
-        pipe.hgetall(contract.WORKERS_KEY)
-        pipe.hgetall(contract.THROUGHPUT_KEY)
+        pipe.hgetall(WORKERS_KEY)
+        pipe.hgetall(THROUGHPUT_KEY)
     position, *rest = pipe.execute()
     if position is None or stale_s is None:
         return position, None
@@ -345,9 +370,9 @@ def job_view(job: Job, queue: Queue, stale_s: float | None = None) -> JobView:
     estimate = estimate_wait_s(position, rate)
     result = _result_of(job, status)
     progress = None
-    if status is JobStatus.RUNNING and isinstance(job.meta.get(contract.META_PROGRESS), dict):
+    if status is JobStatus.RUNNING and isinstance(job.meta.get(META_PROGRESS), dict):
         try:
-            progress = contract.Progress.model_validate(job.meta[contract.META_PROGRESS])
+            progress = Progress.model_validate(job.meta[META_PROGRESS])
         except ValidationError:
             progress = None
     return JobView(
@@ -381,7 +406,7 @@ def cancel_queued(connection: redis.Redis, job: Job) -> None:
     except InvalidJobOperation:
         logger.info("job %s was already canceled", job.id)
         canceled_here = False
-    job.meta[contract.META_ERROR] = {
+    job.meta[META_ERROR] = {
         "code": ErrorCode.CANCELED.value,
         "message": "canceled by the client",
     }
@@ -391,18 +416,18 @@ def cancel_queued(connection: redis.Redis, job: Job) -> None:
             job, ttl, pipeline=pipe
         )
         pipe.expire(job.key, ttl)
-        pipe.delete(contract.input_key(job.id))
+        pipe.delete(input_key(job.id))
         # The DELETE route set the flag to outlive the job's timeout; not the job itself.
-        pipe.expire(contract.cancel_key(job.id), min(ttl, int(job.timeout or 0) + 60))
+        pipe.expire(cancel_key(job.id), min(ttl, int(job.timeout or 0) + 60))
         if canceled_here:
             # A job canceled before any worker saw it ends here: count it like the workers do.
-            pipe.hincrby(contract.JOB_METRICS_KEY, "ended:canceled", 1)
-            pipe.rpush(contract.ended_key(job.id), "canceled")
-            pipe.expire(contract.ended_key(job.id), min(contract.ENDED_TTL_S, ttl))
-            contract.publish_job_event(pipe, job.id)
+            pipe.hincrby(JOB_METRICS_KEY, "ended:canceled", 1)
+            pipe.rpush(ended_key(job.id), "canceled")
+            pipe.expire(ended_key(job.id), min(ENDED_TTL_S, ttl))
+            publish_job_event(pipe, job.id)
         pipe.execute()
     # Its input is deleted above: the job's bytes are gone from its key's budget.
-    contract.settle_held_bytes(connection, job.meta.get(contract.META_OWNER, ""), job.id)
+    settle_held_bytes(connection, job.meta.get(META_OWNER, ""), job.id)
 
 
 def delete(connection: redis.Redis, job: Job, owner: str) -> None:
@@ -413,10 +438,10 @@ def delete(connection: redis.Redis, job: Job, owner: str) -> None:
     memory, and any MULTI): only deletions, each on its own, the largest values first.
     """
     connection.delete(
-        contract.result_key(job.id),
-        contract.reconstruction_key(job.id),
-        contract.input_key(job.id),
-        contract.cancel_key(job.id),
+        result_key(job.id),
+        reconstruction_key(job.id),
+        input_key(job.id),
+        cancel_key(job.id),
     )
     job.delete()
     limits.forget(connection, owner, job.id)

@@ -16,7 +16,7 @@ the same limits:
 
 A key's jobs are counted until RQ no longer has them queued or running (read from their
 job hashes at the key's next admission); their bytes until they are settled by the worker
-or the gateway (contract.settle_held_bytes) or the deadline held for them passes. The
+or the gateway (settle_held_bytes) or the deadline held for them passes. The
 anonymous owner (auth disabled) is not limited per key; the global queue depth still is.
 
 The script reads the RQ job hashes of a key's jobs by name, beside the keys it is given:
@@ -34,8 +34,16 @@ from rq import Queue
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 
-import contract
-from contract import ErrorCode
+from ddim_inversion.errors import ErrorCode
+from ddim_inversion.held_bytes import settle_held_bytes
+from ddim_inversion.keys import (
+    ADMITTING_KEY,
+    owner_held_bytes_key,
+    owner_held_key,
+    owner_held_total_key,
+    owner_jobs_key,
+    rate_key,
+)
 from service.errors import RETRY_AFTER_S, ProblemError
 from service.settings import GatewaySettings
 
@@ -144,7 +152,7 @@ def count_submission(
         return
     now = time.time() if now is None else now
     window = int(now // WINDOW_S)
-    key = contract.rate_key(owner, window)
+    key = rate_key(owner, window)
     pipe = connection.pipeline(transaction=False)
     pipe.incr(key)
     pipe.expire(key, WINDOW_S + 5)
@@ -181,11 +189,11 @@ def admit(
     now = time.time() if now is None else now
     keys = [
         queue.key,
-        contract.ADMITTING_KEY,
-        contract.owner_jobs_key(owner),
-        contract.owner_held_key(owner),
-        contract.owner_held_bytes_key(owner),
-        contract.owner_held_total_key(owner),
+        ADMITTING_KEY,
+        owner_jobs_key(owner),
+        owner_held_key(owner),
+        owner_held_bytes_key(owner),
+        owner_held_total_key(owner),
     ]
     args = [
         job_id,
@@ -245,21 +253,21 @@ def admit(
 def confirm(pipe: Any, settings: GatewaySettings, owner: str, job_id: str, now: float) -> None:
     """Queued on the transaction that enqueues the job: its admission is complete, and its
     input's bytes are held for as long as the input is kept."""
-    pipe.zrem(contract.ADMITTING_KEY, job_id)
+    pipe.zrem(ADMITTING_KEY, job_id)
     if owner:
-        pipe.zadd(contract.owner_held_key(owner), {job_id: now + settings.input_ttl_s}, xx=True)
+        pipe.zadd(owner_held_key(owner), {job_id: now + settings.input_ttl_s}, xx=True)
 
 
 def release(connection: redis.Redis, owner: str, job_id: str) -> None:
     """Give back an admission whose job was not enqueued; only deletes (a full Redis takes
     them), in one round trip without MULTI (which a full Redis refuses whole)."""
     pipe = connection.pipeline(transaction=False)
-    pipe.zrem(contract.ADMITTING_KEY, job_id)
+    pipe.zrem(ADMITTING_KEY, job_id)
     forget(pipe, owner, job_id)
     pipe.execute()
 
 
 def forget(client: Any, owner: str, job_id: str) -> None:
     """A job that is gone (deleted, or never enqueued) no longer counts against its key."""
-    client.hdel(contract.owner_jobs_key(owner), job_id)
-    contract.settle_held_bytes(client, owner, job_id)
+    client.hdel(owner_jobs_key(owner), job_id)
+    settle_held_bytes(client, owner, job_id)

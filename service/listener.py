@@ -1,6 +1,6 @@
 """Waiting on jobs without threads: one pub/sub listener per gateway process.
 
-Workers publish a job's id on `contract.JOB_EVENTS_CHANNEL` each time they write its
+Workers publish a job's id on `JOB_EVENTS_CHANNEL` each time they write its
 progress or its end, and so does a gateway that cancels a queued job. Each gateway process
 holds ONE subscription, on the async Redis client, read by one asyncio task that wakes the
 `Watch`es of that job. A watch is shared by every waiter that reads a job the same way:
@@ -31,7 +31,7 @@ from typing import Any, Generic, TypeVar
 import redis.asyncio
 from redis.exceptions import RedisError
 
-import contract
+from ddim_inversion.keys import JOB_EVENTS_CHANNEL
 
 logger = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class JobListener:
         while True:
             pubsub = self.client.pubsub()
             try:
-                await pubsub.subscribe(contract.JOB_EVENTS_CHANNEL)
+                await pubsub.subscribe(JOB_EVENTS_CHANNEL)
                 self._wake_all()  # whatever changed before or while unsubscribed
                 pause = RECONNECT_MIN_S
                 while True:

@@ -24,15 +24,17 @@ from rq import Queue
 from rq.job import Job
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-import contract
-from contract import JobStatus
+from ddim_inversion.contract import JobStatus
+from ddim_inversion.errors import ErrorCode
+from ddim_inversion.job_metrics import DURATION_BUCKETS_S
+from ddim_inversion.keys import JOB_METRICS_KEY, THROUGHPUT_KEY, WORKERS_KEY
 from service import jobs
 
 
 class JobMetricsCollector(Collector):
     """Jobs by final state and job duration histograms, as all workers recorded them.
 
-    Workers count each job's end in one Redis hash (contract.JOB_METRICS_KEY), so every
+    Workers count each job's end in one Redis hash (JOB_METRICS_KEY), so every
     gateway replica exports the same service-wide figures, read at scrape time.
     """
 
@@ -42,7 +44,7 @@ class JobMetricsCollector(Collector):
     def collect(self) -> Iterator[Any]:
         if self.connection is None:
             return
-        raw = self.connection.hgetall(contract.JOB_METRICS_KEY)
+        raw = self.connection.hgetall(JOB_METRICS_KEY)
         fields = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
         ended = CounterMetricFamily(
             "inversion_jobs_ended", "Jobs that ended, by final status.", labels=["status"]
@@ -54,7 +56,7 @@ class JobMetricsCollector(Collector):
             ("queue_wait", "Seconds a job waited in the queue before a worker took it."),
             ("run", "Seconds a job ran on a worker, batch included."),
         ):
-            bounds = [f"{b:g}" for b in contract.DURATION_BUCKETS_S] + ["+Inf"]
+            bounds = [f"{b:g}" for b in DURATION_BUCKETS_S] + ["+Inf"]
             buckets, below = [], 0.0
             for bound in bounds:  # Prometheus buckets are cumulative; the hash's are not
                 below += fields.get(f"{name}:in:{bound}", 0.0)
@@ -103,8 +105,8 @@ class PoolCollector(Collector):
             pipe.llen(queue.key)
             pipe.zcard(queue.started_job_registry.key)
             pipe.zrevrange(queue.failed_job_registry.key, 0, FAILED_SCAN_LIMIT - 1)
-        pipe.hgetall(contract.WORKERS_KEY)
-        pipe.hgetall(contract.THROUGHPUT_KEY)
+        pipe.hgetall(WORKERS_KEY)
+        pipe.hgetall(THROUGHPUT_KEY)
         *per_queue, raw_workers, raw_rates = pipe.execute()
         rates = {_text(name): jobs.images_per_s(raw) for name, raw in raw_rates.items()}
 
@@ -177,7 +179,7 @@ class PoolCollector(Collector):
             if job is None:  # expired while still listed: RQ cleans registries lazily
                 continue
             error = jobs.job_error(job, JobStatus.FAILED)
-            code = error.code.value if error is not None else contract.ErrorCode.INTERNAL.value
+            code = error.code.value if error is not None else ErrorCode.INTERNAL.value
             self._failures[job.id] = Failure(code, _failed_at(job))
         for job_id in job_ids:
             if job_id in self._failures:

@@ -29,8 +29,8 @@ from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-import contract
-from contract import ErrorCode
+from ddim_inversion.errors import ErrorCode
+from ddim_inversion.keys import KEY_PREFIX, ended_key
 from service.errors import ProblemError
 from service.listener import JobListener, until
 
@@ -48,7 +48,7 @@ TERMINAL_RQ = frozenset({b"finished", b"failed", b"canceled", b"stopped"})
 
 
 def idempotency_key(owner: str, key: str) -> str:
-    return f"{contract.KEY_PREFIX}idem:{owner}:{key}"
+    return f"{KEY_PREFIX}idem:{owner}:{key}"
 
 
 def check_key(value: str | None) -> str | None:
@@ -132,7 +132,7 @@ async def has_ended(client: redis.asyncio.Redis, job_id: str) -> bool:
     without a worker: lost), or its `ended` signal (written with the end)."""
     async with client.pipeline(transaction=False) as pipe:
         pipe.hget(Job.key_for(job_id), "status")
-        pipe.exists(contract.ended_key(job_id))
+        pipe.exists(ended_key(job_id))
         state, signalled = await pipe.execute()
     return state is None or state in TERMINAL_RQ or bool(signalled)
 

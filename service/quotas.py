@@ -3,8 +3,8 @@
 - `resolution`: at most INVERSION_MAX_RESOLUTION_SCALE x the live model's native size per
   side, and never above INVERSION_MAX_RESOLUTION_SIDE (also while no worker is alive);
 - the bytes the job may keep in Redis (its input plus its worst-case result,
-  contract.stored_bytes): at most INVERSION_MAX_JOB_BYTES;
-- its GPU work (contract.job_cost): at most INVERSION_MAX_JOB_COST.
+  stored_bytes): at most INVERSION_MAX_JOB_BYTES;
+- its GPU work (job_cost): at most INVERSION_MAX_JOB_COST.
 
 The per-key budgets these figures count against are service/limits.py's.
 """
@@ -13,14 +13,16 @@ from __future__ import annotations
 
 import numpy as np
 
-import contract
-from contract import ErrorCode, InversionParams, WorkerRecord
+from ddim_inversion.contract import WorkerRecord
+from ddim_inversion.errors import ErrorCode
+from ddim_inversion.estimates import job_cost, stored_bytes, unet_calls
+from ddim_inversion.params import InversionParams
 from service.errors import ProblemError
 from service.limits import JobSize
 from service.settings import GatewaySettings
 
 SIZE_MULTIPLE = 64
-"""`resolution` sizes are multiples of this (contract.parse_resolution)."""
+"""`resolution` sizes are multiples of this (parse_resolution)."""
 
 
 def _invalid(field: str, detail: str) -> ProblemError:
@@ -78,7 +80,7 @@ def size_job(
     when either passes its per-job limit."""
     model = worker.model if worker is not None else None
     size = result_size(params, settings, worker)
-    stored = contract.stored_bytes(params, model, (rgb.shape[1], rgb.shape[0]), size)
+    stored = stored_bytes(params, model, (rgb.shape[1], rgb.shape[0]), size)
     if stored.total > settings.max_job_bytes:
         raise _invalid(
             stored.largest_field,
@@ -88,11 +90,11 @@ def size_job(
             f"the limit is {settings.max_job_bytes} (INVERSION_MAX_JOB_BYTES): lower "
             "resolution or num_inference_steps, or drop return_trajectory",
         )
-    cost = contract.job_cost(params, model, size)
+    cost = job_cost(params, model, size)
     if cost > settings.max_job_cost:
         raise _invalid(
             "num_inference_steps",
-            f"the job would cost {cost} ({contract.unet_calls(params)} UNet calls at "
+            f"the job would cost {cost} ({unet_calls(params)} UNet calls at "
             f"{size[0]}x{size[1]}); the limit is {settings.max_job_cost} "
             "(INVERSION_MAX_JOB_COST): the cost grows with num_inference_steps, "
             "guidance_scale other than 1 (twice the calls), refine_iterations, method "

@@ -11,7 +11,9 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from contract import InversionParams, JobError, JobStatus, Progress, ResultMetadata
+from ddim_inversion.contract import JobStatus, Progress, ResultMetadata
+from ddim_inversion.errors import JobError
+from ddim_inversion.params import InversionParams
 
 
 class JobUrls(BaseModel):

@@ -14,9 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-import contract
-import imaging
-import webhook_policy
+from ddim_inversion import imaging, webhook_policy
+from ddim_inversion.keys import QUEUE_NAME
 
 
 class GatewaySettings(BaseSettings):
@@ -28,7 +27,7 @@ class GatewaySettings(BaseSettings):
         default="redis://127.0.0.1:6379/0",
         description="The Redis that holds the queue and results.",
     )
-    queue_name: str = Field(default=contract.QUEUE_NAME, description="The RQ queue workers drain.")
+    queue_name: str = Field(default=QUEUE_NAME, description="The RQ queue workers drain.")
     host: str = Field(default="127.0.0.1", description="Interface `ddim-invert gateway` binds to.")
     port: int = Field(
         default=8000, ge=1, le=65535, description="Port `ddim-invert gateway` binds to."

@@ -14,10 +14,11 @@ import numpy as np
 from PIL import Image
 from pydantic import ValidationError
 
-import contract
-import imaging
-import webhook_policy
-from contract import ErrorCode, InvalidParameter, InversionParams, WorkerRecord
+from ddim_inversion import imaging, webhook_policy
+from ddim_inversion.contract import WorkerRecord
+from ddim_inversion.errors import ErrorCode, InvalidParameter
+from ddim_inversion.params import InversionParams
+from ddim_inversion.scheduler_config import resolve_scheduler_config
 from service import prompts
 from service.errors import ProblemError, describe_errors
 from service.settings import GatewaySettings
@@ -167,7 +168,7 @@ def normalise(
     size = params.resolution
     if worker is not None:
         try:
-            contract.resolve_scheduler_config(
+            resolve_scheduler_config(
                 worker.model.scheduler_config, params.scheduler, params.num_inference_steps
             )
         except InvalidParameter as exc:

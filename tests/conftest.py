@@ -203,7 +203,7 @@ class Processes:
         has registered, unless `wait` is false."""
         import redis
 
-        from contract import WORKERS_KEY
+        from ddim_inversion.keys import WORKERS_KEY
 
         client = redis.Redis.from_url(self.env["INVERSION_REDIS_URL"])
         before = set(client.hkeys(WORKERS_KEY))

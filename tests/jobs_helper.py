@@ -11,8 +11,10 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-import imaging
-from contract import JOB_FUNCTION, META_OWNER, QUEUE_NAME, InversionParams, JobPayload, input_key
+from ddim_inversion import imaging
+from ddim_inversion.contract import JOB_FUNCTION, META_OWNER, JobPayload
+from ddim_inversion.keys import QUEUE_NAME, input_key
+from ddim_inversion.params import InversionParams
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 

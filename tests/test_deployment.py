@@ -343,18 +343,19 @@ def test_worker_dockerfile_installs_the_worker_extra_keeping_the_image_torch() -
     assert re.search(r'^CMD \["ddim-invert", "worker"\]', text, re.M)
 
 
-def test_both_images_get_every_top_level_module() -> None:
-    """A shared module left out of an image fails only when the container starts."""
-    modules = [f"{name}.py" for name in _pyproject()["tool"]["setuptools"]["py-modules"]]
-    for dockerfile in (GATEWAY_DOCKERFILE, WORKER_DOCKERFILE):
-        copy_line = re.search(
-            r"^COPY pyproject\.toml (.+) \./$", dockerfile_instructions(dockerfile), re.M
-        )
-        assert copy_line, f"{dockerfile.name} copies no top-level modules"
-        assert sorted(copy_line.group(1).split()) == sorted(modules), dockerfile.name
+SHARED_PACKAGES = ("ddim_inversion", "ddim_inversion_cli")
+"""What both images need besides their room: the shared package and the `ddim-invert` CLI."""
+
+
+def test_both_images_get_the_shared_packages_and_their_room() -> None:
+    """A package left out of an image fails only when the container starts."""
+    for dockerfile, room in ((GATEWAY_DOCKERFILE, "service"), (WORKER_DOCKERFILE, "worker")):
+        text = dockerfile_instructions(dockerfile)
+        copied = set(re.findall(r"^COPY (\w+) \./\1$", text, re.M))
+        assert copied == {*SHARED_PACKAGES, room}, dockerfile.name
         ignore = Path(f"{dockerfile}.dockerignore").read_text().splitlines()
-        for module in modules:
-            assert f"!{module}" in ignore, f"{dockerfile.name}.dockerignore drops {module}"
+        for package in (*SHARED_PACKAGES, room):
+            assert f"!{package}" in ignore, f"{dockerfile.name}.dockerignore drops {package}"
 
 
 def test_redis_conf_persists_and_never_evicts() -> None:
@@ -421,7 +422,7 @@ def test_gateway_extra_has_no_heavy_dependency() -> None:
 
 
 def _third_party_imports(paths: list[Path]) -> set[str]:
-    local = {"service", "worker", "client", *_pyproject()["tool"]["setuptools"]["py-modules"]}
+    local = {"service", "worker", "ddim_inversion_client", *SHARED_PACKAGES}
     modules: set[str] = set()
     for path in paths:
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
@@ -464,8 +465,9 @@ def test_gateway_imports_are_installed_by_base_and_gateway_deps() -> None:
     from packaging.utils import canonicalize_name
 
     project = _pyproject()["project"]
-    shared = [ROOT / f"{name}.py" for name in ("contract", "imaging", "webhook_policy")]
-    files = [*sorted((ROOT / "service").rglob("*.py")), *shared]
+    files = [
+        path for package in ("service", *SHARED_PACKAGES) for path in (ROOT / package).rglob("*.py")
+    ]
     imports = _third_party_imports(files)
     providers = importlib.metadata.packages_distributions()
     installed = _installable_closure(
@@ -498,3 +500,34 @@ def test_create_app_imports_no_torch_in_a_fresh_process() -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"importing the gateway loaded {done.stdout.strip()}"
+
+
+def test_the_client_installs_alone_without_torch_fastapi_or_redis() -> None:
+    """`pip install ddim-inversion-service` (no extra) is the Python client: the base
+    dependencies cover what ddim_inversion_client and ddim_inversion import at module level,
+    and pull nothing heavy, no web framework and no Redis."""
+    from packaging.utils import canonicalize_name
+
+    base = _installable_closure(_pyproject()["project"]["dependencies"])
+    assert not base & {canonicalize_name(n) for n in (*HEAVY, "fastapi", "redis", "rq")}, base
+    files = [
+        path
+        for package in ("ddim_inversion", "ddim_inversion_client")
+        for path in (ROOT / package).rglob("*.py")
+    ]
+    top_level = {
+        alias.name.split(".")[0] if isinstance(node, ast.Import) else (node.module or "")
+        for path in files
+        for node in ast.parse(path.read_text()).body
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and getattr(node, "level", 0) == 0
+        for alias in node.names
+    }
+    top_level = {name.split(".")[0] for name in top_level}
+    local = {"ddim_inversion", "ddim_inversion_client", "__future__"}
+    providers = importlib.metadata.packages_distributions()
+    missing = {
+        module
+        for module in top_level - local - set(sys.stdlib_module_names)
+        if not {canonicalize_name(d) for d in providers.get(module, [module])} & base
+    }
+    assert not missing, f"the client imports {missing} at module level without installing it"

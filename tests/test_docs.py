@@ -27,7 +27,7 @@ def test_every_inversion_variable_in_the_code_is_documented():
         paths += ROOT.glob(f"{folder}/**/*.py")
     for path in paths:
         used |= set(re.findall(r"INVERSION_[A-Z0-9_]+", path.read_text()))
-    from client.settings import ClientSettings
+    from ddim_inversion_client.settings import ClientSettings
     from service.settings import GatewaySettings
     from worker.settings import WorkerSettings
 

@@ -6,8 +6,8 @@ import ipaddress
 
 import pytest
 
-import webhook_policy
-from webhook_policy import WebhookRefused
+from ddim_inversion import webhook_policy
+from ddim_inversion.webhook_policy import WebhookRefused
 
 REFUSED = {
     # IPv4

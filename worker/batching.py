@@ -42,18 +42,19 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.utils import now
 
-from contract import (
-    CANCEL_CHANNEL,
+from ddim_inversion.contract import (
     META_ENGINE_S,
     META_ERROR,
     META_PROGRESS,
     META_RESULT,
-    THROUGHPUT_KEY,
-    WORKERS_KEY,
-    ErrorCode,
-    InvalidParameter,
     JobPayload,
     WorkerRecord,
+)
+from ddim_inversion.errors import ErrorCode, InvalidParameter
+from ddim_inversion.keys import (
+    CANCEL_CHANNEL,
+    THROUGHPUT_KEY,
+    WORKERS_KEY,
     cancel_key,
     input_key,
     publish_job_event,

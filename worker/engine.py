@@ -43,13 +43,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-import imaging
-from contract import (
-    ENGINE_VERSION,
-    InversionParams,
-    ResultMetadata,
-    resolve_scheduler_config,
-)
+from ddim_inversion import imaging
+from ddim_inversion.contract import ENGINE_VERSION, ResultMetadata
+from ddim_inversion.params import InversionParams
+from ddim_inversion.scheduler_config import resolve_scheduler_config
 from worker.models import LoadedModel
 
 ProgressCallback = Callable[[int, int], None]

@@ -15,17 +15,10 @@ from redis import Redis
 from rq.exceptions import DeserializationError
 from rq.job import Job
 
-from contract import (
-    JOB_FUNCTION,
-    META_ERROR,
-    META_RESULT,
-    ErrorCode,
-    InversionParams,
-    JobPayload,
-    input_key,
-    reconstruction_key,
-    result_key,
-)
+from ddim_inversion.contract import JOB_FUNCTION, META_ERROR, META_RESULT, JobPayload
+from ddim_inversion.errors import ErrorCode
+from ddim_inversion.keys import input_key, reconstruction_key, result_key
+from ddim_inversion.params import InversionParams
 from worker.engine import InversionRequest, InversionResult, invert
 from worker.models import LoadedModel
 

@@ -42,20 +42,19 @@ from rq.serializers import JSONSerializer
 from rq.utils import current_timestamp, now
 from rq.worker.base import WorkerStatus
 
-from contract import (
+from ddim_inversion.contract import META_OWNER, META_PROGRESS
+from ddim_inversion.held_bytes import settle_held_bytes
+from ddim_inversion.job_metrics import histogram_field
+from ddim_inversion.keys import (
     ENDED_TTL_S,
     JOB_METRICS_KEY,
-    META_OWNER,
-    META_PROGRESS,
     THROUGHPUT_KEY,
     cancel_key,
     ended_key,
-    histogram_field,
     input_key,
     publish_job_event,
     reconstruction_key,
     result_key,
-    settle_held_bytes,
 )
 
 if TYPE_CHECKING:

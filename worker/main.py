@@ -10,7 +10,7 @@ from redis import Redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from contract import InversionParams
+from ddim_inversion.params import InversionParams
 from worker.batching import InversionWorker
 from worker.compile import compile_unet, warm_up_buckets
 from worker.engine import InversionRequest, invert

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from contract import ModelInfo
+from ddim_inversion.contract import ModelInfo
 
 TINY_MODEL = "tiny"
 """The built-in offline model's name."""

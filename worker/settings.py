@@ -9,8 +9,8 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-import webhook_policy
-from contract import QUEUE_NAME
+from ddim_inversion import webhook_policy
+from ddim_inversion.keys import QUEUE_NAME
 
 
 class WorkerSettings(BaseSettings):

@@ -34,7 +34,7 @@ from redis.exceptions import ResponseError as RedisResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rq import Queue
 
-from contract import input_key
+from ddim_inversion.keys import input_key
 from worker.lifecycle import Success, already_finished, finish_successes
 
 if TYPE_CHECKING:

@@ -41,8 +41,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-import webhook_policy
-from webhook_policy import IPAddress, Target, WebhookRefused
+from ddim_inversion import webhook_policy
+from ddim_inversion.webhook_policy import IPAddress, Target, WebhookRefused
 from worker.settings import WorkerSettings
 
 log = logging.getLogger(__name__)

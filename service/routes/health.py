@@ -6,7 +6,7 @@ import time
 
 from fastapi import APIRouter, Response
 
-from contract import ErrorCode
+from ddim_inversion.errors import ErrorCode
 from service import jobs
 from service.deps import MetricsDep, QueueDep, RedisDep, SettingsDep
 from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, ProblemError

@@ -26,8 +26,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from safetensors.numpy import load as load_safetensors
 from starlette.concurrency import run_in_threadpool
 
-import contract
-from contract import ErrorCode, JobStatus
+from ddim_inversion.contract import META_PROGRESS, JobStatus
+from ddim_inversion.errors import ErrorCode
+from ddim_inversion.keys import CANCEL_CHANNEL, cancel_key, reconstruction_key, result_key
 from service import auth, jobs, limits, protocol, quotas, uploads
 from service.deps import (
     ListenerDep,
@@ -355,7 +356,7 @@ def get_latents(
     format: Literal["safetensors", "npy"] = "safetensors",
 ) -> Response:
     """The result bytes as the worker wrote them, or the latents alone as .npy."""
-    job, data = jobs.load_job_and(redis, job_id, owner, contract.result_key(job_id))
+    job, data = jobs.load_job_and(redis, job_id, owner, result_key(job_id))
     state = jobs.status_of(job)
     if state in (JobStatus.QUEUED, JobStatus.RUNNING):
         raise ProblemError(409, ErrorCode.NOT_FINISHED, f"the job is {state.value}; poll it")
@@ -389,7 +390,7 @@ def get_latents(
 )
 def get_reconstruction(job_id: str, redis: RedisDep, owner: OwnerDep) -> Response:
     """404 if the job did not ask for `verify` or its result expired; 409 until it succeeds."""
-    job, data = jobs.load_job_and(redis, job_id, owner, contract.reconstruction_key(job_id))
+    job, data = jobs.load_job_and(redis, job_id, owner, reconstruction_key(job_id))
     state = jobs.status_of(job)
     if state in (JobStatus.QUEUED, JobStatus.RUNNING):
         raise ProblemError(409, ErrorCode.NOT_FINISHED, f"the job is {state.value}; poll it")
@@ -432,8 +433,8 @@ def delete_inversion(
     # message stops a running job at its next step; the flag also covers a worker that
     # missed it or dequeues the job later.
     with redis.pipeline(transaction=False) as pipe:
-        pipe.set(contract.cancel_key(job_id), b"1", ex=settings.job_timeout_s + 60)
-        pipe.publish(contract.CANCEL_CHANNEL, job_id)
+        pipe.set(cancel_key(job_id), b"1", ex=settings.job_timeout_s + 60)
+        pipe.publish(CANCEL_CHANNEL, job_id)
         pipe.execute()
     if state is JobStatus.QUEUED:
         jobs.cancel_queued(redis, job)
@@ -487,9 +488,7 @@ async def inversion_events(
 
     def read() -> tuple[JobView, Any]:
         job = jobs.load_job(redis, job_id, owner)
-        return jobs.job_view(job, queue, settings.worker_stale_s), job.meta.get(
-            contract.META_PROGRESS
-        )
+        return jobs.job_view(job, queue, settings.worker_stale_s), job.meta.get(META_PROGRESS)
 
     return protocol.HeldStreamingResponse(
         protocol.job_events(listener, job_id, ("view", owner), read, settings.max_stream_s),

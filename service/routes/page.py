@@ -12,7 +12,7 @@ from pathlib import Path
 from fastapi import APIRouter
 from fastapi.responses import FileResponse
 
-from contract import ErrorCode
+from ddim_inversion.errors import ErrorCode
 from service.errors import ProblemError
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"

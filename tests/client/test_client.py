@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from safetensors.numpy import load as load_numpy
 
-import client._common
-import client.aio
-import client.sync
-from client import (
+import ddim_inversion_client._common
+import ddim_inversion_client.aio
+import ddim_inversion_client.sync
+from ddim_inversion_client import (
     AsyncInversionClient,
     AsyncJob,
     ClientSettings,
@@ -37,8 +37,8 @@ CHELSEA = SAMPLES / "chelsea.png"
 
 def engine_latents(tiny_model, prompt: str, **params: object) -> np.ndarray:
     """What `ddim-invert local` computes for chelsea.png, in-process."""
-    import imaging
-    from contract import InversionParams
+    from ddim_inversion import imaging
+    from ddim_inversion.params import InversionParams
     from worker.engine import InversionRequest, invert
 
     inversion = InversionParams(prompt=prompt, **params)
@@ -303,8 +303,8 @@ def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     async def async_sleep(seconds: float) -> None:
         recorded.append(seconds)
 
-    monkeypatch.setattr(client.sync.time, "sleep", recorded.append)
-    monkeypatch.setattr(client.aio.asyncio, "sleep", async_sleep)
+    monkeypatch.setattr(ddim_inversion_client.sync.time, "sleep", recorded.append)
+    monkeypatch.setattr(ddim_inversion_client.aio.asyncio, "sleep", async_sleep)
     return recorded
 
 
@@ -421,18 +421,18 @@ def test_async_retries(sleeps):
 
 
 def test_form_values():
-    form = client._common.form_value
+    form = ddim_inversion_client._common.form_value
     assert form(True) == "true" and form(False) == "false"
     assert json.loads(form({"steps_offset": 1})) == {"steps_offset": 1}
     assert form((768, 512)) == "768x512"
     assert form(2.5) == "2.5" and form("512") == "512"
-    assert client._common.parse_retry_after("7") == 7.0
-    assert client._common.parse_retry_after("soon") is None
+    assert ddim_inversion_client._common.parse_retry_after("7") == 7.0
+    assert ddim_inversion_client._common.parse_retry_after("soon") is None
 
 
 def test_importing_the_client_does_not_import_torch():
     code = (
-        "import sys; import client, client.cli; "
+        "import sys; import ddim_inversion_client, ddim_inversion_client.cli; "
         "assert 'torch' not in sys.modules, 'torch imported'; print('ok')"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)

@@ -18,7 +18,7 @@ import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-from contract import input_key
+from ddim_inversion.keys import input_key
 from tests.conftest import BIN, ROOT, SAMPLES, Processes, RedisServer, free_port, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -10,7 +10,7 @@ import pytest
 import redis
 from rq.job import Job
 
-import contract
+from ddim_inversion.keys import JOB_EVENTS_CHANNEL
 from tests.conftest import SAMPLES
 
 pytestmark = pytest.mark.e2e
@@ -21,7 +21,7 @@ TERMINAL_RQ = {b"finished", b"failed", b"canceled", b"stopped"}
 def test_the_worker_announces_progress_then_the_end_after_writing_it(shared_service):
     connection = redis.Redis.from_url(shared_service.env["INVERSION_REDIS_URL"])
     pubsub = connection.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(contract.JOB_EVENTS_CHANNEL)
+    pubsub.subscribe(JOB_EVENTS_CHANNEL)
     with (SAMPLES / "chelsea.png").open("rb") as image:
         job = httpx.post(
             shared_service.url + "/v1/inversions",

@@ -21,7 +21,13 @@ import redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-import contract
+from ddim_inversion.keys import (
+    ADMITTING_KEY,
+    WORKERS_KEY,
+    owner_held_bytes_key,
+    owner_held_total_key,
+    result_key,
+)
 from tests.conftest import SAMPLES, Processes, RedisServer, subprocess_env, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -90,7 +96,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> It
             worker=worker,
         )
         wait_for(
-            lambda: stack.redis.hlen(contract.WORKERS_KEY) or worker.poll() is not None,
+            lambda: stack.redis.hlen(WORKERS_KEY) or worker.poll() is not None,
             90,
             "the worker to register",
         )
@@ -180,10 +186,10 @@ def test_a_full_redis_answers_503_and_deleting_a_result_frees_it(stack):
     ]
     wait_ended(stack.main, alice, done)
     assert [status(stack.main, alice, i)["status"] for i in done] == ["succeeded"] * 2
-    sizes = [stack.redis.strlen(contract.result_key(i)) for i in done]
+    sizes = [stack.redis.strlen(result_key(i)) for i in done]
     assert min(sizes) > 101 * 4 * 16 * 16 * 4 > ROOM_BYTES
     # What alice's jobs hold against her budget is what the worker stored for them.
-    held = stack.redis.hmget(contract.owner_held_bytes_key(HASHES["alice"]), done)
+    held = stack.redis.hmget(owner_held_bytes_key(HASHES["alice"]), done)
     assert [int(h) for h in held] == sizes
     stack.stop_worker()  # a worker on a full Redis is another matter than this test's
 
@@ -199,19 +205,19 @@ def test_a_full_redis_answers_503_and_deleting_a_result_frees_it(stack):
             assert int(refused.headers["retry-after"]) > 0
         # The anonymous submission was admitted before its enqueue was refused: it gave its
         # admission back, and left no job behind.
-        assert stack.redis.zcard(contract.ADMITTING_KEY) == 0
+        assert stack.redis.zcard(ADMITTING_KEY) == 0
         assert len(stack.redis.keys("rq:job:*")) == jobs_before
         assert status(stack.main, alice, done[0])["status"] == "succeeded"
 
         before = used_memory(stack.redis)
-        held_before = int(stack.redis.get(contract.owner_held_total_key(HASHES["alice"])))
+        held_before = int(stack.redis.get(owner_held_total_key(HASHES["alice"])))
         deleted = httpx.delete(
             f"{stack.main}/v1/inversions/{done[0]}", headers={"X-API-Key": alice}
         )
         assert deleted.status_code == 204, deleted.text
         assert before - used_memory(stack.redis) >= sizes[0]
-        assert stack.redis.exists(contract.result_key(done[0]), Job.key_for(done[0])) == 0
-        held_now = int(stack.redis.get(contract.owner_held_total_key(HASHES["alice"])))
+        assert stack.redis.exists(result_key(done[0]), Job.key_for(done[0])) == 0
+        held_now = int(stack.redis.get(owner_held_total_key(HASHES["alice"])))
         assert held_now == held_before - sizes[0]
         # The memory freed is usable at once.
         assert submit(stack.anonymous, None).status_code == 202

@@ -26,18 +26,10 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 from rq.webhook import Webhook
 
-import imaging
-from contract import (
-    JOB_FUNCTION,
-    QUEUE_NAME,
-    WORKERS_KEY,
-    InversionParams,
-    JobPayload,
-    WorkerRecord,
-    input_key,
-    reconstruction_key,
-    result_key,
-)
+from ddim_inversion import imaging
+from ddim_inversion.contract import JOB_FUNCTION, JobPayload, WorkerRecord
+from ddim_inversion.keys import QUEUE_NAME, WORKERS_KEY, input_key, reconstruction_key, result_key
+from ddim_inversion.params import InversionParams
 from tests.conftest import SAMPLES, Processes, RedisServer, wait_for
 
 pytestmark = pytest.mark.e2e

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import imaging
+from ddim_inversion import imaging
 from worker.models import LoadedModel, load_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -94,7 +94,7 @@ def cli() -> list[str]:
     if script.exists():
         return [str(script)]
     found = shutil.which("ddim-invert")
-    return [found] if found else [sys.executable, "-m", "ddim_invert"]
+    return [found] if found else [sys.executable, "-m", "ddim_inversion_cli"]
 
 
 class Reference:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from contract import InversionParams
+from ddim_inversion.params import InversionParams
 from worker.engine import InversionRequest, InversionResult, invert
 from worker.models import LoadedModel
 

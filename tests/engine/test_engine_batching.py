@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from contract import InversionParams
+from ddim_inversion.params import InversionParams
 from worker.engine import InversionRequest, invert
 
 STEPS = 10

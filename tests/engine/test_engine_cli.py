@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-import imaging
-from contract import InversionParams
+from ddim_inversion import imaging
+from ddim_inversion.params import InversionParams
 from worker.engine import InversionRequest, invert, load_result
 
 REPO = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def local_in_process(cli_env, monkeypatch, capsys):
     """`ddim-invert local` through its main() in this process, in the CLI tests' environment:
     a refusal needs no fresh interpreter (the runs above prove the installed entry point).
     Returns run(*args) -> (exit code, stderr)."""
-    import ddim_invert
+    from ddim_inversion_cli import main as cli
     from worker.settings import get_settings
 
     for name, value in cli_env.items():
@@ -96,7 +96,7 @@ def local_in_process(cli_env, monkeypatch, capsys):
     get_settings.cache_clear()
 
     def run(*args: str) -> tuple[int, str]:
-        code = ddim_invert.main(["local", *args])
+        code = cli.main(["local", *args])
         return code, capsys.readouterr().err
 
     yield run

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-import imaging
-from contract import InvalidParameter, InversionParams, parse_resolution
+from ddim_inversion import imaging
+from ddim_inversion.errors import InvalidParameter
+from ddim_inversion.params import InversionParams, parse_resolution
 from worker.engine import InversionRequest, invert
 
 REPO = Path(__file__).resolve().parents[2]
@@ -158,7 +159,7 @@ import resource
 resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
 import numpy as np
 from PIL import Image
-import imaging
+from ddim_inversion import imaging
 bands = np.zeros((40_000_000, 1, 3), dtype=np.uint8)
 bands[:16_000_000] = (255, 0, 0)
 bands[16_000_000:24_000_000] = (0, 255, 0)

@@ -10,7 +10,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from contract import ENGINE_VERSION, InversionParams
+from ddim_inversion.contract import ENGINE_VERSION
+from ddim_inversion.params import InversionParams
 from worker.engine import InversionRequest, invert, load_result
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from contract import InvalidParameter, InversionParams
+from ddim_inversion.errors import InvalidParameter
+from ddim_inversion.params import InversionParams
 from worker.engine import InversionRequest, invert
 
 STEPS = 10

@@ -1,8 +1,8 @@
 """The contract's submit-time estimates against what the engine really does and stores.
 
-contract.stored_bytes must bound the bytes a worker keeps for a job (its input, the
+stored_bytes must bound the bytes a worker keeps for a job (its input, the
 safetensors result, the reconstruction PNG, the metadata copies) without being far above;
-contract.unet_calls must count the UNet image-calls the engine makes.
+unet_calls must count the UNet image-calls the engine makes.
 """
 
 from __future__ import annotations
@@ -12,14 +12,18 @@ import json
 import numpy as np
 import pytest
 
-import contract
-import imaging
-from contract import InversionParams
+from ddim_inversion import estimates, imaging
+from ddim_inversion.estimates import (
+    NULL_TEXT_CALLS_PER_INNER_STEP,
+    job_cost,
+    stored_bytes,
+)
+from ddim_inversion.params import InversionParams
 from worker.engine import InversionRequest, invert
 
 SLACK_BYTES = 24 * 1024
 """How far above the actual bytes the bound may be for a small job: the fixed allowance
-for the job hash and metadata (contract.RECORD_BYTES) and per-step list allowances."""
+for the job hash and metadata (RECORD_BYTES) and per-step list allowances."""
 
 CASES = {
     "plain": {},
@@ -57,7 +61,7 @@ def test_stored_bytes_bound_the_real_result_closely(case, model_name, request, s
     image = imaging.normalize(sample_bytes["astronaut"], size)
     (result,) = invert(model, [InversionRequest(image, params)])
 
-    estimate = contract.stored_bytes(params, model.info(), (size[0], size[1]), size)
+    estimate = stored_bytes(params, model.info(), (size[0], size[1]), size)
     actual = actual_bytes(image, result)
     assert estimate.total >= actual
     assert estimate.total <= actual * 1.1 + SLACK_BYTES
@@ -80,8 +84,8 @@ def test_without_a_live_worker_the_widest_model_is_assumed(tiny, sample_arrays):
         guidance_scale=7.5,
         null_text_inner_steps=1,
     )
-    known = contract.stored_bytes(params, tiny.info(), (64, 64), (64, 64))
-    unknown = contract.stored_bytes(params, None, (64, 64), (64, 64))
+    known = stored_bytes(params, tiny.info(), (64, 64), (64, 64))
+    unknown = stored_bytes(params, None, (64, 64), (64, 64))
     # float64 elements and SD 2.x's 1024-wide embeddings instead of the tiny model's 32.
     assert unknown.null_embeddings == known.null_embeddings * 2 * 1024 // 32
 
@@ -110,13 +114,13 @@ def test_unet_calls_count_the_engines_calls(fields, tiny, unet_calls, sample_arr
     # The hook sees forwards only: a null-text inner step's backward is counted at two.
     backward = 0
     if params.method == "null_text":
-        per_step = contract.NULL_TEXT_CALLS_PER_INNER_STEP - 1
+        per_step = NULL_TEXT_CALLS_PER_INNER_STEP - 1
         backward = per_step * params.null_text_inner_steps * params.num_inference_steps
-    assert contract.unet_calls(params) == forward_images + backward
+    assert estimates.unet_calls(params) == forward_images + backward
 
 
 def test_job_cost_is_calls_times_latent_pixels(tiny):
     params = InversionParams(prompt="x", num_inference_steps=50, guidance_scale=7.5, verify=True)
     # 50 guided steps and 50 guided sampling steps at 64x64 latent pixels.
-    assert contract.job_cost(params, None, (512, 512)) == (100 + 100) * 64 * 64
-    assert contract.job_cost(params, tiny.info(), (512, 768)) == 200 * 64 * 96
+    assert job_cost(params, None, (512, 512)) == (100 + 100) * 64 * 64
+    assert job_cost(params, tiny.info(), (512, 768)) == 200 * 64 * 96

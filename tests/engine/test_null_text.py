@@ -18,7 +18,8 @@ import pytest
 import torch
 from PIL import Image
 
-from contract import InversionParams, ResultMetadata
+from ddim_inversion.contract import ResultMetadata
+from ddim_inversion.params import InversionParams
 from worker.engine import (
     InversionRequest,
     InversionResult,

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-import imaging
-from contract import InversionParams, ResultMetadata
+from ddim_inversion import imaging
+from ddim_inversion.contract import ResultMetadata
+from ddim_inversion.params import InversionParams
 from worker.engine import InversionRequest, InversionResult, encode_prompts, invert
 from worker.models import LoadedModel
 

@@ -15,7 +15,8 @@ from PIL import Image
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-import contract
+from ddim_inversion.contract import ModelInfo, WorkerRecord
+from ddim_inversion.keys import QUEUE_NAME, WORKERS_KEY
 from service.app import create_app
 from service.deps import get_redis
 from service.settings import GatewaySettings
@@ -88,7 +89,7 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
 
 @pytest.fixture
 def queue(redis: fakeredis.FakeRedis) -> Queue:
-    return Queue(contract.QUEUE_NAME, connection=redis, serializer=JSONSerializer)
+    return Queue(QUEUE_NAME, connection=redis, serializer=JSONSerializer)
 
 
 @pytest.fixture
@@ -104,7 +105,7 @@ def small_png() -> bytes:
     return buffer.getvalue()
 
 
-def _worker_record(name: str = "gpu-0", age_s: float = 0.0, **model: Any) -> contract.WorkerRecord:
+def _worker_record(name: str = "gpu-0", age_s: float = 0.0, **model: Any) -> WorkerRecord:
     info = {
         "name": "stable-diffusion-v1-5",
         "native_resolution": (512, 512),
@@ -116,23 +117,23 @@ def _worker_record(name: str = "gpu-0", age_s: float = 0.0, **model: Any) -> con
         "device": "cuda:0",
         **model,
     }
-    return contract.WorkerRecord(
+    return WorkerRecord(
         name=name,
-        model=contract.ModelInfo(**info),
+        model=ModelInfo(**info),
         heartbeat_at=time.time() - age_s,
         max_batch_size=4,
     )
 
 
 @pytest.fixture
-def live_worker(redis: fakeredis.FakeRedis) -> contract.WorkerRecord:
+def live_worker(redis: fakeredis.FakeRedis) -> WorkerRecord:
     record = _worker_record()
-    redis.hset(contract.WORKERS_KEY, record.name, record.model_dump_json())
+    redis.hset(WORKERS_KEY, record.name, record.model_dump_json())
     return record
 
 
 @pytest.fixture
-def worker_record() -> Callable[..., contract.WorkerRecord]:
+def worker_record() -> Callable[..., WorkerRecord]:
     """Build a WorkerRecord of an SD 1.5 model: name, age_s and ModelInfo overrides."""
     return _worker_record
 

@@ -13,8 +13,16 @@ from fastapi.testclient import TestClient
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-import contract
-from contract import InversionParams
+from ddim_inversion.held_bytes import settle_held_bytes
+from ddim_inversion.keys import (
+    QUEUE_NAME,
+    fair_rounds_key,
+    input_key,
+    owner_held_key,
+    owner_held_total_key,
+    owner_jobs_key,
+)
+from ddim_inversion.params import InversionParams
 from service import jobs, limits
 from service.app import create_app
 from service.errors import ProblemError
@@ -32,7 +40,7 @@ def settings(redis_url: str) -> GatewaySettings:
 
 @pytest.fixture
 def queue(redis_client: Any) -> Queue:
-    return Queue(contract.QUEUE_NAME, connection=redis_client, serializer=JSONSerializer)
+    return Queue(QUEUE_NAME, connection=redis_client, serializer=JSONSerializer)
 
 
 def ids(queue: Queue) -> list[str]:
@@ -73,8 +81,8 @@ def test_a_new_key_runs_after_the_head_not_after_the_backlog(redis_client, queue
     assert order() == ["a2", "b2", "d1", "c2", "e1", "a3", "a4", "a5", "retry"]
 
     # Rounds of jobs that left the queue are dropped as the head moves on.
-    rounds = redis_client.zrange(contract.fair_rounds_key(queue.name), 0, -1, withscores=True)
-    head_round = redis_client.zscore(contract.fair_rounds_key(queue.name), ids(queue)[0])
+    rounds = redis_client.zrange(fair_rounds_key(queue.name), 0, -1, withscores=True)
+    head_round = redis_client.zscore(fair_rounds_key(queue.name), ids(queue)[0])
     assert min(score for _, score in rounds) == head_round
 
 
@@ -109,8 +117,8 @@ def test_an_admission_counts_at_once_and_lapses_if_never_enqueued(redis_client, 
     assert limits.admit(redis_client, tight, queue, "a", "job-1", SIZE, now=1002.0) is False
     later = 1002.0 + limits.ADMISSION_GRACE_S + 1
     assert limits.admit(redis_client, tight, queue, "a", "job-5", SIZE, now=later)
-    assert redis_client.hkeys(contract.owner_jobs_key("a")) == [b"job-5"]
-    assert int(redis_client.get(contract.owner_held_total_key("a"))) == SIZE.bytes
+    assert redis_client.hkeys(owner_jobs_key("a")) == [b"job-5"]
+    assert int(redis_client.get(owner_held_total_key("a"))) == SIZE.bytes
 
 
 def test_held_bytes_lapse_at_their_deadline(redis_client, queue, settings):
@@ -129,20 +137,20 @@ def test_held_bytes_lapse_at_their_deadline(redis_client, queue, settings):
     # The inputs are kept for input_ttl_s: then their bytes are surely gone.
     after = now + budget.input_ttl_s + 1
     assert limits.admit(redis_client, budget, queue, "a", "job-2", SIZE, now=after)
-    assert int(redis_client.get(contract.owner_held_total_key("a"))) == SIZE.bytes
+    assert int(redis_client.get(owner_held_total_key("a"))) == SIZE.bytes
 
 
 def test_settling_a_result_holds_its_bytes_and_a_release_frees_them(redis_client, queue, settings):
     assert limits.admit(redis_client, settings, queue, "a", "job-1", SIZE)
-    contract.settle_held_bytes(redis_client, "a", "job-1", 300, keep_s=100)
-    assert int(redis_client.get(contract.owner_held_total_key("a"))) == 300
-    assert redis_client.zscore(contract.owner_held_key("a"), "job-1") > 90
-    redis_client.set(contract.input_key("job-1"), b"x")
-    contract.settle_held_bytes(redis_client, "a", "job-1")
-    assert int(redis_client.get(contract.owner_held_total_key("a"))) == 0
-    assert redis_client.exists(contract.input_key("job-1")) == 0
-    contract.settle_held_bytes(redis_client, "a", "job-1")  # twice is harmless
-    assert int(redis_client.get(contract.owner_held_total_key("a"))) == 0
+    settle_held_bytes(redis_client, "a", "job-1", 300, keep_s=100)
+    assert int(redis_client.get(owner_held_total_key("a"))) == 300
+    assert redis_client.zscore(owner_held_key("a"), "job-1") > 90
+    redis_client.set(input_key("job-1"), b"x")
+    settle_held_bytes(redis_client, "a", "job-1")
+    assert int(redis_client.get(owner_held_total_key("a"))) == 0
+    assert redis_client.exists(input_key("job-1")) == 0
+    settle_held_bytes(redis_client, "a", "job-1")  # twice is harmless
+    assert int(redis_client.get(owner_held_total_key("a"))) == 0
 
 
 # -- a lost reply -----------------------------------------------------------------------------
@@ -191,9 +199,9 @@ def test_a_retry_after_a_lost_enqueue_reply_answers_the_one_job(redis_url, small
         retry = submit()
         assert retry.status_code == 202, retry.text
         assert retry.headers["idempotent-replayed"] == "true"
-        queue = Queue(contract.QUEUE_NAME, connection=client, serializer=JSONSerializer)
+        queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
         assert queue.job_ids == [retry.json()["id"]]
         assert len(client.keys("rq:job:*")) == 1
         # Counted once against the key.
-        assert client.hkeys(contract.owner_jobs_key(owner)) == [retry.json()["id"].encode()]
+        assert client.hkeys(owner_jobs_key(owner)) == [retry.json()["id"].encode()]
     client.close()

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-import contract
+from ddim_inversion.keys import owner_jobs_key, result_key
 from service import limits
 from service.app import create_app
 from service.redis_conn import check_eviction_policy
@@ -100,7 +100,7 @@ def test_another_keys_result_is_404_without_its_bytes(authed, small_png, redis):
     # The download reads the result beside the job hash, before the owner is checked.
     job_id = post(authed, small_png, bearer(KEY_A)).json()["id"]
     redis.hset(Job.key_for(job_id), "status", "finished")
-    redis.set(contract.result_key(job_id), b"alice's latents")
+    redis.set(result_key(job_id), b"alice's latents")
     for path in (f"/v1/inversions/{job_id}/latents", f"/v1/inversions/{job_id}/reconstruction"):
         response = authed.get(path, headers=bearer(KEY_B))
         assert response.status_code == 404 and response.json()["code"] == "not_found"
@@ -204,7 +204,7 @@ def test_per_key_queued_limit(make_client, small_png, redis):
     job = Job.fetch(first, connection=redis, serializer=JSONSerializer)
     job.set_status("finished")
     assert post(client, small_png, bearer(KEY_A)).status_code == 202
-    assert redis.hlen(contract.owner_jobs_key(HASH_A)) == 2
+    assert redis.hlen(owner_jobs_key(HASH_A)) == 2
 
 
 def test_deleted_job_frees_its_slot(make_client, small_png):

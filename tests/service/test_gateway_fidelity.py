@@ -8,12 +8,14 @@ import io
 import pytest
 from PIL import Image
 
-import contract
+from ddim_inversion.contract import JobPayload
+from ddim_inversion.keys import reconstruction_key
+from ddim_inversion.params import InversionParams
 from tests.service.test_gateway_jobs import assert_problem, fail, fetch, finish, start
 
 
-def queued_params(redis, job_id: str) -> contract.InversionParams:
-    payload = contract.JobPayload.model_validate(fetch(redis, job_id).kwargs["payload"])
+def queued_params(redis, job_id: str) -> InversionParams:
+    payload = JobPayload.model_validate(fetch(redis, job_id).kwargs["payload"])
     return payload.params
 
 
@@ -32,7 +34,7 @@ def test_refine_null_text_and_verify_fields_reach_the_payload(client, submit, re
     )
     assert response.status_code == 202, response.text
     params = queued_params(redis, response.json()["id"])
-    assert params == contract.InversionParams(
+    assert params == InversionParams(
         prompt="a cat",
         guidance_scale=7.5,
         refine_iterations=3,
@@ -50,7 +52,7 @@ def test_refine_null_text_and_verify_fields_reach_the_payload(client, submit, re
     if "$ref" in properties:
         name = properties["$ref"].rsplit("/", 1)[-1]
         properties = schema["components"]["schemas"][name]
-    assert set(contract.InversionParams.model_fields) <= set(properties["properties"])
+    assert set(InversionParams.model_fields) <= set(properties["properties"])
 
 
 def test_defaults_are_plain_ddim_without_verify(client, submit, redis, small_png):
@@ -97,20 +99,20 @@ def test_reconstruction_is_served_as_png(client, redis, queue, verify_job):
     assert_problem(client.get(url), 409, "not_finished")
     finish(redis, queue, verify_job)
     assert_problem(client.get(url), 404, "not_found")  # expired (or never stored)
-    redis.set(contract.reconstruction_key(verify_job), png())
+    redis.set(reconstruction_key(verify_job), png())
     response = client.get(url)
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/png"
     assert Image.open(io.BytesIO(response.content)).size == (64, 64)
     # Deleting the finished job deletes its reconstruction too.
     assert client.delete(f"/v1/inversions/{verify_job}").status_code == 204
-    assert redis.get(contract.reconstruction_key(verify_job)) is None
+    assert redis.get(reconstruction_key(verify_job)) is None
 
 
 def test_reconstruction_without_verify_is_404(client, submit, redis, queue, small_png):
     job_id = submit(client, small_png).json()["id"]
     finish(redis, queue, job_id)
-    redis.set(contract.reconstruction_key(job_id), png())  # even if something were stored
+    redis.set(reconstruction_key(job_id), png())  # even if something were stored
     body = assert_problem(client.get(f"/v1/inversions/{job_id}/reconstruction"), 404, "not_found")
     assert "verify" in body["detail"]
 
@@ -123,7 +125,7 @@ def test_reconstruction_of_a_failed_job_is_409(client, redis, queue, verify_job)
 
 def test_python_client_fields_reach_the_payload(client, redis, small_png):
     """The Python client's form fields, posted as it builds them, arrive in the payload."""
-    from client._common import Transport
+    from ddim_inversion_client._common import Transport
 
     request = Transport("http://gateway", None, None).submit(
         small_png,

@@ -26,7 +26,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import contract
+from ddim_inversion.contract import ModelInfo, WorkerRecord
+from ddim_inversion.keys import WORKERS_KEY
+from ddim_inversion.scheduler_config import SCHEDULER_OVERRIDES
 from service.app import create_app
 from service.deps import get_redis
 from service.errors import PROBLEM_MEDIA_TYPE
@@ -140,9 +142,7 @@ def _dumps(value: Any) -> str:
 
 
 SCHEDULER = st.one_of(
-    st.dictionaries(st.sampled_from(sorted(contract.SCHEDULER_OVERRIDES)), SCHEDULER_VALUE).map(
-        _dumps
-    ),
+    st.dictionaries(st.sampled_from(sorted(SCHEDULER_OVERRIDES)), SCHEDULER_VALUE).map(_dumps),
     st.dictionaries(TEXT, SCHEDULER_VALUE, max_size=3).map(_dumps),
     SCHEDULER_VALUE.map(_dumps),
     st.sampled_from(
@@ -267,9 +267,9 @@ def fuzz_env() -> Iterator[tuple[TestClient, fakeredis.FakeRedis]]:
 def _reset(redis: fakeredis.FakeRedis, with_worker: bool) -> None:
     redis.flushall()
     if with_worker:
-        record = contract.WorkerRecord(
+        record = WorkerRecord(
             name="gpu-0",
-            model=contract.ModelInfo(
+            model=ModelInfo(
                 name="stable-diffusion-v1-5",
                 native_resolution=(512, 512),
                 latent_channels=4,
@@ -282,7 +282,7 @@ def _reset(redis: fakeredis.FakeRedis, with_worker: bool) -> None:
             heartbeat_at=time.time(),
             max_batch_size=4,
         )
-        redis.hset(contract.WORKERS_KEY, record.name, record.model_dump_json())
+        redis.hset(WORKERS_KEY, record.name, record.model_dump_json())
 
 
 def _assert_well_formed(response: Any) -> None:

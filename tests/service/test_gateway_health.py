@@ -10,7 +10,8 @@ import redis as redis_lib
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-import contract
+from ddim_inversion.job_metrics import histogram_field
+from ddim_inversion.keys import JOB_METRICS_KEY, QUEUE_NAME, WORKERS_KEY
 from service import jobs
 from service.app import create_app
 from service.deps import get_redis
@@ -41,7 +42,7 @@ def test_readyz_without_workers_is_503(client, redis, worker_record):
     assert_problem(response, 503, "service_unavailable")
     assert response.headers["retry-after"]
     stale = worker_record(age_s=120)
-    redis.hset(contract.WORKERS_KEY, stale.name, stale.model_dump_json())
+    redis.hset(WORKERS_KEY, stale.name, stale.model_dump_json())
     assert_problem(client.get("/readyz"), 503, "service_unavailable")
 
 
@@ -76,8 +77,8 @@ def test_metrics(client, submit, small_png, live_worker):
 def test_job_histograms_are_cumulative_from_per_bucket_counts(client, redis):
     # What workers write as three jobs end: one bucket increment per observation.
     for seconds in (0.03, 0.3, 700.0):
-        redis.hincrby(contract.JOB_METRICS_KEY, contract.histogram_field("queue_wait", seconds))
-        redis.hincrbyfloat(contract.JOB_METRICS_KEY, "queue_wait:sum", seconds)
+        redis.hincrby(JOB_METRICS_KEY, histogram_field("queue_wait", seconds))
+        redis.hincrbyfloat(JOB_METRICS_KEY, "queue_wait:sum", seconds)
     text = client.get("/metrics").text
     for line in (
         'inversion_job_queue_wait_seconds_bucket{le="0.05"} 1.0',
@@ -154,7 +155,7 @@ def test_settings_from_the_environment(monkeypatch):
     settings = GatewaySettings()
     assert settings.max_steps == 77
     assert settings.redis_url == "redis://elsewhere:6380/2"
-    assert settings.queue_name == contract.QUEUE_NAME
+    assert settings.queue_name == QUEUE_NAME
     get_settings.cache_clear()
     try:
         assert get_settings().max_steps == 77

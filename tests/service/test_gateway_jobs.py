@@ -17,7 +17,15 @@ from rq.job import JobStatus as RQStatus
 from rq.serializers import JSONSerializer
 from safetensors.numpy import save as save_safetensors
 
-import contract
+from ddim_inversion.contract import (
+    META_ERROR,
+    META_OWNER,
+    META_PROGRESS,
+    META_RESULT,
+    ResultMetadata,
+)
+from ddim_inversion.keys import CANCEL_CHANNEL, cancel_key, input_key, result_key
+from ddim_inversion.scheduler_config import SCHEDULER_DEFAULTS
 
 PROBLEM = "application/problem+json"
 
@@ -45,14 +53,14 @@ def start(redis, queue, job_id: str, step: int = 3, total: int = 10) -> Job:
     job = fetch(redis, job_id)
     queue.remove(job_id)
     job.started_at = datetime.now(timezone.utc)
-    job.meta[contract.META_PROGRESS] = {"step": step, "total": total}
+    job.meta[META_PROGRESS] = {"step": step, "total": total}
     job.set_status(RQStatus.STARTED)
     job.save()
     return job
 
 
-def result_metadata(steps: int = 10) -> contract.ResultMetadata:
-    return contract.ResultMetadata(
+def result_metadata(steps: int = 10) -> ResultMetadata:
+    return ResultMetadata(
         model="tiny",
         width=64,
         height=64,
@@ -65,7 +73,7 @@ def result_metadata(steps: int = 10) -> contract.ResultMetadata:
         seed=None,
         num_inference_steps=steps,
         timesteps=list(range(1, 1000, 1000 // steps))[:steps],
-        scheduler_config={**contract.SCHEDULER_DEFAULTS, "clip_sample": False},
+        scheduler_config={**SCHEDULER_DEFAULTS, "clip_sample": False},
         latents_shape=[1, 4, 8, 8],
         trajectory_shape=None,
         dtype="float32",
@@ -81,9 +89,9 @@ def finish(redis, queue, job_id: str) -> np.ndarray:
         {"latents": latents, "timesteps": np.array(meta.timesteps, dtype=np.int64)},
         metadata=meta.to_header(),
     )
-    redis.set(contract.result_key(job_id), data)
+    redis.set(result_key(job_id), data)
     job.ended_at = job.started_at + timedelta(seconds=2)
-    job.meta[contract.META_RESULT] = meta.model_dump(mode="json")
+    job.meta[META_RESULT] = meta.model_dump(mode="json")
     job.set_status(RQStatus.FINISHED)
     job.save()
     return latents
@@ -93,7 +101,7 @@ def fail(redis, queue, job_id: str, error: dict | None) -> None:
     job = start(redis, queue, job_id)
     job.ended_at = job.started_at + timedelta(seconds=1)
     if error is not None:
-        job.meta[contract.META_ERROR] = error
+        job.meta[META_ERROR] = error
     job.set_status(RQStatus.FAILED)
     job.save()
 
@@ -194,7 +202,7 @@ def test_latents_as_safetensors_and_npy(client, redis, queue, job_id):
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/octet-stream"
     assert f'filename="{job_id}.safetensors"' in response.headers["content-disposition"]
-    assert response.content == redis.get(contract.result_key(job_id))
+    assert response.content == redis.get(result_key(job_id))
 
     response = client.get(f"/v1/inversions/{job_id}/latents", params={"format": "npy"})
     assert response.status_code == 200
@@ -207,7 +215,7 @@ def test_latents_as_safetensors_and_npy(client, redis, queue, job_id):
 
 def test_expired_result_is_404(client, redis, queue, job_id):
     finish(redis, queue, job_id)
-    redis.delete(contract.result_key(job_id))
+    redis.delete(result_key(job_id))
     assert_problem(client.get(f"/v1/inversions/{job_id}/latents"), 404, "not_found")
 
 
@@ -221,8 +229,8 @@ def test_cancel_a_queued_job(client, redis, queue, job_id):
     assert body["status"] == "canceled"
     assert body["error"] == {"code": "canceled", "message": "canceled by the client"}
     assert job_id not in queue.job_ids
-    assert redis.exists(contract.cancel_key(job_id))
-    assert not redis.exists(contract.input_key(job_id))
+    assert redis.exists(cancel_key(job_id))
+    assert not redis.exists(input_key(job_id))
     assert client.get(f"/v1/inversions/{job_id}").json()["status"] == "canceled"
     assert_problem(client.get(f"/v1/inversions/{job_id}/latents"), 409, "no_result")
 
@@ -230,11 +238,11 @@ def test_cancel_a_queued_job(client, redis, queue, job_id):
 def test_cancel_a_running_job_asks_the_worker(client, redis, queue, job_id):
     start(redis, queue, job_id)
     listener = redis.pubsub(ignore_subscribe_messages=True)
-    listener.subscribe(contract.CANCEL_CHANNEL)
+    listener.subscribe(CANCEL_CHANNEL)
     response = client.delete(f"/v1/inversions/{job_id}")
     assert response.status_code == 202
     assert response.json()["status"] == "running"
-    assert 0 < redis.ttl(contract.cancel_key(job_id)) <= 600 + 60
+    assert 0 < redis.ttl(cancel_key(job_id)) <= 600 + 60
     # The first read only consumes the subscription's confirmation.
     messages = [listener.get_message(timeout=0.1) for _ in range(3)]
     assert [m["data"] for m in messages if m] == [job_id.encode()]
@@ -246,8 +254,8 @@ def test_delete_a_finished_job(client, redis, queue, job_id):
     response = client.delete(f"/v1/inversions/{job_id}")
     assert response.status_code == 204
     assert response.content == b""
-    assert not redis.exists(contract.result_key(job_id))
-    assert not redis.exists(contract.input_key(job_id))
+    assert not redis.exists(result_key(job_id))
+    assert not redis.exists(input_key(job_id))
     assert_problem(client.get(f"/v1/inversions/{job_id}"), 404, "not_found")
     assert_problem(client.delete(f"/v1/inversions/{job_id}"), 404, "not_found")
 
@@ -260,7 +268,7 @@ def test_delete_a_canceled_job(client, job_id):
 
 def test_another_owners_job_is_404(client, redis, job_id):
     job = fetch(redis, job_id)
-    job.meta[contract.META_OWNER] = "someone-else"
+    job.meta[META_OWNER] = "someone-else"
     job.save_meta()
     assert_problem(client.get(f"/v1/inversions/{job_id}"), 404, "not_found")
     assert_problem(client.delete(f"/v1/inversions/{job_id}"), 404, "not_found")

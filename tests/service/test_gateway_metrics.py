@@ -16,8 +16,9 @@ from rq.executions import Execution
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-import contract
-from contract import ErrorCode
+from ddim_inversion.contract import JOB_FUNCTION, META_ERROR, WorkerRecord
+from ddim_inversion.errors import ErrorCode
+from ddim_inversion.keys import THROUGHPUT_KEY, WORKERS_KEY
 from service import jobs
 
 
@@ -40,10 +41,10 @@ def key(**labels: str) -> frozenset:
     return frozenset(labels.items())
 
 
-def publish(redis, record: contract.WorkerRecord, images_per_s: float) -> None:
-    redis.hset(contract.WORKERS_KEY, record.name, record.model_dump_json())
+def publish(redis, record: WorkerRecord, images_per_s: float) -> None:
+    redis.hset(WORKERS_KEY, record.name, record.model_dump_json())
     redis.hset(
-        contract.THROUGHPUT_KEY,
+        THROUGHPUT_KEY,
         record.name,
         json.dumps({"images_per_s": images_per_s, "updated_at": time.time()}),
     )
@@ -52,13 +53,13 @@ def publish(redis, record: contract.WorkerRecord, images_per_s: float) -> None:
 def fail(redis, queue, code: ErrorCode, ended_at: datetime) -> Job:
     """A job failed by a worker: its error meta, RQ's `ended_at` and the failed registry."""
     job = Job.create(
-        contract.JOB_FUNCTION,
+        JOB_FUNCTION,
         connection=redis,
         serializer=JSONSerializer,
         failure_ttl=3600,
         origin=queue.name,
     )
-    job.meta[contract.META_ERROR] = {"code": code.value, "message": "x"}
+    job.meta[META_ERROR] = {"code": code.value, "message": "x"}
     job.ended_at = ended_at.replace(tzinfo=None)  # RQ stores naive UTC
     job.set_status(JobStatus.FAILED, pipeline=None)
     job.save()
@@ -69,7 +70,7 @@ def fail(redis, queue, code: ErrorCode, ended_at: datetime) -> Job:
 def lose(redis, queue) -> Job:
     """A job whose worker died: RQ's own cleanup of its expired execution fails it."""
     job = Job.create(
-        contract.JOB_FUNCTION,
+        JOB_FUNCTION,
         connection=redis,
         serializer=JSONSerializer,
         failure_ttl=3600,
@@ -88,7 +89,7 @@ def test_queue_jobs_wait_and_worker_rates_come_from_redis(
     client, redis, queue, worker_record
 ) -> None:
     for _ in range(3):
-        queue.enqueue(contract.JOB_FUNCTION, "payload")
+        queue.enqueue(JOB_FUNCTION, "payload")
     started = queue.started_job_registry.key
     redis.zadd(started, {"a:1": time.time() + 60, "b:1": time.time() + 60})
     fast, slow = worker_record("gpu-fast"), worker_record("gpu-slow")
@@ -117,7 +118,7 @@ def test_queue_jobs_wait_and_worker_rates_come_from_redis(
 
 
 def test_no_estimate_without_a_measured_rate(client, redis, queue, live_worker) -> None:
-    queue.enqueue(contract.JOB_FUNCTION, "payload")
+    queue.enqueue(JOB_FUNCTION, "payload")
     samples = scrape(client)
     assert labelled(samples, "inversion_queue_jobs")[key(queue=queue.name, state="queued")] == 1
     assert labelled(samples, "inversion_queue_estimated_wait_seconds") == {}
@@ -128,7 +129,7 @@ def test_a_worker_that_left_leaves_no_series(client, redis, worker_record) -> No
     record = worker_record("gpu-0")
     publish(redis, record, 3.0)
     assert labelled(scrape(client), "inversion_worker_images_per_second")
-    redis.hdel(contract.WORKERS_KEY, record.name)
+    redis.hdel(WORKERS_KEY, record.name)
     assert labelled(scrape(client), "inversion_worker_images_per_second") == {}
 
 

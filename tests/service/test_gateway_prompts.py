@@ -6,7 +6,7 @@ import hashlib
 
 import pytest
 
-from contract import tokenizer_key
+from ddim_inversion.keys import tokenizer_key
 from service import prompts
 
 

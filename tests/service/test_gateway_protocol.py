@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-import contract
+from ddim_inversion.keys import THROUGHPUT_KEY, WORKERS_KEY
 from service import jobs, protocol, uploads
 from service.errors import ProblemError
 from service.settings import GatewaySettings
@@ -26,13 +26,13 @@ def test_the_wait_estimate_sums_the_live_workers_rates_only(
     client, submit, small_png, redis, worker_record
 ):
     for name, age_s in (("a", 0), ("b", 0), ("stale", 3600)):
-        redis.hset(contract.WORKERS_KEY, name, worker_record(name, age_s=age_s).model_dump_json())
+        redis.hset(WORKERS_KEY, name, worker_record(name, age_s=age_s).model_dump_json())
     for name, rate in (("a", 1.5), ("b", 2.5), ("stale", 9.0), ("gone", 9.0)):
-        redis.hset(contract.THROUGHPUT_KEY, name, json.dumps({"images_per_s": rate}))
+        redis.hset(THROUGHPUT_KEY, name, json.dumps({"images_per_s": rate}))
     job_id = submit(client, small_png).json()["id"]
     body = client.get(f"/v1/inversions/{job_id}").json()
     assert (body["queue_position"], body["estimated_wait_s"]) == (0, 0.25)
-    redis.hdel(contract.THROUGHPUT_KEY, "a", "b")
+    redis.hdel(THROUGHPUT_KEY, "a", "b")
     body = client.get(f"/v1/inversions/{job_id}").json()
     assert body["queue_position"] == 0 and "estimated_wait_s" not in body
 

@@ -10,8 +10,9 @@ from pydantic import ValidationError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-import contract
-from contract import InversionParams
+from ddim_inversion.estimates import job_cost, stored_bytes
+from ddim_inversion.keys import input_key, owner_held_bytes_key, owner_held_total_key
+from ddim_inversion.params import InversionParams
 from service.settings import GatewaySettings
 from tests.service.test_gateway_submit import assert_problem
 
@@ -34,7 +35,7 @@ def finish(redis, job_id: str) -> None:
 
 
 def held(redis, owner: str) -> int:
-    return int(redis.get(contract.owner_held_total_key(owner)) or 0)
+    return int(redis.get(owner_held_total_key(owner)) or 0)
 
 
 # -- resolution ----------------------------------------------------------------------------
@@ -82,7 +83,7 @@ def test_a_job_over_the_byte_limit_is_422_naming_what_drives_it(
         "return_trajectory",
     )
     assert "INVERSION_MAX_JOB_BYTES" in body["detail"]
-    assert queue.count == 0 and redis.keys(contract.input_key("*")) == []
+    assert queue.count == 0 and redis.keys(input_key("*")) == []
     assert (
         post(client, small_png, num_inference_steps=10, return_trajectory="true").status_code == 202
     )
@@ -115,12 +116,10 @@ def test_default_limits_pass_real_jobs_and_refuse_the_extremes():
         return_trajectory=True,
     )
     side = settings.max_resolution_side
-    assert contract.job_cost(usual, None, (512, 512)) * 20 < settings.max_job_cost
-    assert contract.stored_bytes(usual, None, (512, 512), (512, 512)).total < 16 * 1024 * 1024
-    assert contract.job_cost(worst, None, (side, side)) > settings.max_job_cost
-    assert contract.stored_bytes(worst, None, (side, side), (side, side)).total > (
-        settings.max_job_bytes
-    )
+    assert job_cost(usual, None, (512, 512)) * 20 < settings.max_job_cost
+    assert stored_bytes(usual, None, (512, 512), (512, 512)).total < 16 * 1024 * 1024
+    assert job_cost(worst, None, (side, side)) > settings.max_job_cost
+    assert stored_bytes(worst, None, (side, side), (side, side)).total > (settings.max_job_bytes)
 
 
 def test_a_job_allowed_alone_must_fit_its_keys_budget():
@@ -167,7 +166,7 @@ def test_per_key_held_bytes_are_429_and_deleting_frees_them(make_client, small_p
         client.delete(f"/v1/inversions/{job_id}", headers={"X-API-Key": KEY_A}).status_code == 204
     )
     assert held(redis, HASH_A) == one_job
-    assert redis.hget(contract.owner_held_bytes_key(HASH_A), job_id) is None
+    assert redis.hget(owner_held_bytes_key(HASH_A), job_id) is None
     assert post(client, small_png, KEY_A, resolution=64).status_code == 202
 
 
@@ -179,14 +178,14 @@ def test_canceling_a_queued_job_frees_its_bytes(make_client, small_png, redis):
         client.delete(f"/v1/inversions/{job_id}", headers={"X-API-Key": KEY_A}).status_code == 202
     )
     assert held(redis, HASH_A) == 0
-    assert redis.get(contract.input_key(job_id)) is None
+    assert redis.get(input_key(job_id)) is None
 
 
 def test_anonymous_owner_has_no_per_key_budgets(make_client, small_png, redis):
     client = make_client(max_job_bytes=100_000, max_held_bytes_per_key=100_000)
     for _ in range(8):  # far more than 100 KB of inputs and results
         assert post(client, small_png, resolution=64).status_code == 202
-    assert redis.keys(contract.owner_held_total_key("*")) == []
+    assert redis.keys(owner_held_total_key("*")) == []
 
 
 # -- Idempotency-Key replays ----------------------------------------------------------------
@@ -207,7 +206,7 @@ def test_a_key_whose_job_was_never_enqueued_makes_that_job(client, small_png, qu
     job_id = first.json()["id"]
     for key in redis.keys("rq:*"):
         redis.delete(key)
-    redis.delete(contract.input_key(job_id))
+    redis.delete(input_key(job_id))
     retry = post(client, small_png, headers={"Idempotency-Key": "k"})
     assert retry.status_code == 202 and retry.json()["id"] == job_id
     assert "idempotent-replayed" not in retry.headers

@@ -17,7 +17,7 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-import contract
+from ddim_inversion.keys import WORKERS_KEY
 from service.app import create_app
 from service.deps import get_redis
 from service.settings import GatewaySettings
@@ -40,7 +40,7 @@ def _fresh_worker() -> None:
     """A live worker, so that submissions are validated against a model's config in full."""
     record = _worker_record()
     record = record.model_copy(update={"heartbeat_at": time.time()})
-    REDIS.hset(contract.WORKERS_KEY, record.name, record.model_dump_json())
+    REDIS.hset(WORKERS_KEY, record.name, record.model_dump_json())
 
 
 @schema.parametrize()

@@ -13,7 +13,9 @@ from rq import Queue
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
-import contract
+from ddim_inversion.contract import JOB_FUNCTION, META_OWNER, JobPayload
+from ddim_inversion.keys import ADMITTING_KEY, WORKERS_KEY, input_key
+from ddim_inversion.params import InversionParams
 
 PROBLEM = "application/problem+json"
 
@@ -74,10 +76,10 @@ def test_submit_enqueues_a_json_job_with_its_input(client, submit, redis, queue,
 
     assert queue.job_ids == [job_id]
     job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
-    assert job.func_name == contract.JOB_FUNCTION
+    assert job.func_name == JOB_FUNCTION
     assert job.args == []
-    payload = contract.JobPayload.model_validate(job.kwargs["payload"])
-    assert payload.params == contract.InversionParams(
+    payload = JobPayload.model_validate(job.kwargs["payload"])
+    assert payload.params == InversionParams(
         prompt="a cat on a sofa",
         negative_prompt="blurry",
         num_inference_steps=25,
@@ -90,20 +92,20 @@ def test_submit_enqueues_a_json_job_with_its_input(client, submit, redis, queue,
     )
     assert (payload.image_width, payload.image_height) == (768, 512)
     assert payload.owner == ""
-    assert job.meta[contract.META_OWNER] == ""
-    stored = redis.get(contract.input_key(job_id))
+    assert job.meta[META_OWNER] == ""
+    stored = redis.get(input_key(job_id))
     assert len(stored) == 768 * 512 * 3
-    assert 0 < redis.ttl(contract.input_key(job_id)) <= 600 + 86400
+    assert 0 < redis.ttl(input_key(job_id)) <= 600 + 86400
 
 
 def test_without_a_worker_the_image_travels_unresized(client, submit, redis, queue, small_png):
     response = submit(client, small_png)
     assert response.status_code == 202
     job = queue.fetch_job(response.json()["id"])
-    payload = contract.JobPayload.model_validate(job.kwargs["payload"])
+    payload = JobPayload.model_validate(job.kwargs["payload"])
     assert (payload.image_width, payload.image_height) == (96, 64)
-    assert payload.params == contract.InversionParams(prompt="a cat")
-    stored = redis.get(contract.input_key(job.id))
+    assert payload.params == InversionParams(prompt="a cat")
+    stored = redis.get(input_key(job.id))
     assert stored[:3] == bytes([200, 30, 30]) and len(stored) == 96 * 64 * 3
 
 
@@ -112,17 +114,15 @@ def test_with_a_worker_the_image_is_resized_to_its_native_size(
 ):
     response = submit(client, chelsea, scheduler='{"steps_offset": 0}')
     assert response.status_code == 202, response.text
-    payload = contract.JobPayload.model_validate(
-        queue.fetch_job(response.json()["id"]).kwargs["payload"]
-    )
+    payload = JobPayload.model_validate(queue.fetch_job(response.json()["id"]).kwargs["payload"])
     assert (payload.image_width, payload.image_height) == (512, 512)
-    assert len(redis.get(contract.input_key(response.json()["id"]))) == 512 * 512 * 3
+    assert len(redis.get(input_key(response.json()["id"]))) == 512 * 512 * 3
 
 
 def test_stale_worker_is_ignored(client, submit, queue, redis, worker_record, small_png):
     stale = worker_record(age_s=3600)
-    redis.hset(contract.WORKERS_KEY, stale.name, stale.model_dump_json())
-    redis.hset(contract.WORKERS_KEY, "garbage", b"{not json")
+    redis.hset(WORKERS_KEY, stale.name, stale.model_dump_json())
+    redis.hset(WORKERS_KEY, "garbage", b"{not json")
     response = submit(client, small_png)
     assert response.status_code == 202
     payload = queue.fetch_job(response.json()["id"]).kwargs["payload"]
@@ -276,7 +276,7 @@ def test_an_enqueue_that_fails_midway_writes_nothing(client, submit, small_png, 
     assert_problem(submit(client, small_png), 503, "service_unavailable")
     # Only the admission is left: after a lost connection the gateway cannot tell whether
     # the enqueue ran, so it gives nothing back, and the admission lapses by itself.
-    assert redis.keys("*") == [contract.ADMITTING_KEY.encode()]
+    assert redis.keys("*") == [ADMITTING_KEY.encode()]
 
 
 def test_chunked_body_over_the_limit_is_stopped_while_streaming(make_client, queue):

@@ -24,7 +24,7 @@ import uvicorn
 from PIL import Image
 from rq.job import Job
 
-import contract
+from ddim_inversion.keys import JOB_EVENTS_CHANNEL, ended_key, publish_job_event
 from service import auth
 from service.app import create_app
 from service.listener import JobListener, Watch
@@ -54,7 +54,7 @@ def _end_later(url: str, job_id: str, publish: bool, after_s: float = 0.3) -> th
         connection = redis.Redis.from_url(url)
         connection.hset(Job.key_for(job_id), "status", "finished")
         if publish:
-            contract.publish_job_event(connection, job_id)
+            publish_job_event(connection, job_id)
         connection.close()
 
     timer = threading.Timer(after_s, end)
@@ -79,7 +79,7 @@ def test_a_job_that_ends_without_a_message_ends_the_wait_at_a_re_read(redis_url,
 def test_the_wait_runs_out_or_ends_at_once(redis_url, redis_client):
     redis_client.hset(Job.key_for(JOB), "status", "started")
     assert asyncio.run(_wait(redis_url, JOB, 0.3)) is False
-    redis_client.rpush(contract.ended_key(JOB), "succeeded")  # the signal, status not yet
+    redis_client.rpush(ended_key(JOB), "succeeded")  # the signal, status not yet
     assert asyncio.run(_wait(redis_url, JOB, 30)) is True
     assert asyncio.run(_wait(redis_url, "no-such-job", 30)) is True
 
@@ -106,16 +106,14 @@ def test_the_listener_subscribes_again_after_losing_its_connection(redis_url, re
     redis_client.hset(Job.key_for(JOB), "status", "started")
 
     def subscribers() -> int:
-        return dict(redis_client.pubsub_numsub(contract.JOB_EVENTS_CHANNEL))[
-            contract.JOB_EVENTS_CHANNEL.encode()
-        ]
+        return dict(redis_client.pubsub_numsub(JOB_EVENTS_CHANNEL))[JOB_EVENTS_CHANNEL.encode()]
 
     def cut_and_end() -> None:
         wait_for(lambda: subscribers() == 1, 10, "the listener to subscribe")
         redis_client.client_kill_filter(_type="pubsub")
         wait_for(lambda: subscribers() == 1, 10, "the listener to subscribe again")
         redis_client.hset(Job.key_for(JOB), "status", "finished")
-        contract.publish_job_event(redis_client, JOB)
+        publish_job_event(redis_client, JOB)
 
     cutter = threading.Thread(target=cut_and_end)
     cutter.start()

@@ -10,14 +10,8 @@ import torch
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from contract import (
-    CANCEL_CHANNEL,
-    META_ERROR,
-    META_RESULT,
-    cancel_key,
-    reconstruction_key,
-    result_key,
-)
+from ddim_inversion.contract import META_ERROR, META_RESULT
+from ddim_inversion.keys import CANCEL_CHANNEL, cancel_key, reconstruction_key, result_key
 from tests.jobs_helper import enqueue, queue_for, solo_latents
 from worker.batching import InversionWorker
 from worker.engine import load_result

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from contract import InversionParams
+from ddim_inversion import imaging
+from ddim_inversion.params import InversionParams
 from tests.jobs_helper import SAMPLES
 from worker.compile import BucketedUNet, buckets_up_to, compile_unet
 from worker.engine import InversionRequest, invert
@@ -40,7 +41,7 @@ def test_padded_batches_equal_unpadded(model64):
     padded.unet = BucketedUNet(model64.unet, buckets_up_to(8), recording_compiler)
     requests = [
         InversionRequest(
-            __import__("imaging").open_image((SAMPLES / name).read_bytes()),
+            imaging.open_image((SAMPLES / name).read_bytes()),
             InversionParams(prompt=f"p{i}", num_inference_steps=4, guidance_scale=2.0),
         )
         for i, name in enumerate(["chelsea.png", "coffee.png", "astronaut.png"])

@@ -10,9 +10,17 @@ import numpy as np
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-import contract
-import imaging
-from contract import InversionParams
+from ddim_inversion import imaging
+from ddim_inversion.keys import (
+    cancel_key,
+    input_key,
+    owner_held_bytes_key,
+    owner_held_key,
+    owner_held_total_key,
+    reconstruction_key,
+    result_key,
+)
+from ddim_inversion.params import InversionParams
 from service import jobs, limits
 from service.settings import GatewaySettings
 from tests.jobs_helper import SAMPLES, queue_for
@@ -44,7 +52,7 @@ def submit(connection, settings: GatewaySettings, **fields) -> str:
 
 
 def held(connection, job_id: str) -> int | None:
-    value = connection.hget(contract.owner_held_bytes_key(OWNER), job_id)
+    value = connection.hget(owner_held_bytes_key(OWNER), job_id)
     return None if value is None else int(value)
 
 
@@ -53,9 +61,9 @@ def test_worker_settles_each_ending(redis_client, tiny_model):
     ok = submit(redis_client, settings, verify=True)
     lost = submit(redis_client, settings)
     canceled = submit(redis_client, settings)
-    redis_client.delete(contract.input_key(lost))  # fails: its image is gone
-    redis_client.set(contract.cancel_key(canceled), b"1")
-    assert int(redis_client.get(contract.owner_held_total_key(OWNER))) == 3 * 100_000
+    redis_client.delete(input_key(lost))  # fails: its image is gone
+    redis_client.set(cancel_key(canceled), b"1")
+    assert int(redis_client.get(owner_held_total_key(OWNER))) == 3 * 100_000
 
     make_worker(redis_client, tiny_model, max_batch_size=4).work(burst=True)
 
@@ -64,13 +72,13 @@ def test_worker_settles_each_ending(redis_client, tiny_model):
         for i in (ok, lost, canceled)
     ]
     assert statuses == [JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED]
-    stored = redis_client.strlen(contract.result_key(ok))
-    stored += redis_client.strlen(contract.reconstruction_key(ok))
+    stored = redis_client.strlen(result_key(ok))
+    stored += redis_client.strlen(reconstruction_key(ok))
     assert held(redis_client, ok) == stored
     assert held(redis_client, lost) is None and held(redis_client, canceled) is None
-    assert int(redis_client.get(contract.owner_held_total_key(OWNER))) == stored
+    assert int(redis_client.get(owner_held_total_key(OWNER))) == stored
     # The result's bytes are held as long as the result is kept, and no longer.
-    deadline = redis_client.zscore(contract.owner_held_key(OWNER), ok)
-    assert abs(deadline - (time.time() + redis_client.ttl(contract.result_key(ok)))) < 5
-    assert redis_client.zscore(contract.owner_held_key(OWNER), lost) is None
-    assert redis_client.exists(contract.input_key(canceled)) == 0
+    deadline = redis_client.zscore(owner_held_key(OWNER), ok)
+    assert abs(deadline - (time.time() + redis_client.ttl(result_key(ok)))) < 5
+    assert redis_client.zscore(owner_held_key(OWNER), lost) is None
+    assert redis_client.exists(input_key(canceled)) == 0

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-import webhook_policy
+from ddim_inversion import webhook_policy
 from tests.conftest import wait_for
 from tests.webhook_receivers import DripReceiver, Receiver, self_signed
 from worker.settings import WorkerSettings

@@ -31,7 +31,7 @@ def _scheduler_override(text: str) -> tuple[str, Any]:
 
 def _default(name: str) -> Any:
     """A parameter's default, read from the contract: the one place defaults are set."""
-    from contract import InversionParams
+    from ddim_inversion.params import InversionParams
 
     return InversionParams.model_fields[name].default
 
@@ -162,8 +162,9 @@ def cmd_local(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
     from tqdm import tqdm
 
-    import imaging
-    from contract import InvalidParameter, InversionParams
+    from ddim_inversion import imaging
+    from ddim_inversion.errors import InvalidParameter
+    from ddim_inversion.params import InversionParams
     from worker.engine import InversionRequest, invert, progress_total
     from worker.models import ModelLoadError, limit_cpu_threads, load_model
     from worker.settings import get_settings
@@ -251,7 +252,7 @@ def cmd_local(args: argparse.Namespace) -> int:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from client.cli import run_submit
+    from ddim_inversion_client.cli import run_submit
 
     return run_submit(args, _params_from_args(args))
 

@@ -1,6 +1,6 @@
 """Python client of the DDIM inversion service (sync and asyncio, on httpx).
 
-    from client import InversionClient
+    from ddim_inversion_client import InversionClient
 
     with InversionClient("http://127.0.0.1:8000", api_key="...") as client:
         job = client.submit("samples/chelsea.png", "a photo of a cat", num_inference_steps=50)
@@ -12,10 +12,10 @@ format="torch" (the default) do; format="numpy" needs numpy alone.
 
 from __future__ import annotations
 
-from client.aio import AsyncInversionClient, AsyncJob
-from client.errors import InversionError, JobFailed
-from client.settings import ClientSettings
-from client.sync import InversionClient, Job
+from ddim_inversion_client.aio import AsyncInversionClient, AsyncJob
+from ddim_inversion_client.errors import InversionError, JobFailed
+from ddim_inversion_client.settings import ClientSettings
+from ddim_inversion_client.sync import InversionClient, Job
 
 __all__ = [
     "AsyncInversionClient",

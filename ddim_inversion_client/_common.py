@@ -19,8 +19,8 @@ from typing import IO, Any, Literal
 import httpx
 from pydantic import SecretStr
 
-from client.errors import InversionError, JobFailed
-from client.settings import ClientSettings
+from ddim_inversion_client.errors import InversionError, JobFailed
+from ddim_inversion_client.settings import ClientSettings
 
 ImageInput = str | Path | bytes | IO[bytes]
 """A path, the image's bytes, or a binary file object open for reading."""
@@ -303,7 +303,7 @@ def safetensors_metadata(data: bytes) -> dict[str, Any]:
     header = json.loads(data[8 : 8 + length])
     raw: dict[str, str] = header.get("__metadata__") or {}
     try:
-        from contract import ResultMetadata
+        from ddim_inversion.contract import ResultMetadata
 
         text_fields = {
             name for name, info in ResultMetadata.model_fields.items() if info.annotation is str

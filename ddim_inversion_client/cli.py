@@ -1,4 +1,4 @@
-"""`ddim-invert submit` (its arguments are parsed in ddim_invert.py): send an image to a
+"""`ddim-invert submit` (its arguments are parsed in ddim_inversion_cli/main.py): send an image to a
 running service, optionally wait for the job and download the latents.
 
 Exit status: 0 on success, 1 when the job failed, was canceled or did not finish within
@@ -13,13 +13,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from client.errors import InversionError, JobFailed
-from client.sync import InversionClient
+from ddim_inversion_client.errors import InversionError, JobFailed
+from ddim_inversion_client.sync import InversionClient
 
 
 def _changed(params: dict[str, Any]) -> dict[str, Any]:
     """The parameters that differ from the contract's defaults: the others need not travel."""
-    from contract import InversionParams
+    from ddim_inversion.params import InversionParams
 
     fields = InversionParams.model_fields
     out: dict[str, Any] = {}

@@ -13,9 +13,15 @@ from typing import Any
 import httpx
 from pydantic import SecretStr
 
-from client import _common
-from client._common import FileFormat, ImageInput, ProgressCallback, Request, TensorFormat
-from client.settings import ClientSettings
+from ddim_inversion_client import _common
+from ddim_inversion_client._common import (
+    FileFormat,
+    ImageInput,
+    ProgressCallback,
+    Request,
+    TensorFormat,
+)
+from ddim_inversion_client.settings import ClientSettings
 
 
 class AsyncInversionClient:

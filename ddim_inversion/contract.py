@@ -1,0 +1,164 @@
+"""The contract between the HTTP gateway and the GPU worker (cog style): the states of a
+job, what a worker publishes about its model, the payload of a queued job and the metadata
+of a result. Both sides read these definitions; neither redefines them.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from ddim_inversion.params import InversionParams
+
+ENGINE_VERSION = "1.0.0"
+"""Written into every result's metadata; bumped whenever the engine's numbers may change."""
+
+
+class JobStatus(str, enum.Enum):
+    """What a client sees of a job: queued -> running -> succeeded | failed | canceled."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class ModelInfo(BaseModel):
+    """What a worker publishes about its loaded model, so that gateways validate against it."""
+
+    name: str
+    native_resolution: tuple[int, int]
+    latent_channels: int
+    vae_scale_factor: int
+    tokenizer_max_length: int
+    text_hidden_size: int | None = Field(
+        None,
+        description="Width of the text encoder's token embeddings (null_text stores one per "
+        "token per step); None from workers older than this field.",
+    )
+    tokenizer_key: str | None = Field(
+        None, description="Redis key of the tokenizer as tokenizers JSON, for prompt checks."
+    )
+    scheduler_config: dict[str, Any]
+    dtype: str
+    device: str
+
+
+class ResultMetadata(BaseModel):
+    """What the result's header and the job status say about the latents."""
+
+    model: str
+    width: int
+    height: int
+    prompt: str
+    negative_prompt: str
+    guidance_scale: float
+    token_count: int
+    truncated: bool
+    encode_mode: str
+    seed: int | None
+    num_inference_steps: int
+    timesteps: list[int]
+    scheduler_config: dict[str, Any]
+    latents_shape: list[int]
+    trajectory_shape: list[int] | None
+    dtype: str
+    engine_version: str = ENGINE_VERSION
+    refine_iterations: list[int] | None = Field(
+        None, description="Per step, the fixed-point refinement iterations that ran; None: off."
+    )
+    refine_residuals: list[float] | None = Field(
+        None, description="Per step, the refinement's final relative change ||dz|| / ||z||."
+    )
+    method: str = Field("ddim", description="ddim or null_text.")
+    null_text_losses: list[float] | None = Field(
+        None,
+        description=(
+            "null_text: per sampling step (highest t first), the MSE between the guided "
+            "sampling step with the optimised null embedding and the pivot latent."
+        ),
+    )
+    reconstruction_latent_error: float | None = Field(
+        None, description="verify: ||x_rec - x0|| / ||x0|| of the latent sampled back."
+    )
+    reconstruction_psnr: float | None = Field(
+        None, description="verify: PSNR (dB) of the decoded reconstruction against the input."
+    )
+
+    def to_header(self) -> dict[str, str]:
+        """safetensors metadata is str -> str: scalars as text, structures as JSON."""
+        out: dict[str, str] = {}
+        for key, value in self.model_dump().items():
+            out[key] = value if isinstance(value, str) else json.dumps(value)
+        return out
+
+    @classmethod
+    def from_header(cls, header: dict[str, str]) -> ResultMetadata:
+        fields: dict[str, Any] = {}
+        for key, value in header.items():
+            if key not in cls.model_fields:
+                continue
+            annotation = str(cls.model_fields[key].annotation)
+            fields[key] = value if annotation in ("str", "<class 'str'>") else json.loads(value)
+        return cls(**fields)
+
+
+class Progress(BaseModel):
+    step: int
+    total: int
+
+
+JOB_FUNCTION = "worker.jobs.run_inversion"
+"""What RQ records as the job's function; a plain `rq worker` can run it one at a time."""
+
+
+class JobPayload(BaseModel):
+    """The one argument of JOB_FUNCTION."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    params: InversionParams
+    image_width: int = Field(ge=1, description="Width of the stored RGB array.")
+    image_height: int = Field(ge=1, description="Height of the stored RGB array.")
+    owner: str = Field("", description="Hash of the API key that created the job; '' if none.")
+    webhook_url: str | None = Field(
+        None, description="Where the worker POSTs the job's end (not an engine parameter)."
+    )
+
+
+class WorkerRecord(BaseModel):
+    """What a live worker publishes under WORKERS_KEY, refreshed every heartbeat."""
+
+    name: str
+    model: ModelInfo
+    heartbeat_at: float = Field(description="Unix time of the last heartbeat.")
+    max_batch_size: int
+
+
+# Keys of the RQ job meta the worker writes and the gateway reads.
+META_PROGRESS = "progress"
+"""{"step": int, "total": int} while running."""
+
+
+META_ERROR = "error"
+"""{"code": ErrorCode, "message": str} once failed or canceled."""
+
+
+META_RESULT = "result"
+"""ResultMetadata as JSON once succeeded."""
+
+
+META_ENGINE_S = "engine_s"
+"""Seconds the engine spent on the job's batch: what the service adds is the rest."""
+
+
+META_OWNER = "owner"
+"""The owner's key hash, copied from the payload so that a status read needs no payload."""

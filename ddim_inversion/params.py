@@ -1,0 +1,165 @@
+"""The parameters of one inversion: every one declared once, here.
+
+The gateway's form and JSON bodies, the CLI's flags, the Python client and the README's
+parameter table are derived from `InversionParams`; neither side redeclares a parameter.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from ddim_inversion.errors import InvalidParameter
+from ddim_inversion.scheduler_config import check_override
+
+
+def parse_resolution(value: str | int | tuple[int, int] | list[int]) -> tuple[int, int]:
+    """`512` -> (512, 512); `768x512` -> (768, 512) as (width, height); multiples of 64 only."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise InvalidParameter("resolution", "must be two sizes, width and height")
+        width, height = value
+    elif isinstance(value, int) and not isinstance(value, bool):
+        width = height = value
+    elif isinstance(value, str):
+        parts = value.lower().strip().split("x")
+        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
+            raise InvalidParameter("resolution", f"{value!r} is not N or WxH, e.g. 512 or 768x512")
+        width = int(parts[0])
+        height = int(parts[-1])
+    else:
+        raise InvalidParameter("resolution", "must be N or WxH, e.g. 512 or 768x512")
+    for size in (width, height):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 64 or size % 64:
+            raise InvalidParameter(
+                "resolution", f"{size} is not a multiple of 64 of at least 64 (e.g. 512 or 768x512)"
+            )
+    return int(width), int(height)
+
+
+class InversionParams(BaseModel):
+    """Everything a caller may choose about one inversion; names follow diffusers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    prompt: str = Field(description="The text the image is inverted under.")
+    negative_prompt: str = Field("", description="Unconditional prompt when guidance_scale > 1.")
+    num_inference_steps: int = Field(50, ge=1, le=1000, description="DDIM inversion steps.")
+    guidance_scale: float = Field(
+        1.0,
+        ge=0.0,
+        le=50.0,
+        description="1.0: one conditional UNet pass per step; above: classifier-free guidance.",
+    )
+    resolution: tuple[int, int] | None = Field(
+        None, description="(width, height), multiples of 64; None: the model's native size."
+    )
+    resize_mode: Literal["center_crop", "stretch"] = "center_crop"
+    encode_mode: Literal["mean", "sample"] = "mean"
+    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="For encode_mode 'sample'.")
+    return_trajectory: bool = False
+    result_dtype: Literal["float32", "float16"] = "float32"
+    scheduler: dict[str, Any] = Field(
+        default_factory=dict, description="DDIMInverseScheduler overrides, by parameter name."
+    )
+    refine_iterations: int = Field(
+        0,
+        ge=0,
+        le=50,
+        description=(
+            "Fixed-point iterations per step making the step the exact inverse of DDIM "
+            "sampling (AIDI, Pan et al. 2023); each costs one more UNet call per step. "
+            "0: plain DDIM inversion."
+        ),
+    )
+    refine_tolerance: float = Field(
+        1e-4,
+        gt=0,
+        le=1,
+        description=(
+            "A step's refinement stops once the relative change ||dz|| / ||z|| of the "
+            "iterate falls below this (or refine_iterations run out)."
+        ),
+    )
+    method: Literal["ddim", "null_text"] = Field(
+        "ddim",
+        description=(
+            "ddim: (refined) DDIM inversion. null_text: null-text inversion (Mokady et al. "
+            "2022): a DDIM inversion at guidance 1 is the pivot, then an unconditional "
+            "embedding per step is optimised so that guided DDIM sampling at guidance_scale "
+            "(> 1) follows the pivot; the result adds `null_embeddings`."
+        ),
+    )
+    null_text_inner_steps: int = Field(
+        10, ge=1, le=100, description="null_text: Adam iterations per step (UNet forward+backward)."
+    )
+    null_text_learning_rate: float = Field(
+        1e-2, gt=0, le=1, description="null_text: Adam learning rate of the null embedding."
+    )
+    null_text_early_stop: float = Field(
+        1e-5,
+        ge=0,
+        allow_inf_nan=False,
+        description="null_text: a step's optimisation stops once its latent MSE is below this.",
+    )
+    verify: bool = Field(
+        False,
+        description=(
+            "Sample back from the latents (DDIMScheduler, same prompt and guidance, the null "
+            "embeddings for null_text) and decode: reports reconstruction_latent_error and "
+            "reconstruction_psnr and stores a reconstruction PNG. Costs one more pass of "
+            "num_inference_steps UNet calls and a VAE decode."
+        ),
+    )
+
+    @field_validator("resolution", mode="before")
+    @classmethod
+    def _parse_resolution(cls, value: Any) -> Any:
+        if value is None or value == "":
+            return None
+        try:
+            return parse_resolution(value)
+        except InvalidParameter as exc:
+            raise ValueError(exc.message) from None
+
+    @field_validator("guidance_scale")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError("must be finite")
+        return value
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name, item in value.items():
+            try:
+                check_override(name, item)
+            except InvalidParameter as exc:
+                raise ValueError(str(exc)) from None
+        return value
+
+    @model_validator(mode="after")
+    def _seed_needs_sample(self) -> InversionParams:
+        if self.encode_mode == "sample" and self.seed is None:
+            raise ValueError(
+                "encode_mode 'sample' needs a seed, so that the result is reproducible"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _null_text_needs_guidance(self) -> InversionParams:
+        if self.method == "null_text" and not self.guidance_scale > 1.0:
+            raise ValueError(
+                "method 'null_text' needs guidance_scale > 1 (e.g. 7.5, the usual value): "
+                "it optimises the unconditional embedding of classifier-free guidance, "
+                f"which guidance_scale {self.guidance_scale} does not use"
+            )
+        return self
+
+    @property
+    def uses_guidance(self) -> bool:
+        """Classifier-free guidance runs two UNet passes per step; 1.0 runs one."""
+        return self.guidance_scale != 1.0

@@ -1,0 +1,1 @@
+"""The `ddim-invert` command: make-tiny-model, local, gateway, worker and submit."""
