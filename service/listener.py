@@ -45,6 +45,9 @@ RECONNECT_MIN_S = 0.1
 """First pause before subscribing again after the subscription broke; doubled each time."""
 RECONNECT_MAX_S = 5.0
 """Longest pause between two attempts to subscribe again."""
+CANCEL_AGAIN_S = 0.1
+"""How long `close` waits for the listener to end before cancelling it again: redis-py
+can swallow a cancellation that lands while it connects, and the task then listens on."""
 
 
 class Watch(Generic[T]):
@@ -109,6 +112,7 @@ class JobListener:
         """How often each watch reads its job without a message (REREAD_S)."""
         self._watches: dict[str, dict[Hashable, Watch[Any]]] = {}
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._open: Counter[str] = Counter()
         self.open_waits = 0
         """Waits and streams open in this process, all keys together (a plain int: the
@@ -120,7 +124,7 @@ class JobListener:
     ) -> AsyncIterator[Watch[T]]:
         """The watch of `job_id` read as `kind` (one per kind: every waiter that reads the
         job alike shares it, and `read` must be the same for them), while in use."""
-        if self._task is None or self._task.done():
+        if (self._task is None or self._task.done()) and not self._closing:
             # Started by the first waiter, not at startup: a gateway that never waits
             # holds no subscription.
             self._task = asyncio.create_task(self._listen(), name="job-events listener")
@@ -167,13 +171,13 @@ class JobListener:
         """Subscribe, dispatch each message to its job's watches; subscribe again after any
         failure, with a growing pause (the watches' re-reads carry the waiters meanwhile)."""
         pause = RECONNECT_MIN_S
-        while True:
+        while not self._closing:
             pubsub = self.client.pubsub()
             try:
                 await pubsub.subscribe(JOB_EVENTS_CHANNEL)
                 self._wake_all()  # whatever changed before or while unsubscribed
                 pause = RECONNECT_MIN_S
-                while True:
+                while not self._closing:
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=LISTEN_TIMEOUT_S
                     )
@@ -191,9 +195,9 @@ class JobListener:
             pause = min(2 * pause, RECONNECT_MAX_S)
 
     async def close(self) -> None:
-        """Stop listening (the lifespan's end)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        """Stop listening (the lifespan's end), however often the cancellation is lost."""
+        self._closing = True
+        task, self._task = self._task, None
+        while task is not None and not task.done():
+            task.cancel()
+            await asyncio.wait({task}, timeout=CANCEL_AGAIN_S)

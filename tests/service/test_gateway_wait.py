@@ -121,6 +121,36 @@ def test_the_listener_subscribes_again_after_losing_its_connection(redis_url, re
     cutter.join()
 
 
+def test_closing_ends_the_listener_even_when_its_cancellation_is_swallowed(redis_url):
+    # redis-py can swallow a cancellation that lands while a subscription connects; the
+    # listener then went on listening and the gateway's shutdown waited on it for good.
+    swallowed = []
+
+    class SwallowingPubSub(redis.asyncio.client.PubSub):
+        async def subscribe(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                await asyncio.sleep(0.5)
+            except asyncio.CancelledError:
+                swallowed.append(True)
+            await super().subscribe(*args, **kwargs)
+
+    async def open_and_close() -> bool:
+        client = redis.asyncio.Redis.from_url(redis_url)
+        client.pubsub = lambda **kwargs: SwallowingPubSub(client.connection_pool, **kwargs)
+        listener = JobListener(client)
+        async with listener.watch(JOB, "ended", lambda: asyncio.sleep(0)):
+            await asyncio.sleep(0.05)
+        closing = asyncio.ensure_future(listener.close())
+        await asyncio.wait({closing}, timeout=5)  # a listener left listening: never done
+        closed = closing.done()
+        closing.cancel()
+        await client.aclose()
+        return closed
+
+    assert asyncio.run(open_and_close()) is True
+    assert swallowed == [True]
+
+
 # -- through the routes, on a real server ------------------------------------------------
 
 KEY_A, KEY_B = "key-a", "key-b"
