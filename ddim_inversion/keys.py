@@ -82,6 +82,11 @@ def rate_key(owner: str, window: int) -> str:
     return f"{KEY_PREFIX}owner:{owner}:rate:{window}"
 
 
+def idempotency_key(owner: str, key: str) -> str:
+    """JSON {"payload_hash", "job_id"}: the one job an owner's Idempotency-Key names."""
+    return f"{KEY_PREFIX}idem:{owner}:{key}"
+
+
 def owner_jobs_key(owner: str) -> str:
     """Hash: job id -> GPU cost (`job_cost`) of each of the owner's jobs admitted and not
     yet seen ended; ended ones are pruned at the owner's next admission."""

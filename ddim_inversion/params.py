@@ -1,18 +1,29 @@
 """The parameters of one inversion: every one declared once, here.
 
-The gateway's form and JSON bodies, the CLI's flags, the Python client and the README's
-parameter table are derived from `InversionParams`; neither side redeclares a parameter.
+Each field of `InversionParams` carries its name, type, default, bounds, description and
+example. The gateway's form and JSON bodies (service/bodies.py), the CLI's flags
+(ddim_inversion_cli/flags.py), the Python client's check of its keyword arguments and the
+README's parameter table (scripts/params_doc.py) are derived from it; none redeclares a
+parameter. `SubmissionOptions` declares, the same way, what a submission asks of the
+service beyond the inversion itself.
 """
 
 from __future__ import annotations
 
 import math
+import types
+import typing
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic.fields import FieldInfo
 
 from ddim_inversion.errors import InvalidParameter
-from ddim_inversion.scheduler_config import check_override
+from ddim_inversion.scheduler_config import SCHEDULER_OVERRIDES, check_override
+
+NULL_TEXT_GUIDANCE_SCALE = 7.5
+"""The usual guidance of null-text inversion: what the CLI uses with `--method null_text`
+when no `--guidance-scale` is given (the contract itself needs any value above 1)."""
 
 
 def parse_resolution(value: str | int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -44,25 +55,59 @@ class InversionParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    prompt: str = Field(description="The text the image is inverted under.")
-    negative_prompt: str = Field("", description="Unconditional prompt when guidance_scale > 1.")
-    num_inference_steps: int = Field(50, ge=1, le=1000, description="DDIM inversion steps.")
+    prompt: str = Field(
+        description="The text the image is inverted under.", examples=["a photo of a cat"]
+    )
+    negative_prompt: str = Field(
+        "", description="The unconditional prompt of classifier-free guidance (guidance_scale > 1)."
+    )
+    num_inference_steps: int = Field(
+        50, ge=1, le=1000, description="DDIM inversion steps.", examples=[50]
+    )
     guidance_scale: float = Field(
         1.0,
         ge=0.0,
         le=50.0,
-        description="1.0: one conditional UNet pass per step; above: classifier-free guidance.",
+        description=(
+            "1.0: one conditional UNet pass per step; above: classifier-free guidance with "
+            "the negative prompt."
+        ),
+        examples=[1.0],
     )
     resolution: tuple[int, int] | None = Field(
-        None, description="(width, height), multiples of 64; None: the model's native size."
+        None,
+        description=(
+            "The size the image is inverted at, width and height in pixels, multiples of 64: "
+            "N or WxH (e.g. 512 or 768x512); absent: the model's native size."
+        ),
+        examples=["768x512"],
     )
-    resize_mode: Literal["center_crop", "stretch"] = "center_crop"
-    encode_mode: Literal["mean", "sample"] = "mean"
-    seed: int | None = Field(None, ge=0, le=2**63 - 1, description="For encode_mode 'sample'.")
-    return_trajectory: bool = False
-    result_dtype: Literal["float32", "float16"] = "float32"
+    resize_mode: Literal["center_crop", "stretch"] = Field(
+        "center_crop",
+        description="How the image reaches that size: center_crop keeps its aspect ratio.",
+    )
+    encode_mode: Literal["mean", "sample"] = Field(
+        "mean", description="The VAE latent: its distribution's mean, or a sample (needs seed)."
+    )
+    seed: int | None = Field(
+        None, ge=0, le=2**63 - 1, description="The seed of encode_mode sample.", examples=[7]
+    )
+    return_trajectory: bool = Field(
+        False,
+        description=(
+            "Also keep every step's latent: `trajectory`, steps + 1 latents, index 0 the "
+            "clean latent."
+        ),
+    )
+    result_dtype: Literal["float32", "float16"] = Field(
+        "float32", description="The dtype of the stored latents."
+    )
     scheduler: dict[str, Any] = Field(
-        default_factory=dict, description="DDIMInverseScheduler overrides, by parameter name."
+        default_factory=dict,
+        description=(
+            f"DDIMInverseScheduler overrides, by parameter name: {', '.join(SCHEDULER_OVERRIDES)}."
+        ),
+        examples=[{"timestep_spacing": "trailing"}],
     )
     refine_iterations: int = Field(
         0,
@@ -153,7 +198,8 @@ class InversionParams(BaseModel):
     def _null_text_needs_guidance(self) -> InversionParams:
         if self.method == "null_text" and not self.guidance_scale > 1.0:
             raise ValueError(
-                "method 'null_text' needs guidance_scale > 1 (e.g. 7.5, the usual value): "
+                f"method 'null_text' needs guidance_scale > 1 (e.g. {NULL_TEXT_GUIDANCE_SCALE}, "
+                "the usual value): "
                 "it optimises the unconditional embedding of classifier-free guidance, "
                 f"which guidance_scale {self.guidance_scale} does not use"
             )
@@ -163,3 +209,38 @@ class InversionParams(BaseModel):
     def uses_guidance(self) -> bool:
         """Classifier-free guidance runs two UNet passes per step; 1.0 runs one."""
         return self.guidance_scale != 1.0
+
+
+class SubmissionOptions(BaseModel):
+    """What a submission asks of the service beyond the inversion: not an engine parameter,
+    so not part of `InversionParams`, but declared once here for every body and client."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    webhook_url: str | None = Field(
+        None,
+        description=(
+            "POSTed the job's end (an allowed host only: INVERSION_WEBHOOK_ALLOWED_HOSTS)."
+        ),
+        examples=["https://example.com/hooks/inversion"],
+    )
+
+
+def submission_fields() -> dict[str, FieldInfo]:
+    """Every field a submission may carry besides its image: the inversion's parameters,
+    then the submission's options, by name."""
+    return {**InversionParams.model_fields, **SubmissionOptions.model_fields}
+
+
+def outer_type(info: FieldInfo) -> tuple[Any, tuple[Any, ...]]:
+    """(outer type, its arguments) of a field, `X | None` read as X: `(Literal, ("mean",
+    "sample"))`, `(int, ())`, `(tuple, (int, int))`, `(dict, (str, Any))`. Each surface
+    derives its own form from it: a flag's type, a body's field, a table's cell."""
+    annotation = info.annotation
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        rest = [arg for arg in args if arg is not type(None)]
+        if len(rest) == 1:
+            annotation = rest[0]
+            origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    return origin or annotation, args

@@ -6,7 +6,8 @@
   worker                 run a GPU worker draining the queue
   submit IMAGE           send an image to a running service (the Python client)
 
-Each subcommand imports only its own side: the gateway never loads torch.
+Each subcommand imports only its own side: the gateway never loads torch. The flags of the
+inversion's parameters (`local`, `submit`) are generated from the contract (flags.py).
 """
 
 from __future__ import annotations
@@ -15,133 +16,8 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
-
-def _scheduler_override(text: str) -> tuple[str, Any]:
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
-
-
-def _default(name: str) -> Any:
-    """A parameter's default, read from the contract: the one place defaults are set."""
-    from ddim_inversion.params import InversionParams
-
-    return InversionParams.model_fields[name].default
-
-
-def _add_inversion_params(parser: argparse.ArgumentParser) -> None:
-    """The engine parameters of `local`."""
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative-prompt", default=_default("negative_prompt"))
-    parser.add_argument(
-        "--steps", type=int, default=_default("num_inference_steps"), dest="num_inference_steps"
-    )
-    parser.add_argument(
-        "--guidance-scale",
-        type=float,
-        default=None,
-        help="default 1.0 (no guidance); 7.5 with --method null_text",
-    )
-    parser.add_argument("--resolution", default=None, help="512 or WxH, e.g. 768x512")
-    parser.add_argument(
-        "--resize-mode", choices=["center_crop", "stretch"], default=_default("resize_mode")
-    )
-    parser.add_argument(
-        "--encode", choices=["mean", "sample"], default=_default("encode_mode"), dest="encode_mode"
-    )
-    parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--trajectory", action="store_true", dest="return_trajectory")
-    parser.add_argument(
-        "--result-dtype", choices=["float32", "float16"], default=_default("result_dtype")
-    )
-    parser.add_argument(
-        "--scheduler",
-        type=_scheduler_override,
-        nargs="+",
-        default=[],
-        metavar="KEY=VALUE",
-        help="DDIMInverseScheduler overrides, e.g. timestep_spacing=trailing",
-    )
-    parser.add_argument(
-        "--refine-iterations",
-        type=int,
-        default=_default("refine_iterations"),
-        metavar="N",
-        help="fixed-point iterations per step for exact inversion (one UNet call each); 0: off",
-    )
-    parser.add_argument(
-        "--refine-tolerance",
-        type=float,
-        default=_default("refine_tolerance"),
-        metavar="X",
-        help="stop a step's refinement once the relative change is below X",
-    )
-    parser.add_argument(
-        "--method",
-        choices=["ddim", "null_text"],
-        default=_default("method"),
-        help="null_text: also optimise a null embedding per step (needs guidance > 1)",
-    )
-    parser.add_argument(
-        "--null-text-inner-steps",
-        type=int,
-        default=_default("null_text_inner_steps"),
-        metavar="N",
-        help="Adam steps per step",
-    )
-    parser.add_argument(
-        "--null-text-learning-rate",
-        type=float,
-        default=_default("null_text_learning_rate"),
-        metavar="LR",
-        help="Adam rate",
-    )
-    parser.add_argument(
-        "--null-text-early-stop",
-        type=float,
-        default=_default("null_text_early_stop"),
-        metavar="X",
-        help="stop a step's optimisation once the latent MSE is below X",
-    )
-    parser.add_argument(
-        "--verify",
-        action="store_true",
-        help="sample back and decode: reconstruction error and PSNR (local: also a PNG)",
-    )
-
-
-def _params_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    return {
-        "prompt": args.prompt,
-        "negative_prompt": args.negative_prompt,
-        "num_inference_steps": args.num_inference_steps,
-        "guidance_scale": (
-            args.guidance_scale
-            if args.guidance_scale is not None
-            else (7.5 if args.method == "null_text" else 1.0)
-        ),
-        "resolution": args.resolution,
-        "resize_mode": args.resize_mode,
-        "encode_mode": args.encode_mode,
-        "seed": args.seed,
-        "return_trajectory": args.return_trajectory,
-        "result_dtype": args.result_dtype,
-        "scheduler": dict(args.scheduler),
-        "refine_iterations": args.refine_iterations,
-        "refine_tolerance": args.refine_tolerance,
-        "method": args.method,
-        "null_text_inner_steps": args.null_text_inner_steps,
-        "null_text_learning_rate": args.null_text_learning_rate,
-        "null_text_early_stop": args.null_text_early_stop,
-        "verify": args.verify,
-    }
+from ddim_inversion_cli.flags import add_parameter_flags, parameters_from_args
 
 
 def _fail(message: str) -> int:
@@ -174,7 +50,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     if args.out and len(args.images) > 1:
         return _fail("--out takes one image; use --out-dir for several")
     try:
-        params = InversionParams(**_params_from_args(args))
+        params = InversionParams(**parameters_from_args(args))
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "parameters"
@@ -254,7 +130,7 @@ def cmd_local(args: argparse.Namespace) -> int:
 def cmd_submit(args: argparse.Namespace) -> int:
     from ddim_inversion_client.cli import run_submit
 
-    return run_submit(args, _params_from_args(args))
+    return run_submit(args, parameters_from_args(args))
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -279,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     local = sub.add_parser("local", help="invert images in-process, without Redis")
     local.add_argument("images", nargs="+", metavar="IMAGE")
-    _add_inversion_params(local)
+    add_parameter_flags(local)
     local.add_argument("--model", default=None, help="folder, hub id or 'tiny' (INVERSION_MODEL)")
     local.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     local.add_argument(
@@ -297,7 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     submit = sub.add_parser("submit", help="send an image to a running service")
     submit.add_argument("image", metavar="IMAGE")
-    _add_inversion_params(submit)
+    add_parameter_flags(submit)
     submit.add_argument("--url", default=None, help="gateway URL (INVERSION_CLIENT_URL)")
     submit.add_argument("--wait", action="store_true", help="wait for the job, then download")
     submit.add_argument("--timeout", type=float, default=None, metavar="S", help="wait at most S s")

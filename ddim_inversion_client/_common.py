@@ -6,6 +6,7 @@ only in how they send a request and how they sleep.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import json
 import mimetypes
@@ -19,6 +20,7 @@ from typing import IO, Any, Literal
 import httpx
 from pydantic import SecretStr
 
+from ddim_inversion.params import submission_fields
 from ddim_inversion_client.errors import InversionError, JobFailed
 from ddim_inversion_client.settings import ClientSettings
 
@@ -27,6 +29,8 @@ ImageInput = str | Path | bytes | IO[bytes]
 
 TensorFormat = Literal["torch", "numpy"]
 FileFormat = Literal["safetensors", "npy"]
+BodyEncoding = Literal["form", "json"]
+"""How a submission travels: multipart form data (the image as a file), or JSON (base64)."""
 ProgressCallback = Callable[[int, int], None]
 
 API_PATH = "/v1/inversions"
@@ -51,10 +55,11 @@ class Request:
     params: dict[str, str] | None = None
     data: dict[str, str] | None = None
     files: dict[str, tuple[str, bytes, str]] | None = None
+    json: dict[str, Any] | None = None
 
     def kwargs(self) -> dict[str, Any]:
         out: dict[str, Any] = {"headers": self.headers}
-        for name in ("params", "data", "files"):
+        for name in ("params", "data", "files", "json"):
             value = getattr(self, name)
             if value is not None:
                 out[name] = value
@@ -93,17 +98,27 @@ class Transport:
 
     # -- the requests of the API ---------------------------------------------------------
 
-    def submit(self, image: ImageInput, prompt: str, params: Mapping[str, Any]) -> Request:
+    def submit(
+        self,
+        image: ImageInput,
+        prompt: str,
+        params: Mapping[str, Any],
+        body: BodyEncoding = "form",
+    ) -> Request:
+        check_parameters(params)
+        if body not in ("form", "json"):
+            raise ValueError(f"body must be 'form' or 'json', not {body!r}")
         filename, content, content_type = read_image(image)
-        data = {"prompt": prompt}
-        for name, value in params.items():
-            if value is not None:
-                data[name] = form_value(value)
+        given = {"prompt": prompt} | {k: v for k, v in params.items() if v is not None}
+        if body == "json":
+            fields = {name: json_value(value) for name, value in given.items()}
+            fields["image"] = base64.b64encode(content).decode("ascii")
+            return Request("POST", self.url(API_PATH), self.headers(), json=fields)
         return Request(
             "POST",
             self.url(API_PATH),
             self.headers(),
-            data=data,
+            data={name: form_value(value) for name, value in given.items()},
             files={"image": (filename, content, content_type)},
         )
 
@@ -158,6 +173,22 @@ def read_image(image: ImageInput) -> tuple[str, bytes, str]:
 def guess_type(name: str) -> str:
     # The gateway decides the format from the bytes; the type is a courtesy.
     return mimetypes.guess_type(name)[0] or "application/octet-stream"
+
+
+def check_parameters(params: Mapping[str, Any]) -> None:
+    """TypeError, before anything is sent, for a name that is not a submission's field (a
+    misspelt parameter would otherwise come back as the gateway's 422)."""
+    valid = sorted(set(submission_fields()) - {"prompt"})
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise TypeError(f"unknown parameter(s) {', '.join(unknown)}; valid: {', '.join(valid)}")
+
+
+def json_value(value: Any) -> Any:
+    """A parameter as a JSON body's value: a (width, height) pair as its text, WxH."""
+    if isinstance(value, tuple) and len(value) == 2:
+        return f"{value[0]}x{value[1]}"
+    return value
 
 
 def form_value(value: Any) -> str:

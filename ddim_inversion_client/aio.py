@@ -15,6 +15,7 @@ from pydantic import SecretStr
 
 from ddim_inversion_client import _common
 from ddim_inversion_client._common import (
+    BodyEncoding,
     FileFormat,
     ImageInput,
     ProgressCallback,
@@ -59,16 +60,20 @@ class AsyncInversionClient:
     def settings(self) -> ClientSettings:
         return self._transport.settings
 
-    async def submit(self, image: ImageInput, prompt: str, **params: Any) -> AsyncJob:
+    async def submit(
+        self, image: ImageInput, prompt: str, *, body: BodyEncoding = "form", **params: Any
+    ) -> AsyncJob:
         """Queue an inversion of `image` under `prompt`; answers at once with the queued job.
 
-        `params` are the form fields of `POST /v1/inversions` (`num_inference_steps`,
-        `guidance_scale`, `negative_prompt`, `resolution` ("512", "768x512" or (w, h)),
-        `resize_mode`, `encode_mode`, `seed`, `return_trajectory`, `result_dtype`,
-        `scheduler` (a dict, sent as JSON)); None means the service's default.
+        `params` are the fields of `POST /v1/inversions` besides the image and the prompt:
+        the README's parameter table, generated from `InversionParams` and
+        `SubmissionOptions` (ddim_inversion/params.py). None means the service's default;
+        `resolution` may also be a (width, height) pair. A name that is not a field raises
+        TypeError, naming the valid ones, before anything is sent. `body` is "form"
+        (multipart, the image as a file) or "json" (the image as base64).
         Raises InversionError when the gateway refuses the submission.
         """
-        request = self._transport.submit(image, prompt, params)
+        request = self._transport.submit(image, prompt, params, body)
         return AsyncJob(self, _common.job_json(await self._send(request)))
 
     async def get(self, job_id: str) -> AsyncJob:

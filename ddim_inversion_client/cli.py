@@ -41,7 +41,7 @@ def _error(message: str, status: int) -> int:
 
 
 def run_submit(args: argparse.Namespace, params: dict[str, Any]) -> int:
-    """Submit `args.image` with `params` (from `_params_from_args`); see the module doc."""
+    """Submit `args.image` with `params` (from ddim_inversion_cli/flags.py); see the module doc."""
     image = Path(args.image)
     if not image.is_file():
         return _error(f"{image}: no such file", 2)

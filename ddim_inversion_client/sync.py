@@ -12,6 +12,7 @@ from pydantic import SecretStr
 
 from ddim_inversion_client import _common
 from ddim_inversion_client._common import (
+    BodyEncoding,
     FileFormat,
     ImageInput,
     ProgressCallback,
@@ -56,16 +57,20 @@ class InversionClient:
     def settings(self) -> ClientSettings:
         return self._transport.settings
 
-    def submit(self, image: ImageInput, prompt: str, **params: Any) -> Job:
+    def submit(
+        self, image: ImageInput, prompt: str, *, body: BodyEncoding = "form", **params: Any
+    ) -> Job:
         """Queue an inversion of `image` under `prompt`; answers at once with the queued job.
 
-        `params` are the form fields of `POST /v1/inversions` (`num_inference_steps`,
-        `guidance_scale`, `negative_prompt`, `resolution` ("512", "768x512" or (w, h)),
-        `resize_mode`, `encode_mode`, `seed`, `return_trajectory`, `result_dtype`,
-        `scheduler` (a dict, sent as JSON)); None means the service's default.
+        `params` are the fields of `POST /v1/inversions` besides the image and the prompt:
+        the README's parameter table, generated from `InversionParams` and
+        `SubmissionOptions` (ddim_inversion/params.py). None means the service's default;
+        `resolution` may also be a (width, height) pair. A name that is not a field raises
+        TypeError, naming the valid ones, before anything is sent. `body` is "form"
+        (multipart, the image as a file) or "json" (the image as base64).
         Raises InversionError when the gateway refuses the submission.
         """
-        request = self._transport.submit(image, prompt, params)
+        request = self._transport.submit(image, prompt, params, body)
         return Job(self, _common.job_json(self._send(request)))
 
     def get(self, job_id: str) -> Job:

@@ -8,6 +8,7 @@ Authentication is off here (INVERSION_AUTH_DISABLED=true): this is for local use
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -93,7 +94,8 @@ def main() -> int:
     for _ in range(1200):
         try:
             with urllib.request.urlopen(base + "/readyz", timeout=1) as answer:
-                if answer.status == 200:
+                # Ready with a live worker: readiness alone needs none (jobs would queue).
+                if answer.status == 200 and json.loads(answer.read())["workers"]:
                     break
         except Exception:
             pass

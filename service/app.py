@@ -13,7 +13,7 @@ from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import GatewayMetrics, RequestMetricsMiddleware
 from service.redis_conn import lifespan
-from service.routes import health, inversions, page
+from service.routes import capacity, downloads, events, health, inversions, page, status
 from service.settings import GatewaySettings, get_settings
 
 CORS_REQUEST_HEADERS = ("Idempotency-Key", "Prefer", "Last-Event-ID")
@@ -28,9 +28,9 @@ FORM_OVERHEAD_BYTES = 64 * 1024
 DESCRIPTION = """
 DDIM inversion of real images under a text prompt with a Stable Diffusion model.
 
-Submit an image with `POST /v1/inversions` (multipart), poll `GET /v1/inversions/{id}`,
-download `GET /v1/inversions/{id}/latents` (safetensors or `?format=npy`). Errors are
-RFC 9457 `application/problem+json` with a stable `code`.
+Submit an image with `POST /v1/inversions` (multipart, or JSON with the image as base64),
+poll `GET /v1/inversions/{id}`, download `GET /v1/inversions/{id}/latents` (safetensors
+or `?format=npy`). Errors are RFC 9457 `application/problem+json` with a stable `code`.
 """
 
 
@@ -41,14 +41,16 @@ def _open_waits(app: FastAPI) -> int:
 
 def create_app(
     settings: GatewaySettings | None = None,
-    redis_client: Any = None,
-    async_redis_client: Any = None,
+    redis: Any = None,
+    async_redis: Any = None,
 ) -> FastAPI:
-    """A new app; `settings` replaces the environment's (tests, embedding).
+    """A new app over `settings` (default: the environment's, `get_settings`).
 
-    `redis_client` and `async_redis_client` replace the clients the lifespan would open
-    from `redis_url` (they are not closed at shutdown). The lifespan refuses to start
-    without API keys unless auth is disabled, and on a Redis that may evict keys.
+    `redis` and `async_redis` are the blocking and asyncio clients the lifespan would
+    otherwise open from `redis_url` (given ones are not closed at shutdown): the one way
+    tests and embedders give the app theirs. Everything lives on `app.state`, where the
+    dependencies (service/deps.py) read it. The lifespan refuses to start without API keys
+    unless auth is disabled, and on a Redis that may evict keys.
     """
     app = FastAPI(
         title="DDIM inversion service",
@@ -56,17 +58,16 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    if settings is not None:
-        app.dependency_overrides[get_settings] = lambda: settings
-    effective = settings or get_settings()
+    effective = settings if settings is not None else get_settings()
+    app.state.settings = effective
+    app.state.redis = redis
+    app.state.async_redis = async_redis
     app.state.metrics = GatewayMetrics()
     Gauge(
         "inversion_open_waits",
         "`Prefer: wait` submissions and event streams open in this gateway process.",
         registry=app.state.metrics.registry,
     ).set_function(lambda: _open_waits(app))
-    app.state.redis_client = redis_client
-    app.state.async_redis_client = async_redis_client
     install_error_handlers(app)
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=effective.max_upload_bytes + FORM_OVERHEAD_BYTES
@@ -89,6 +90,10 @@ def create_app(
             expose_headers=["Location", "Retry-After", *CORS_RESPONSE_HEADERS],
         )
     app.include_router(inversions.router)
+    app.include_router(status.router)
+    app.include_router(downloads.router)
+    app.include_router(events.router)
+    app.include_router(capacity.router)
     app.include_router(health.router)
     app.include_router(page.router)
     return app

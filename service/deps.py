@@ -1,5 +1,9 @@
 """Annotated dependencies, so that route signatures read like prose.
 
+Settings, the Redis clients and the listener are the app's own (`create_app` and its
+lifespan put them on `app.state`); every dependency reads them from there, and tests
+give theirs to `create_app`.
+
 `OwnerDep` authenticates the caller: its value is the SHA-256 of the caller's API key (""
 while auth is disabled), and every job lookup compares it with the job's recorded owner.
 
@@ -15,36 +19,31 @@ from typing import Annotated
 import redis
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-from rq import Queue
-from rq.serializers import JSONSerializer
 
-from service import auth
+from service import auth, rq_adapter
 from service.auth_middleware import owner_of
 from service.listener import JobListener
 from service.metrics import GatewayMetrics
-from service.settings import GatewaySettings, get_settings
+from service.settings import GatewaySettings
 
 
 async def get_redis(request: Request) -> redis.Redis:
-    """The client the lifespan opened; tests override this with a FakeRedis."""
+    """The app's blocking client: given to `create_app`, or opened by the lifespan."""
     return request.app.state.redis
 
 
 async def get_app_settings(request: Request) -> GatewaySettings:
-    """`get_settings`, or what the app overrides it with (`create_app(settings)`, tests), as
-    the lifespan reads it: the override stays keyed on `get_settings`."""
-    factory = request.app.dependency_overrides.get(get_settings, get_settings)
-    settings: GatewaySettings = factory()
-    return settings
+    """The app's settings: given to `create_app`, or the environment's (`get_settings`)."""
+    return request.app.state.settings
 
 
 SettingsDep = Annotated[GatewaySettings, Depends(get_app_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
 
 
-async def get_queue(connection: RedisDep, settings: SettingsDep) -> Queue:
-    """The RQ queue, with the JSON serializer the contract mandates (never pickle)."""
-    return Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+async def get_queue(connection: RedisDep, settings: SettingsDep) -> rq_adapter.Queue:
+    """The queue workers drain."""
+    return rq_adapter.open_queue(connection, settings.queue_name)
 
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`")
@@ -85,7 +84,7 @@ async def get_metrics(request: Request) -> GatewayMetrics:
     return request.app.state.metrics
 
 
-QueueDep = Annotated[Queue, Depends(get_queue)]
+QueueDep = Annotated[rq_adapter.Queue, Depends(get_queue)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
 ListenerDep = Annotated[JobListener, Depends(get_listener)]
 OwnerDep = Annotated[str, Depends(get_owner)]

@@ -30,9 +30,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import redis
-from rq import Queue
-from rq.job import Job
-from rq.job import JobStatus as RQStatus
 
 from ddim_inversion.errors import ErrorCode
 from ddim_inversion.held_bytes import settle_held_bytes
@@ -44,6 +41,7 @@ from ddim_inversion.keys import (
     owner_jobs_key,
     rate_key,
 )
+from service import rq_adapter
 from service.errors import RETRY_AFTER_S, ProblemError
 from service.settings import GatewaySettings
 
@@ -53,24 +51,11 @@ ADMISSION_GRACE_S = 60
 """How long an admission may wait for its enqueue: one whose request was lost (a gateway
 killed, a reply lost with a transaction that never ran) lapses after this."""
 
-ACTIVE_RQ_STATUSES = tuple(
-    s.value
-    for s in (
-        RQStatus.CREATED,
-        RQStatus.QUEUED,
-        RQStatus.DEFERRED,
-        RQStatus.SCHEDULED,
-        RQStatus.READY_TO_ENQUEUE,
-        RQStatus.RATE_LIMITED,
-        RQStatus.STARTED,
-    )
-)
-"""RQ statuses of a job still waiting or running; a deleted or expired job has none."""
-
 ADMIT_LUA = """
 -- KEYS: queue, admitting, owner jobs, held, held bytes, held total.
 -- ARGV: job, now, grace, per-key ('1'), max depth, max jobs, max cost, max bytes,
---       job cost, job bytes, key ttl, RQ job key prefix, then RQ's active statuses.
+--       job cost, job bytes, key ttl, RQ's job key prefix and status field, then RQ's
+--       active statuses (all three from service/rq_adapter.py).
 local job, now, grace = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local per_key = ARGV[4] == '1'
 redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - grace)
@@ -93,12 +78,12 @@ local depth = redis.call('LLEN', KEYS[1]) + redis.call('ZCARD', KEYS[2])
 if depth >= tonumber(ARGV[5]) then return {'queue_full', depth} end
 if per_key then
   local active = {}
-  for i = 13, #ARGV do active[ARGV[i]] = true end
+  for i = 14, #ARGV do active[ARGV[i]] = true end
   local count, cost = 0, 0
   local entries = redis.call('HGETALL', KEYS[3])
   for i = 1, #entries, 2 do
     local id = entries[i]
-    local status = redis.call('HGET', ARGV[12] .. id, 'status')
+    local status = redis.call('HGET', ARGV[12] .. id, ARGV[13])
     local live
     if status then
       live = active[status] == true
@@ -175,7 +160,7 @@ def _text(value: Any) -> str:
 def admit(
     connection: redis.Redis,
     settings: GatewaySettings,
-    queue: Queue,
+    queue: rq_adapter.Queue,
     owner: str,
     job_id: str,
     size: JobSize,
@@ -188,7 +173,7 @@ def admit(
     """
     now = time.time() if now is None else now
     keys = [
-        queue.key,
+        rq_adapter.queue_key(queue),
         ADMITTING_KEY,
         owner_jobs_key(owner),
         owner_held_key(owner),
@@ -207,8 +192,9 @@ def admit(
         size.cost,
         size.bytes,
         settings.input_ttl_s + settings.failure_ttl_s,
-        Job.redis_job_namespace_prefix,
-        *ACTIVE_RQ_STATUSES,
+        rq_adapter.JOB_KEY_PREFIX,
+        rq_adapter.STATUS_FIELD,
+        *rq_adapter.ACTIVE_STATUSES,
     ]
     verdict, value = connection.eval(ADMIT_LUA, len(keys), *keys, *args)  # type: ignore[misc]
     verdict, value = _text(verdict), int(value)

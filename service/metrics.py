@@ -13,22 +13,20 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import timezone
 from typing import Any
 
 import redis
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
-from rq import Queue
-from rq.job import Job
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ddim_inversion.contract import JobStatus
 from ddim_inversion.errors import ErrorCode
 from ddim_inversion.job_metrics import DURATION_BUCKETS_S
 from ddim_inversion.keys import JOB_METRICS_KEY, THROUGHPUT_KEY, WORKERS_KEY
-from service import jobs
+from service import rq_adapter, views, workers
+from service.rq_adapter import Queue
 
 
 class JobMetricsCollector(Collector):
@@ -102,26 +100,26 @@ class PoolCollector(Collector):
         connection, queues, stale_s = self.scrape
         pipe = connection.pipeline(transaction=False)
         for queue in queues:
-            pipe.llen(queue.key)
-            pipe.zcard(queue.started_job_registry.key)
-            pipe.zrevrange(queue.failed_job_registry.key, 0, FAILED_SCAN_LIMIT - 1)
+            pipe.llen(rq_adapter.queue_key(queue))
+            pipe.zcard(rq_adapter.started_key(queue))
+            pipe.zrevrange(rq_adapter.failed_key(queue), 0, FAILED_SCAN_LIMIT - 1)
         pipe.hgetall(WORKERS_KEY)
         pipe.hgetall(THROUGHPUT_KEY)
         *per_queue, raw_workers, raw_rates = pipe.execute()
-        rates = {_text(name): jobs.images_per_s(raw) for name, raw in raw_rates.items()}
+        rates = workers.rates_by_worker(raw_rates)
 
-        workers = GaugeMetricFamily(
+        per_worker = GaugeMetricFamily(
             "inversion_worker_images_per_second",
             "Images per second of each live worker (its moving average over recent batches).",
             labels=["worker", "model"],
         )
         total_rate = 0.0
-        for record in jobs.fresh_workers(raw_workers, stale_s):
+        for record in workers.fresh_workers(raw_workers, stale_s):
             rate = rates.get(record.name)
             if rate is not None:
-                workers.add_metric([record.name, record.model.name], rate)
+                per_worker.add_metric([record.name, record.model.name], rate)
                 total_rate += rate
-        yield workers
+        yield per_worker
 
         depth = GaugeMetricFamily(
             "inversion_queue_jobs",
@@ -148,21 +146,22 @@ class PoolCollector(Collector):
         held: dict[str, Failure] = {}
         for index, queue in enumerate(queues):
             queued, running, failed_ids = per_queue[3 * index : 3 * index + 3]
-            depth.add_metric([queue.name, "queued"], queued)
-            depth.add_metric([queue.name, "running"], running)
-            estimate = jobs.estimate_wait_s(queued, total_rate or None)
+            name = rq_adapter.queue_name(queue)
+            depth.add_metric([name, "queued"], queued)
+            depth.add_metric([name, "running"], running)
+            estimate = workers.estimate_wait_s(queued, total_rate or None)
             if estimate is not None:
-                wait.add_metric([queue.name], estimate)
+                wait.add_metric([name], estimate)
             counts: dict[str, int] = {}
             latest: dict[str, float] = {}
-            for failure in self._classify(connection, queue, [_text(i) for i in failed_ids], held):
+            for failure in self._classify(connection, [_text(i) for i in failed_ids], held):
                 counts[failure.code] = counts.get(failure.code, 0) + 1
                 if failure.failed_at is not None:
                     latest[failure.code] = max(latest.get(failure.code, 0.0), failure.failed_at)
             for code, count in sorted(counts.items()):
-                failed.add_metric([queue.name, code], count)
+                failed.add_metric([name, code], count)
             for code, moment in sorted(latest.items()):
-                last.add_metric([queue.name, code], moment)
+                last.add_metric([name, code], moment)
         self._failures = held  # forget jobs no longer in any failed registry
         yield depth
         yield wait
@@ -170,35 +169,20 @@ class PoolCollector(Collector):
         yield last
 
     def _classify(
-        self, connection: redis.Redis, queue: Queue, job_ids: list[str], held: dict[str, Failure]
+        self, connection: redis.Redis, job_ids: list[str], held: dict[str, Failure]
     ) -> Iterator[Failure]:
         """Each failed job's code (as its status shows it) and time, read once per process."""
         unknown = [job_id for job_id in job_ids if job_id not in self._failures]
-        fetched = Job.fetch_many(unknown, connection=connection, serializer=queue.serializer)
-        for job in fetched:
+        for job in rq_adapter.fetch_many(connection, unknown):
             if job is None:  # expired while still listed: RQ cleans registries lazily
                 continue
-            error = jobs.job_error(job, JobStatus.FAILED)
+            error = views.job_error(job, JobStatus.FAILED)
             code = error.code.value if error is not None else ErrorCode.INTERNAL.value
-            self._failures[job.id] = Failure(code, _failed_at(job))
+            self._failures[job.id] = Failure(code, rq_adapter.failed_at(job))
         for job_id in job_ids:
             if job_id in self._failures:
                 held[job_id] = self._failures[job_id]
                 yield held[job_id]
-
-
-def _failed_at(job: Job) -> float | None:
-    """When the job failed: RQ's `ended_at`, or its failure Result's time (a job failed by
-    RQ's lost-worker cleanup has no `ended_at`)."""
-    moment = job.ended_at
-    if moment is None:
-        result = job.latest_result()
-        moment = result.created_at if result is not None else None
-    if moment is None:
-        return None
-    if moment.tzinfo is None:  # RQ stores naive UTC
-        moment = moment.replace(tzinfo=timezone.utc)
-    return moment.timestamp()
 
 
 def _text(value: bytes | str) -> str:
@@ -251,19 +235,10 @@ class GatewayMetrics:
             return self._render(connection, queue, worker_stale_s)
 
     def _render(self, connection: redis.Redis, queue: Queue, worker_stale_s: float) -> bytes:
-        self.queue_depth.set(queue.count)
-        registries = {
-            "started": queue.started_job_registry,
-            "finished": queue.finished_job_registry,
-            "failed": queue.failed_job_registry,
-            "canceled": queue.canceled_job_registry,
-            "deferred": queue.deferred_job_registry,
-            "scheduled": queue.scheduled_job_registry,
-        }
-        for name, registry in registries.items():
-            # No cleanup: a scrape must not move jobs between registries.
-            self.registry_jobs.labels(name).set(registry.get_job_count(cleanup=False))
-        self.live_workers.set(len(jobs.live_workers(connection, worker_stale_s)))
+        self.queue_depth.set(rq_adapter.queue_depth(queue))
+        for name, count in rq_adapter.registry_counts(queue).items():
+            self.registry_jobs.labels(name).set(count)
+        self.live_workers.set(len(workers.live_workers(connection, worker_stale_s)))
         self.jobs.connection = connection
         self.pool.scrape = (connection, [queue], worker_stale_s)
         try:

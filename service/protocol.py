@@ -24,15 +24,16 @@ from typing import Any
 import redis
 import redis.asyncio
 from pydantic import BaseModel
-from rq.job import Job
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ddim_inversion.errors import ErrorCode
-from ddim_inversion.keys import KEY_PREFIX, ended_key
+from ddim_inversion.keys import ended_key, idempotency_key
+from service import auth, rq_adapter
 from service.errors import ProblemError
 from service.listener import JobListener, until
+from service.settings import GatewaySettings
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
 _KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
@@ -41,14 +42,8 @@ _WAIT_PATTERN = re.compile(r"^\s*wait\s*=\s*\"?(\d{1,9})\"?\s*$", re.IGNORECASE)
 KEEPALIVE_S = 15.0
 """An SSE comment this often, so that proxies do not close a quiet stream."""
 
-TERMINAL_RQ = frozenset({b"finished", b"failed", b"canceled", b"stopped"})
-
 
 # -- Idempotency-Key ---------------------------------------------------------------------
-
-
-def idempotency_key(owner: str, key: str) -> str:
-    return f"{KEY_PREFIX}idem:{owner}:{key}"
 
 
 def check_key(value: str | None) -> str | None:
@@ -97,7 +92,7 @@ def claim(
         if existing.get("payload_hash") != payload_hash:
             raise _mismatch()
         other = str(existing["job_id"])
-        return other, bool(connection.exists(Job.key_for(other)))
+        return other, bool(connection.exists(rq_adapter.job_key(other)))
 
 
 def release(connection: redis.Redis, owner: str, key: str, job_id: str) -> None:
@@ -106,13 +101,19 @@ def release(connection: redis.Redis, owner: str, key: str, job_id: str) -> None:
     name = idempotency_key(owner, key)
     pipe = connection.pipeline(transaction=False)
     pipe.get(name)
-    pipe.exists(Job.key_for(job_id))
+    pipe.exists(rq_adapter.job_key(job_id))
     raw, exists = pipe.execute()
     if raw is not None and not exists and json.loads(raw).get("job_id") == job_id:
         connection.delete(name)
 
 
 # -- Prefer: wait=N ----------------------------------------------------------------------
+
+
+def waiter_limit(owner: str, settings: GatewaySettings) -> int | None:
+    """A key's limit of open waits and event streams; none for the anonymous owner (auth
+    disabled), like every per-key limit."""
+    return None if owner == auth.ANONYMOUS else settings.max_waiters_per_key
 
 
 def preferred_wait(headers: list[str], cap_s: int) -> int | None:
@@ -131,10 +132,11 @@ async def has_ended(client: redis.asyncio.Redis, job_id: str) -> bool:
     """Whether the job ended or vanished: its RQ status (which also covers a job that ended
     without a worker: lost), or its `ended` signal (written with the end)."""
     async with client.pipeline(transaction=False) as pipe:
-        pipe.hget(Job.key_for(job_id), "status")
+        pipe.hget(rq_adapter.job_key(job_id), rq_adapter.STATUS_FIELD)
         pipe.exists(ended_key(job_id))
-        state, signalled = await pipe.execute()
-    return state is None or state in TERMINAL_RQ or bool(signalled)
+        raw, signalled = await pipe.execute()
+    state = rq_adapter.contract_status(raw)
+    return state is None or state.is_terminal or bool(signalled)
 
 
 async def wait_until_ended(listener: JobListener, job_id: str, wait_s: float) -> bool:

@@ -26,7 +26,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from service.listener import JobListener
-from service.settings import GatewaySettings, get_settings
+from service.settings import GatewaySettings
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def check_eviction_policy(client: Any) -> str | None:
     """Raise RuntimeError unless Redis's maxmemory-policy is noeviction.
 
     Returns the policy, or None when it could not be read: CONFIG refused (managed Redis:
-    a warning) or Redis unreachable (the gateway starts anyway; /readyz reports 503).
+    a warning) or Redis unreachable (the gateway starts anyway; /readyz answers 503).
     """
     try:
         reply = client.config_get("maxmemory-policy")
@@ -104,28 +104,30 @@ def check_eviction_policy(client: Any) -> str | None:
 
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Check the settings, open the clients (unless given), check Redis's policy; at the
-    end stop the job-events listener and close what it opened."""
-    settings_factory = app.dependency_overrides.get(get_settings, get_settings)
-    settings: GatewaySettings = settings_factory()
+    """Check the settings (`create_app` put them on `app.state`), open the clients it was
+    not given, check Redis's policy; at the end stop the job-events listener and close
+    what it opened."""
+    settings: GatewaySettings = app.state.settings
     settings.require_auth_configured()
-    given = getattr(app.state, "redis_client", None)
-    client = given if given is not None else open_redis(settings)
+    given = app.state.redis is not None
+    client = app.state.redis if given else open_redis(settings)
     try:
         check_eviction_policy(client)
     except BaseException:
-        if given is None:
+        if not given:
             client.close()
         raise
-    given_async = getattr(app.state, "async_redis_client", None)
-    async_client = given_async if given_async is not None else open_async_redis(settings)
-    app.state.redis = client
+    given_async = app.state.async_redis is not None
+    async_client = app.state.async_redis if given_async else open_async_redis(settings)
+    app.state.redis, app.state.async_redis = client, async_client
     app.state.listener = JobListener(async_client)
     try:
         yield
     finally:
         await app.state.listener.close()
-        if given_async is None:
+        if not given_async:
             await async_client.aclose()
-        if given is None:
+            app.state.async_redis = None
+        if not given:
             client.close()
+            app.state.redis = None

@@ -97,14 +97,42 @@ class JobView(BaseModel):
 
 
 class WorkerView(BaseModel):
+    """A live worker: its name, the model it serves, seconds since its heartbeat."""
+
     name: str
     model: str
     heartbeat_age_s: float
 
 
 class Readiness(BaseModel):
+    """The gateway can serve (Redis answers); `workers` may be empty: jobs then queue."""
+
     status: str = "ready"
-    workers: list[WorkerView]
+    workers: list[WorkerView] = Field(description="Live workers, the most recent first.")
+
+
+class WorkerCapacity(WorkerView):
+    images_per_s: float | None = Field(
+        None, description="Its moving average over recent batches; null until it ran one."
+    )
+
+
+class Capacity(BaseModel):
+    """What the worker pool can take now. Submissions are accepted without any worker
+    (they queue until one starts): this says how long they would wait."""
+
+    workers: list[WorkerCapacity] = Field(description="Live workers, the most recent first.")
+    models: list[str] = Field(description="The models the live workers serve.")
+    queued: int = Field(description="Jobs waiting in the queue.")
+    running: int = Field(description="Jobs the workers are running.")
+    images_per_s: float | None = Field(
+        None, description="The live workers' images per second together; null while unknown."
+    )
+    estimated_wait_s: float | None = Field(
+        None,
+        description="Seconds until a job submitted now would have run: (queued + 1) / "
+        "images_per_s; null while unknown.",
+    )
 
 
 class Health(BaseModel):

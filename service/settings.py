@@ -1,7 +1,7 @@
 """The gateway's settings: every limit it enforces, read once from `INVERSION_*` variables.
 
-Nothing else in the gateway reads the environment. Routes receive the settings through the
-`get_settings` dependency, so a test (or `create_app(settings)`) can replace them whole.
+Nothing else in the gateway reads the environment. `create_app` takes them once (its
+argument, or `get_settings()`) and keeps them on `app.state`, where routes read them.
 """
 
 from __future__ import annotations
@@ -289,5 +289,5 @@ _SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 @lru_cache
 def get_settings() -> GatewaySettings:
-    """The process's settings, validated once; a FastAPI dependency that tests override."""
+    """The process's settings from the environment, validated once."""
     return GatewaySettings()

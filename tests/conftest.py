@@ -277,9 +277,11 @@ def shared_stack(
 
 
 def _is_ready(url: str) -> bool:
+    """The gateway is ready and a worker is live (readiness alone needs no worker)."""
     import httpx
 
-    return httpx.get(url + "/readyz").status_code == 200
+    answer = httpx.get(url + "/readyz")
+    return answer.status_code == 200 and bool(answer.json()["workers"])
 
 
 @pytest.fixture

@@ -1,47 +1,50 @@
-"""Queue jobs exactly as a gateway does (normalised RGB beside an RQ job), for worker tests."""
+"""Queue jobs as a gateway does, through the gateway's own enqueue, for worker tests."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from redis import Redis
-from rq import Queue
-from rq.serializers import JSONSerializer
 
 from ddim_inversion import imaging
-from ddim_inversion.contract import JOB_FUNCTION, META_OWNER, JobPayload
-from ddim_inversion.keys import QUEUE_NAME, input_key
+from ddim_inversion.keys import QUEUE_NAME
 from ddim_inversion.params import InversionParams
+from service import jobs
+from service.settings import GatewaySettings
+from worker import rq_adapter
+from worker.rq_adapter import Queue
 
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
 def queue_for(connection: Redis) -> Queue:
-    return Queue(QUEUE_NAME, connection=connection, serializer=JSONSerializer)
+    return rq_adapter.open_queue(connection, QUEUE_NAME)
 
 
 def enqueue(
-    connection: Redis, image: str | Path = "chelsea.png", timeout: int = 600, **params: Any
+    connection: Redis,
+    image: str | Path = "chelsea.png",
+    timeout: int = 600,
+    retries: int = 0,
+    **params: Any,
 ) -> str:
+    """Queue one job of the anonymous owner, the image normalised as the gateway does; its id."""
     parsed = InversionParams(**({"prompt": "a photo"} | params))
     size = parsed.resolution or (64, 64)
-    array = imaging.normalize((SAMPLES / image).read_bytes(), size, parsed.resize_mode)
-    job_id = str(uuid.uuid4())
-    connection.set(input_key(job_id), np.ascontiguousarray(array).tobytes())
-    payload = JobPayload(params=parsed, image_width=size[0], image_height=size[1])
-    queue_for(connection).enqueue(
-        JOB_FUNCTION,
-        kwargs={"payload": payload.model_dump(mode="json")},
-        job_id=job_id,
-        job_timeout=timeout,
-        result_ttl=3600,
-        failure_ttl=3600,
-        meta={META_OWNER: ""},
+    rgb = imaging.normalize((SAMPLES / image).read_bytes(), size, parsed.resize_mode)
+    settings = GatewaySettings(
+        redis_url="redis://unused.invalid",
+        job_timeout_s=timeout,
+        result_ttl_s=3600,
+        failure_ttl_s=3600,
+        max_retries=retries,
     )
-    return job_id
+    job = jobs.enqueue(
+        connection, queue_for(connection), settings, parsed, np.ascontiguousarray(rgb), owner=""
+    )
+    return job.id
 
 
 def solo_latents(model: Any, image: str, **params: Any) -> Any:

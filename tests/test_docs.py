@@ -9,6 +9,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import params_doc  # noqa: E402
 import settings_doc  # noqa: E402
 
 
@@ -17,6 +18,25 @@ def test_readme_settings_tables_are_current():
     assert settings_doc.readme_section(readme) == settings_doc.tables().strip(), (
         "README settings are stale: run `python scripts/settings_doc.py --write`"
     )
+
+
+def test_readme_parameter_table_is_current():
+    readme = (ROOT / "README.md").read_text()
+    assert params_doc.readme_section(readme) == params_doc.table().strip(), (
+        "README parameter table is stale: run `python scripts/params_doc.py --write`"
+    )
+
+
+def test_the_parameter_table_reads_the_contract():
+    """Each row's type, bounds, default and flag are the field's, not restated by hand."""
+    cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in params_doc.table().splitlines()]
+    rows = {row[0].strip(" `"): [cell.strip() for cell in row[1:]] for row in cells[2:]}
+    assert rows["num_inference_steps"][:3] == ["integer 1..1000", "`50`", "`--steps`"]
+    assert rows["method"][:3] == ["`ddim` \\| `null_text`", "`ddim`", "`--method`"]
+    assert rows["refine_tolerance"][:2] == ["number > 0, <= 1", "`0.0001`"]
+    assert rows["seed"][:2] == ["integer 0..2^63-1", "absent"]
+    assert rows["prompt"][1] == "required" and rows["verify"][1] == "`false`"
+    assert rows["webhook_url"][2] == ""  # a submission's option, not an engine flag
 
 
 def test_every_inversion_variable_in_the_code_is_documented():

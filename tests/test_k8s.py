@@ -434,6 +434,45 @@ def test_keda_triggers_follow_each_model_queue(rendered) -> None:
             assert minimum == (0 if overlay == "scale-to-zero" else 1), overlay
 
 
+def test_a_pool_at_zero_keeps_gateways_ready_and_a_new_job_wakes_it(rendered) -> None:
+    """What components/scale-to-zero needs of the gateway: with no worker alive, the
+    readiness probe answers 200 (gateways stay in the Service), and a job submitted then
+    lands in the list the ScaledObject's Redis trigger reads, which starts a worker."""
+    import io
+
+    import fakeredis
+    from fastapi.testclient import TestClient
+    from PIL import Image
+
+    from service.app import create_app
+    from service.settings import GatewaySettings
+
+    resources = rendered["scale-to-zero"]
+    (scaled,) = by_kind(resources, "ScaledObject")
+    assert scaled["spec"]["minReplicaCount"] == 0
+    (trigger,) = [t["metadata"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
+    (gateway,) = containers_of(resources, "gateway")
+    queue = env_of(gateway).get("INVERSION_QUEUE_NAME", {}).get("value")
+    settings = GatewaySettings(
+        redis_url="redis://unused.invalid:6379/0",
+        auth_disabled=True,
+        **({"queue_name": queue} if queue else {}),
+    )
+    server = fakeredis.FakeServer()
+    connection = fakeredis.FakeRedis(server=server)
+    app = create_app(settings, connection, fakeredis.FakeAsyncRedis(server=server))
+    image = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(image, format="PNG")
+    with TestClient(app) as client:
+        probe = client.get(gateway["readinessProbe"]["httpGet"]["path"])
+        assert probe.status_code == 200, probe.text
+        files = {"image": ("a.png", image.getvalue())}
+        answer = client.post("/v1/inversions", data={"prompt": "a cat"}, files=files)
+        assert answer.status_code == 202, answer.text
+    activation = int(trigger.get("activationListLength", "0"))
+    assert connection.llen(trigger["listName"]) > activation
+
+
 def selectors(expr: Any) -> list[Any]:
     found: list[Any] = []
     promql.walk(expr, lambda n: found.append(n) if isinstance(n, promql.VectorSelector) else None)

@@ -7,10 +7,9 @@ import time
 
 import numpy as np
 from redis import Redis
-from rq import Queue
-from rq.serializers import JSONSerializer
 
 from ddim_inversion.params import InversionParams
+from worker import rq_adapter
 from worker.batching import InversionWorker
 from worker.compile import compile_unet, warm_up_buckets
 from worker.engine import InversionRequest, invert
@@ -47,10 +46,26 @@ def warm_up(model: LoadedModel) -> float:
     return time.perf_counter() - started
 
 
+def prepare(model: LoadedModel, settings: WorkerSettings) -> int:
+    """Ready the loaded model to serve: warm it up (`warmup`), compile it (`compile`, its
+    buckets warmed up whatever `warmup` says: that is when they compile); its batch size."""
+    if settings.warmup:
+        log.info("warm-up took %.2f s", warm_up(model))
+    max_batch_size = settings.max_batch_size or default_batch_size(model)
+    if settings.compile != "none":
+        started = time.perf_counter()
+        compile_unet(model, settings.compile, max_rows=2 * max_batch_size)
+        warm_up_buckets(model)
+        log.info(
+            "compiled the UNet (%s) in %.1f s", settings.compile, time.perf_counter() - started
+        )
+    return max_batch_size
+
+
 def build_worker(
     settings: WorkerSettings, model: LoadedModel, connection: Redis, max_batch_size: int
 ) -> InversionWorker:
-    queue = Queue(settings.queue_name, connection=connection, serializer=JSONSerializer)
+    queue = rq_adapter.open_queue(connection, settings.queue_name)
     return InversionWorker(
         [queue],
         connection=connection,
@@ -75,21 +90,8 @@ def run(burst: bool = False) -> int:
     except ModelLoadError as exc:
         log.error("cannot load the model: %s", exc)
         return 2
-    log.info(
-        "model %s loaded on %s (%s); warm-up took %.2f s",
-        model.name,
-        model.device,
-        model.dtype,
-        warm_up(model),
-    )
-    max_batch_size = settings.max_batch_size or default_batch_size(model)
-    if settings.compile != "none":
-        started = time.perf_counter()
-        compile_unet(model, settings.compile, max_rows=2 * max_batch_size)
-        warm_up_buckets(model)
-        log.info(
-            "compiled the UNet (%s) in %.1f s", settings.compile, time.perf_counter() - started
-        )
+    log.info("model %s loaded on %s (%s)", model.name, model.device, model.dtype)
+    max_batch_size = prepare(model, settings)
     connection = Redis.from_url(
         settings.redis_url, socket_connect_timeout=5, health_check_interval=10
     )

@@ -68,9 +68,6 @@ class WorkerSettings(BaseSettings):
         "(or, full, to have room for them); past it the batch is given up and its jobs run "
         "again (a full Redis: they fail `storage_full`).",
     )
-    max_retries: int = Field(
-        2, ge=0, le=10, description="How often a job whose worker died is run again."
-    )
     compile: Literal["none", "torch", "torch-cudagraphs"] = Field(
         "none",
         description="Compile the UNet per batch-size bucket (batches padded to powers of two), "
@@ -82,7 +79,11 @@ class WorkerSettings(BaseSettings):
         description="torch CPU threads; 0 leaves torch's default. Results depend on it in "
         "their last bits: give a worker and `ddim-invert local` the same count to compare.",
     )
-    warmup: bool = Field(True, description="Run a short inversion before registering as ready.")
+    warmup: bool = Field(
+        True,
+        description="Run a short inversion before registering as ready, so that the first "
+        "job does not pay for lazy initialisation.",
+    )
     webhook_secret: str = Field(
         "",
         description="HMAC-SHA256 key of `X-Inversion-Signature` on webhook deliveries; "

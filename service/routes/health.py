@@ -1,4 +1,4 @@
-"""Probes and metrics: liveness without Redis, readiness with Redis and a live worker."""
+"""Probes and metrics: liveness without Redis, readiness with Redis (workers or not)."""
 
 from __future__ import annotations
 
@@ -6,11 +6,10 @@ import time
 
 from fastapi import APIRouter, Response
 
-from ddim_inversion.errors import ErrorCode
-from service import jobs
+from service import workers
 from service.deps import MetricsDep, QueueDep, RedisDep, SettingsDep
-from service.errors import PROBLEM_MEDIA_TYPE, RETRY_AFTER_S, ProblemError
-from service.schemas import Health, Readiness, WorkerView
+from service.errors import PROBLEM_MEDIA_TYPE
+from service.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
 
@@ -24,29 +23,18 @@ def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    summary="Readiness: Redis answers and a worker has a model loaded",
-    responses={503: {"description": "Not ready", "content": {PROBLEM_MEDIA_TYPE: {}}}},
+    summary="Readiness: Redis answers; the live workers, if any, are listed",
+    responses={503: {"description": "Redis does not answer", "content": {PROBLEM_MEDIA_TYPE: {}}}},
 )
 def readyz(redis: RedisDep, settings: SettingsDep) -> Readiness:
-    """Ready only when a submitted job can actually run: Redis up and a fresh worker."""
+    """Ready when the gateway can serve: its settings are valid (checked at start) and
+    Redis answers. Workers do not decide it: while none is alive, submissions queue and
+    every read is served, so a worker rollout or a pool scaled to zero keeps gateways in
+    the load balancer. The body lists the live workers (capacity: /v1/capacity)."""
     redis.ping()
-    workers = jobs.live_workers(redis, settings.worker_stale_s)
-    if not workers:
-        raise ProblemError(
-            503,
-            ErrorCode.SERVICE_UNAVAILABLE,
-            f"no worker has sent a heartbeat in the last {settings.worker_stale_s:g} s",
-            headers={"Retry-After": str(RETRY_AFTER_S)},
-        )
     now = time.time()
-    return Readiness(
-        workers=[
-            WorkerView(
-                name=w.name, model=w.model.name, heartbeat_age_s=round(now - w.heartbeat_at, 3)
-            )
-            for w in workers
-        ]
-    )
+    live = workers.live_workers(redis, settings.worker_stale_s)
+    return Readiness(workers=[workers.worker_view(w, now) for w in live])
 
 
 @router.get(

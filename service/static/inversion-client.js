@@ -8,8 +8,8 @@
 // property; tests/service/test_client_types.py fails when the two drift apart.
 
 /**
- * The parameters of a submission, as the form fields of `POST /v1/inversions` (OpenAPI:
- * its request body, less `image`). Absent or null: the service's default.
+ * The parameters of a submission, the fields of `POST /v1/inversions` (OpenAPI: either
+ * request body, multipart or JSON, less `image`). Absent or null: the service's default.
  * @typedef {Object} SubmitParams
  * @property {string} prompt The text the image is inverted under.
  * @property {string|null} [negative_prompt] Unconditional prompt for guidance.
@@ -21,8 +21,8 @@
  * @property {number|null} [seed] Seed for encode_mode=sample.
  * @property {boolean|null} [return_trajectory] Also keep every step's latent.
  * @property {string|null} [result_dtype] float32 or float16.
- * @property {string|Object<string, *>|null} [scheduler] DDIMInverseScheduler overrides
- *   (an object is sent as its JSON).
+ * @property {string|Object<string, *>|null} [scheduler] DDIMInverseScheduler overrides:
+ *   an object (the form body sends its JSON text; a string goes to the form body only).
  * @property {number|null} [refine_iterations] Fixed-point refinement iterations per step.
  * @property {number|null} [refine_tolerance] Relative change that ends a step's refinement.
  * @property {string|null} [method] ddim, or null_text (needs guidance_scale > 1).
@@ -179,8 +179,28 @@ export class InversionError extends Error {
 }
 
 /**
- * How a submission's body is built, by encoding name. Only multipart form data today; a
- * JSON body (the image as base64) is one more entry here, chosen with `submit(..., {body})`.
+ * The bytes of a Blob as base64 (standard alphabet, padded), in slices: spreading a whole
+ * image into String.fromCharCode would overflow the call stack.
+ * @param {Blob} blob
+ * @returns {Promise<string>}
+ */
+async function base64Of(blob) {
+  const bytes = new Uint8Array(await blob.arrayBuffer());
+  let binary = "";
+  for (let start = 0; start < bytes.length; start += 0x8000) {
+    binary += String.fromCharCode(...bytes.subarray(start, start + 0x8000));
+  }
+  return btoa(binary);
+}
+
+/** @param {Object<string, *>} params @returns {Array<[string, *]>} those given */
+const given = (params) =>
+  Object.entries(params).filter(([, value]) => value !== undefined && value !== null);
+
+/**
+ * How a submission's body is built, by encoding name, chosen with `submit(..., {body})`:
+ * `form` (multipart, the image as a file; an object parameter as its JSON text) or `json`
+ * (the image as base64; the parameters as JSON values). Both carry the same fields.
  * An encoder may be async (reading the image's bytes is).
  * @type {Object<string, function(Blob, SubmitParams):
  *   (FormData|{body: string, type: string}|Promise<{body: string, type: string}>)>}
@@ -189,11 +209,15 @@ const BODY_ENCODERS = {
   form: (image, params) => {
     const form = new FormData();
     form.append("image", image, image.name || "image");
-    for (const [name, value] of Object.entries(params)) {
-      if (value === undefined || value === null) continue;
+    for (const [name, value] of given(params)) {
       form.append(name, typeof value === "object" ? JSON.stringify(value) : String(value));
     }
     return form;
+  },
+  json: async (image, params) => {
+    const fields = Object.fromEntries(given(params));
+    fields.image = await base64Of(image);
+    return { body: JSON.stringify(fields), type: "application/json" };
   },
 };
 
@@ -218,7 +242,8 @@ export class InversionClient {
    * @param {SubmitParams} params
    * @param {Object} [options]
    * @param {string} [options.idempotencyKey] The same key and payload: the same job.
-   * @param {"form"} [options.body] How the body is encoded (see BODY_ENCODERS).
+   * @param {"form"|"json"} [options.body] How the body is encoded (see BODY_ENCODERS):
+   *   multipart (the default) or JSON with the image as base64.
    * @param {AbortSignal} [options.signal]
    * @returns {Promise<JobAccepted|JobView>} 202's acceptance, or the status body (200)
    *   when an Idempotency-Key replays a job that ended.

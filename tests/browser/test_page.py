@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 from pathlib import Path
@@ -250,3 +251,36 @@ def test_the_event_parser_reads_the_servers_events_cut_anywhere(shared_service, 
         assert len(parsed) == len(text) + 2
         assert all(run == [[name, data] for name, data in events] for run in parsed)
     tab.assert_clean(shared_service.url)
+
+
+def test_the_client_submits_json_as_it_submits_a_form(shared_service, tab):
+    """`submit(..., {body: "json"})` (the image as base64) makes the job the form makes: the
+    same parameters, and the same image bytes (an Idempotency-Key replays across them)."""
+    base, page = shared_service.url, tab.page
+    page.goto(base + "/")
+    answers = page.evaluate(
+        """async ({data}) => {
+            const {InversionClient} = await import("/static/inversion-client.js");
+            const client = new InversionClient();
+            const image = new Blob([Uint8Array.from(atob(data), (c) => c.charCodeAt(0))]);
+            const params = {
+                prompt: "a photo of a cat", num_inference_steps: 2, resolution: "64x128",
+                scheduler: {timestep_spacing: "trailing"}, verify: false, seed: null,
+            };
+            const byJson = await client.submit(image, params, {body: "json"});
+            const byForm = await client.submit(image, params, {body: "form"});
+            const replay = await client.submit(image, params, {body: "form", idempotencyKey: "k"});
+            const again = await client.submit(image, params, {body: "json", idempotencyKey: "k"});
+            const views = [];
+            for (const job of [byJson, byForm]) views.push(await client.status(job.id));
+            return {views, replayed: [replay.id, again.id]};
+        }""",
+        {"data": base64.b64encode((SAMPLES / "chelsea.png").read_bytes()).decode()},
+    )
+    by_json, by_form = answers["views"]
+    assert by_json["id"] != by_form["id"]
+    assert by_json["params"] == by_form["params"]
+    assert by_json["params"]["resolution"] == [64, 128]
+    assert by_json["params"]["scheduler"] == {"timestep_spacing": "trailing"}
+    assert answers["replayed"][0] == answers["replayed"][1]
+    tab.assert_clean(base)

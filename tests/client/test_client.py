@@ -106,10 +106,24 @@ def test_image_as_bytes_and_file_object_and_params(shared_service):
         )
         with CHELSEA.open("rb") as handle:
             from_file = inversions.submit(handle, "x", num_inference_steps=3)
+        as_json = inversions.submit(
+            CHELSEA,
+            "x",
+            body="json",
+            num_inference_steps=3,
+            return_trajectory=True,
+            resolution=(128, 64),
+            scheduler={"timestep_spacing": "trailing"},
+        )
         tensors = from_bytes.wait(timeout=60).result()["tensors"]
         assert tuple(tensors["trajectory"].shape) == (4, 1, 4, 8, 16)
         assert from_bytes.data["params"]["scheduler"] == {"timestep_spacing": "trailing"}
         assert from_file.wait(timeout=60).status == "succeeded"
+        # The JSON body (the image as base64) makes the same job, and the same latents.
+        assert as_json.wait(timeout=60).data["params"] == from_bytes.data["params"]
+        by_json = as_json.result(format="numpy")
+        assert by_json["metadata"] == from_bytes.result(format="numpy")["metadata"]
+        assert np.abs(by_json["tensors"]["latents"] - tensors["latents"].numpy()).max() <= 1e-5
 
 
 def test_cancel_a_queued_job(processes, tmp_path: Path):

@@ -5,6 +5,7 @@ Webhooks: tests/e2e/test_webhooks.py.
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -66,6 +67,35 @@ def test_idempotency_prefer_wait_and_estimated_wait(processes, redis_client):
     assert view["estimated_wait_s"] > 0
     for job in (long.json(), queued):
         httpx.delete(f"{base}/v1/inversions/{job['id']}")
+
+
+def test_a_json_submission_waits_and_replays_as_a_form_does(shared_service):
+    """JSON (the image as base64) with `Prefer: wait` answers 200 with the ended job; the
+    same image and fields as multipart, with the same Idempotency-Key, replay that job."""
+    base = shared_service.url
+    image = (SAMPLES / "chelsea.png").read_bytes()
+    fields = {"prompt": "a photo of a cat", "num_inference_steps": 3}
+    waited = httpx.post(
+        base + "/v1/inversions",
+        json={**fields, "image": base64.b64encode(image).decode()},
+        headers={"Idempotency-Key": "json-wait", "Prefer": "wait=30"},
+        timeout=60,
+    )
+    assert waited.status_code == 200, waited.text
+    assert waited.headers["preference-applied"] == "wait=30"
+    body = waited.json()
+    assert body["status"] == "succeeded" and body["result"]["num_inference_steps"] == 3
+    assert body == httpx.get(f"{base}/v1/inversions/{body['id']}").json()
+    replayed = httpx.post(
+        base + "/v1/inversions",
+        data={name: str(value) for name, value in fields.items()},
+        files={"image": ("chelsea.png", image, "image/png")},
+        headers={"Idempotency-Key": "json-wait"},
+        timeout=60,
+    )
+    assert replayed.status_code == 200, replayed.text
+    assert replayed.json()["id"] == body["id"]
+    assert replayed.headers["idempotent-replayed"] == "true"
 
 
 def read_events(base: str, job_id: str, events: list[tuple[str, dict]]) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -170,17 +169,35 @@ def test_two_workers_drain_one_queue(processes, redis_client):
     assert len(names) == 2
 
 
-def test_readyz_follows_workers(processes):
+def capacity(base: str) -> dict:
+    answer = httpx.get(base + "/v1/capacity")
+    assert answer.status_code == 200, answer.text
+    return answer.json()
+
+
+def test_readiness_needs_no_worker_and_capacity_follows_the_workers(processes):
     base = processes.gateway()
     assert httpx.get(base + "/healthz").status_code == 200
-    assert httpx.get(base + "/readyz").status_code == 503
+    ready = httpx.get(base + "/readyz")
+    assert (ready.status_code, ready.json()) == (200, {"status": "ready", "workers": []})
+    assert capacity(base)["workers"] == []
+    # A ready gateway without workers takes jobs: they wait for one.
+    job = submit(base, num_inference_steps=3)
+    assert status(base, job["id"])["status"] == "queued"
+    assert capacity(base)["queued"] == 1
+
     worker = processes.worker()
-    assert httpx.get(base + "/readyz").status_code == 200
+    (live,) = httpx.get(base + "/readyz").json()["workers"]
+    now = capacity(base)
+    assert [(w["name"], w["model"]) for w in now["workers"]] == [(live["name"], live["model"])]
+    assert now["models"] == [live["model"]]
+    assert wait_status(base, job["id"], {"succeeded", "failed"})["status"] == "succeeded"
+
     worker.terminate()
     worker.wait(20)
-    assert httpx.get(base + "/readyz").status_code == 503
-    started = time.monotonic()
-    assert time.monotonic() - started < 5
+    ready = httpx.get(base + "/readyz")
+    assert (ready.status_code, ready.json()["workers"]) == (200, [])
+    assert capacity(base)["workers"] == []
 
 
 def test_sigterm_finishes_the_running_job_then_exits(processes):

@@ -18,8 +18,8 @@ from rq.serializers import JSONSerializer
 from ddim_inversion.contract import ModelInfo, WorkerRecord
 from ddim_inversion.keys import QUEUE_NAME, WORKERS_KEY
 from service.app import create_app
-from service.deps import get_redis
 from service.settings import GatewaySettings
+from tests.worker_writes import WorkerWrites
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 
@@ -57,21 +57,21 @@ def settings() -> GatewaySettings:
 def make_client(
     redis: fakeredis.FakeRedis, fake_server: fakeredis.FakeServer
 ) -> Iterator[Callable[..., TestClient]]:
-    """A client over a fresh app; keyword arguments override settings fields.
+    """A client over a fresh app; keyword arguments override settings fields, and
+    `connection` replaces the FakeRedis (the blocking client) the app is given.
 
     Auth is disabled unless a test passes `auth_disabled=False` (and `api_key_hashes`).
     """
     clients: list[TestClient] = []
 
-    def make(**overrides: Any) -> TestClient:
+    def make(connection: Any = None, **overrides: Any) -> TestClient:
         fields = {"redis_url": "redis://unused.invalid:6379/0", "auth_disabled": True}
         settings = GatewaySettings(**{**fields, **overrides})
         app = create_app(
             settings,
-            redis_client=redis,
-            async_redis_client=fakeredis.FakeAsyncRedis(server=fake_server),
+            redis=redis if connection is None else connection,
+            async_redis=fakeredis.FakeAsyncRedis(server=fake_server),
         )
-        app.dependency_overrides[get_redis] = lambda: redis
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)
@@ -90,6 +90,12 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
 @pytest.fixture
 def queue(redis: fakeredis.FakeRedis) -> Queue:
     return Queue(QUEUE_NAME, connection=redis, serializer=JSONSerializer)
+
+
+@pytest.fixture
+def writes(redis: fakeredis.FakeRedis) -> WorkerWrites:
+    """A worker's writes of a job's start, progress and end, on the app's Redis."""
+    return WorkerWrites(redis)
 
 
 @pytest.fixture

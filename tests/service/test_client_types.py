@@ -17,7 +17,9 @@ from service.settings import GatewaySettings
 
 CLIENT = STATIC_DIR / "inversion-client.js"
 SUBMIT_TYPEDEF = "SubmitParams"
-"""The typedef of the submission's fields: the request body's schema, less the image."""
+"""The typedef of the submission's fields: either request body's schema, less the image."""
+SUBMIT_BODIES = ("multipart/form-data", "application/json")
+"""The encodings of a submission (the client's BODY_ENCODERS `form` and `json`)."""
 
 _BLOCK = re.compile(r"/\*\*(.*?)\*/", re.S)
 _TYPEDEF = re.compile(r"@typedef\s+\{(.*?)\}\s+(\w+)", re.S)
@@ -89,9 +91,11 @@ def declared() -> dict[str, dict[str, tuple[set[str], bool]]]:
     return typedefs(CLIENT.read_text())
 
 
-def submit_schema_name(openapi: dict[str, Any]) -> str:
+def submit_schema(openapi: dict[str, Any], media_type: str) -> dict[str, Any]:
+    """The request body's schema for one content type (inline: the route reads its body)."""
     body = openapi["paths"]["/v1/inversions"]["post"]["requestBody"]["content"]
-    return str(body["multipart/form-data"]["schema"]["$ref"].rsplit("/", 1)[1])
+    schema: dict[str, Any] = body[media_type]["schema"]
+    return schema
 
 
 def api_schemas(openapi: dict[str, Any]) -> set[str]:
@@ -116,7 +120,7 @@ def api_schemas(openapi: dict[str, Any]) -> set[str]:
 
 
 def test_every_schema_of_the_api_has_a_typedef(openapi, declared):
-    wanted = api_schemas(openapi) - {submit_schema_name(openapi), "ErrorCode"}
+    wanted = api_schemas(openapi) - {"ErrorCode"}
     missing = sorted(wanted - set(declared))
     assert not missing, f"inversion-client.js lacks typedefs for {missing}"
     assert SUBMIT_TYPEDEF in declared
@@ -125,7 +129,7 @@ def test_every_schema_of_the_api_has_a_typedef(openapi, declared):
 @pytest.mark.parametrize(
     "typedef",
     [
-        SUBMIT_TYPEDEF,
+        *(f"{SUBMIT_TYPEDEF}:{media_type}" for media_type in SUBMIT_BODIES),
         "JobAccepted",
         "JobUrls",
         "JobView",
@@ -138,8 +142,9 @@ def test_every_schema_of_the_api_has_a_typedef(openapi, declared):
 )
 def test_typedef_properties_follow_the_schema(openapi, declared, typedef):
     schemas = openapi["components"]["schemas"]
-    if typedef == SUBMIT_TYPEDEF:
-        schema = schemas[submit_schema_name(openapi)]
+    if typedef.startswith(SUBMIT_TYPEDEF):
+        typedef, media_type = typedef.split(":")
+        schema = submit_schema(openapi, media_type)
         properties = {k: v for k, v in schema["properties"].items() if k != "image"}
         required = set(schema.get("required", ())) - {"image"}
     else:

@@ -183,7 +183,7 @@ def test_a_retry_after_a_lost_enqueue_reply_answers_the_one_job(redis_url, small
     owner = hashlib.sha256(key.encode()).hexdigest()
     client = LosesEnqueueReplies.from_url(redis_url)
     settings = GatewaySettings(redis_url=redis_url, api_key_hashes=(owner,))
-    with TestClient(create_app(settings, redis_client=client)) as http:
+    with TestClient(create_app(settings, redis=client)) as http:
 
         def submit() -> Any:
             return http.post(

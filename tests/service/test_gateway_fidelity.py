@@ -9,9 +9,10 @@ import pytest
 from PIL import Image
 
 from ddim_inversion.contract import JobPayload
+from ddim_inversion.errors import ErrorCode
 from ddim_inversion.keys import reconstruction_key
 from ddim_inversion.params import InversionParams
-from tests.service.test_gateway_jobs import assert_problem, fail, fetch, finish, start
+from tests.service.test_gateway_jobs import assert_problem, fetch
 
 
 def queued_params(redis, job_id: str) -> InversionParams:
@@ -92,14 +93,12 @@ def png(width: int = 64, height: int = 64) -> bytes:
     return buffer.getvalue()
 
 
-def test_reconstruction_is_served_as_png(client, redis, queue, verify_job):
+def test_reconstruction_is_served_as_png(client, redis, writes, verify_job):
     url = f"/v1/inversions/{verify_job}/reconstruction"
     assert_problem(client.get(url), 409, "not_finished")
-    start(redis, queue, verify_job)
+    writes.start(verify_job)
     assert_problem(client.get(url), 409, "not_finished")
-    finish(redis, queue, verify_job)
-    assert_problem(client.get(url), 404, "not_found")  # expired (or never stored)
-    redis.set(reconstruction_key(verify_job), png())
+    writes.succeed(verify_job, reconstruction_png=png())
     response = client.get(url)
     assert response.status_code == 200
     assert response.headers["content-type"] == "image/png"
@@ -109,16 +108,22 @@ def test_reconstruction_is_served_as_png(client, redis, queue, verify_job):
     assert redis.get(reconstruction_key(verify_job)) is None
 
 
-def test_reconstruction_without_verify_is_404(client, submit, redis, queue, small_png):
+def test_expired_reconstruction_is_404(client, redis, writes, verify_job):
+    writes.succeed(verify_job, reconstruction_png=png())
+    redis.delete(reconstruction_key(verify_job))
+    url = f"/v1/inversions/{verify_job}/reconstruction"
+    assert_problem(client.get(url), 404, "not_found")
+
+
+def test_reconstruction_without_verify_is_404(client, submit, writes, small_png):
     job_id = submit(client, small_png).json()["id"]
-    finish(redis, queue, job_id)
-    redis.set(reconstruction_key(job_id), png())  # even if something were stored
+    writes.succeed(job_id, reconstruction_png=png())  # even if something were stored
     body = assert_problem(client.get(f"/v1/inversions/{job_id}/reconstruction"), 404, "not_found")
     assert "verify" in body["detail"]
 
 
-def test_reconstruction_of_a_failed_job_is_409(client, redis, queue, verify_job):
-    fail(redis, queue, verify_job, {"code": "internal", "message": "boom"})
+def test_reconstruction_of_a_failed_job_is_409(client, writes, verify_job):
+    writes.fail(verify_job, ErrorCode.INTERNAL, "boom")
     url = f"/v1/inversions/{verify_job}/reconstruction"
     assert_problem(client.get(url), 409, "no_result")
 

@@ -2,13 +2,15 @@
 
 POST /v1/inversions gets mutated images (real and generated files, truncated, bit-flipped,
 with junk inserted, a swapped magic number or a PNG header declaring huge dimensions) and
-random subsets of form fields with valid, boundary and junk values. Every answer must be a
-202 with an id and a Location, or a 4xx problem+json with a `code`; never a 5xx. GET and
-DELETE with random ids likewise.
+random subsets of form fields with valid, boundary and junk values, as multipart and as JSON
+(any JSON value in any field, the image as base64). Every answer must be a 202 with an id
+and a Location, or a 4xx problem+json with a `code`; never a 5xx. GET and DELETE with
+random ids likewise.
 """
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import struct
@@ -30,7 +32,6 @@ from ddim_inversion.contract import ModelInfo, WorkerRecord
 from ddim_inversion.keys import WORKERS_KEY
 from ddim_inversion.scheduler_config import SCHEDULER_OVERRIDES
 from service.app import create_app
-from service.deps import get_redis
 from service.errors import PROBLEM_MEDIA_TYPE
 from service.settings import GatewaySettings
 from tests.service.conftest import SD15_SCHEDULER
@@ -258,8 +259,7 @@ def fuzz_env() -> Iterator[tuple[TestClient, fakeredis.FakeRedis]]:
         max_queued_per_key=10**6,
         rate_limit_per_minute=10**6,
     )
-    app = create_app(gateway, redis_client=redis)
-    app.dependency_overrides[get_redis] = lambda: redis
+    app = create_app(gateway, redis=redis)
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client, redis
 
@@ -323,6 +323,52 @@ def test_submit_never_5xx(
     _assert_well_formed(response)
     if response.status_code == 202:
         assert "prompt" in fields and image
+
+
+JSON_VALUE = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.floats(allow_nan=True, allow_infinity=True),
+        TEXT,
+    ),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(TEXT, children, max_size=3),
+    max_leaves=6,
+)
+
+
+@st.composite
+def json_body(draw: st.DrawFn) -> dict[str, Any]:
+    """The form's fields as a JSON object, some retyped to any JSON value, and the image as
+    base64 text: plain, a data: URL, cut short, or with a character outside the alphabet."""
+    fields: dict[str, Any] = dict(draw(form_fields()))
+    for name in draw(st.sets(st.sampled_from(sorted(fields)))) if fields else ():
+        fields[name] = draw(JSON_VALUE)
+    image = draw(mutated_image())
+    if image is not None:
+        text = base64.b64encode(image).decode()
+        fields["image"] = draw(
+            st.sampled_from([text, f"data:image/png;base64,{text}", text[:-1], "*" + text])
+        )
+    return fields
+
+
+@FUZZ
+@given(body=json_body(), with_worker=st.booleans())
+def test_a_json_submission_never_5xx(
+    fuzz_env: tuple[TestClient, fakeredis.FakeRedis], body: dict[str, Any], with_worker: bool
+) -> None:
+    client, redis = fuzz_env
+    _reset(redis, with_worker)
+    response = client.post(
+        "/v1/inversions",
+        content=json.dumps(body, allow_nan=True),
+        headers={"content-type": "application/json"},
+    )
+    _assert_well_formed(response)
+    if response.status_code == 202:
+        assert "prompt" in body and body.get("image")
 
 
 @FUZZ

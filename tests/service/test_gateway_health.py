@@ -1,4 +1,4 @@
-"""Probes, metrics, the shape of every generic error, settings and import hygiene."""
+"""Probes, capacity, metrics, the shape of every generic error, settings and import hygiene."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ from ddim_inversion.job_metrics import histogram_field
 from ddim_inversion.keys import JOB_METRICS_KEY, QUEUE_NAME, WORKERS_KEY
 from service import jobs
 from service.app import create_app
-from service.deps import get_redis
 from service.settings import GatewaySettings, get_settings
 
 PROBLEM = "application/problem+json"
@@ -29,30 +28,60 @@ def assert_problem(response, status: int, code: str) -> dict:
     return body
 
 
-def test_healthz_does_not_touch_redis(make_client, monkeypatch):
-    client = make_client()
-    client.app.dependency_overrides[get_redis] = lambda: 1 / 0
+def redis_down() -> redis_lib.Redis:
+    """A client of a Redis that is not there: every command fails at once."""
+    return redis_lib.Redis(
+        host="127.0.0.1",
+        port=1,
+        socket_timeout=0.2,
+        socket_connect_timeout=0.2,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
+def test_healthz_does_not_touch_redis(make_client):
+    client = make_client(connection=redis_down())
     response = client.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
 
 
-def test_readyz_without_workers_is_503(client, redis, worker_record):
+def test_ready_without_workers_so_a_rollout_keeps_gateways_serving(
+    client, redis, worker_record, small_png, submit
+):
     response = client.get("/readyz")
-    assert_problem(response, 503, "service_unavailable")
-    assert response.headers["retry-after"]
+    assert response.status_code == 200, response.text
+    assert response.json() == {"status": "ready", "workers": []}
     stale = worker_record(age_s=120)
     redis.hset(WORKERS_KEY, stale.name, stale.model_dump_json())
-    assert_problem(client.get("/readyz"), 503, "service_unavailable")
+    assert client.get("/readyz").json() == {"status": "ready", "workers": []}
+    # What a ready gateway serves meanwhile: submissions queue, reads answer.
+    accepted = submit(client, small_png)
+    assert accepted.status_code == 202, accepted.text
+    assert client.get(accepted.headers["location"]).json()["status"] == "queued"
 
 
-def test_readyz_with_a_fresh_worker_is_200(client, live_worker):
+def serving(record, model: str):
+    """The worker record of a worker that serves another model."""
+    return record.model_copy(update={"model": record.model.model_copy(update={"name": model})})
+
+
+def test_readyz_lists_the_live_workers_and_their_models(client, redis, worker_record):
+    for record in (
+        worker_record("gpu-0", age_s=2.0),
+        serving(worker_record("gpu-1", age_s=1.0), "sd-2-base"),
+        worker_record("gone", age_s=120),
+    ):
+        redis.hset(WORKERS_KEY, record.name, record.model_dump_json())
     response = client.get("/readyz")
     assert response.status_code == 200
     body = response.json()
     assert body["status"] == "ready"
-    assert body["workers"][0]["name"] == "gpu-0"
-    assert body["workers"][0]["model"] == "stable-diffusion-v1-5"
+    assert [(w["name"], w["model"]) for w in body["workers"]] == [
+        ("gpu-1", "sd-2-base"),
+        ("gpu-0", "stable-diffusion-v1-5"),
+    ]
+    assert 1.0 <= body["workers"][0]["heartbeat_age_s"] < body["workers"][1]["heartbeat_age_s"]
 
 
 def test_metrics(client, submit, small_png, live_worker):
@@ -108,16 +137,12 @@ def test_unknown_route_and_method(client):
 
 
 def test_redis_down_is_503_with_retry_after(make_client):
-    client = make_client()
-    down = redis_lib.Redis(
-        host="127.0.0.1",
-        port=1,
-        socket_timeout=0.2,
-        socket_connect_timeout=0.2,
-        retry=Retry(NoBackoff(), 0),
-    )
-    client.app.dependency_overrides[get_redis] = lambda: down
-    for path in ("/readyz", "/v1/inversions/" + "0" * 8 + "-0000-4000-8000-" + "0" * 12):
+    client = make_client(connection=redis_down())
+    for path in (
+        "/readyz",
+        "/v1/capacity",
+        "/v1/inversions/" + "0" * 8 + "-0000-4000-8000-" + "0" * 12,
+    ):
         response = client.get(path)
         assert_problem(response, 503, "service_unavailable")
         assert response.headers["retry-after"] == "5"
@@ -141,6 +166,7 @@ def test_openapi_documents_the_api(client):
         "/v1/inversions/{job_id}/latents",
         "/healthz",
         "/readyz",
+        "/v1/capacity",
         "/metrics",
     }
     assert "202" in paths["/v1/inversions"]["post"]["responses"]
@@ -160,6 +186,7 @@ def test_settings_from_the_environment(monkeypatch):
     try:
         assert get_settings().max_steps == 77
         app = create_app()
+        assert app.state.settings is get_settings()
         assert app.dependency_overrides == {}
     finally:
         get_settings.cache_clear()

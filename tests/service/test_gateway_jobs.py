@@ -1,31 +1,23 @@
 """GET and DELETE of a job, and its latents, through each state a worker moves it to.
 
-The worker is simulated with RQ's own APIs: the job is taken off the queue, its status,
-times and meta are written the way the worker writes them, and the result bytes stored.
+The job is queued by the real route and moved through its states by the worker's own
+writes (`writes`: tests/worker_writes.py), so the gateway reads what a worker writes.
 """
 
 from __future__ import annotations
 
 import io
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import datetime
 
 import numpy as np
 import pytest
 from rq.job import Job
-from rq.job import JobStatus as RQStatus
 from rq.serializers import JSONSerializer
-from safetensors.numpy import save as save_safetensors
 
-from ddim_inversion.contract import (
-    META_ERROR,
-    META_OWNER,
-    META_PROGRESS,
-    META_RESULT,
-    ResultMetadata,
-)
+from ddim_inversion.contract import META_OWNER
+from ddim_inversion.errors import ErrorCode
 from ddim_inversion.keys import CANCEL_CHANNEL, cancel_key, input_key, result_key
-from ddim_inversion.scheduler_config import SCHEDULER_DEFAULTS
 
 PROBLEM = "application/problem+json"
 
@@ -46,64 +38,6 @@ def job_id(client, submit, small_png) -> str:
 
 def fetch(redis, job_id: str) -> Job:
     return Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
-
-
-def start(redis, queue, job_id: str, step: int = 3, total: int = 10) -> Job:
-    """What a worker does when it dequeues the job and reports progress."""
-    job = fetch(redis, job_id)
-    queue.remove(job_id)
-    job.started_at = datetime.now(timezone.utc)
-    job.meta[META_PROGRESS] = {"step": step, "total": total}
-    job.set_status(RQStatus.STARTED)
-    job.save()
-    return job
-
-
-def result_metadata(steps: int = 10) -> ResultMetadata:
-    return ResultMetadata(
-        model="tiny",
-        width=64,
-        height=64,
-        prompt="a cat",
-        negative_prompt="",
-        guidance_scale=1.0,
-        token_count=4,
-        truncated=False,
-        encode_mode="mean",
-        seed=None,
-        num_inference_steps=steps,
-        timesteps=list(range(1, 1000, 1000 // steps))[:steps],
-        scheduler_config={**SCHEDULER_DEFAULTS, "clip_sample": False},
-        latents_shape=[1, 4, 8, 8],
-        trajectory_shape=None,
-        dtype="float32",
-    )
-
-
-def finish(redis, queue, job_id: str) -> np.ndarray:
-    """What a worker does when the inversion succeeds; returns the latents it stored."""
-    job = start(redis, queue, job_id)
-    meta = result_metadata()
-    latents = np.arange(256, dtype=np.float32).reshape(1, 4, 8, 8)
-    data = save_safetensors(
-        {"latents": latents, "timesteps": np.array(meta.timesteps, dtype=np.int64)},
-        metadata=meta.to_header(),
-    )
-    redis.set(result_key(job_id), data)
-    job.ended_at = job.started_at + timedelta(seconds=2)
-    job.meta[META_RESULT] = meta.model_dump(mode="json")
-    job.set_status(RQStatus.FINISHED)
-    job.save()
-    return latents
-
-
-def fail(redis, queue, job_id: str, error: dict | None) -> None:
-    job = start(redis, queue, job_id)
-    job.ended_at = job.started_at + timedelta(seconds=1)
-    if error is not None:
-        job.meta[META_ERROR] = error
-    job.set_status(RQStatus.FAILED)
-    job.save()
 
 
 # -- GET -----------------------------------------------------------------------------------
@@ -146,8 +80,8 @@ def test_a_job_is_named_by_its_id_as_written_only(client, job_id):
         assert_problem(client.get(f"/v1/inversions/{other}"), 404, "not_found")
 
 
-def test_running_job_reports_progress(client, redis, queue, job_id):
-    start(redis, queue, job_id, step=4, total=10)
+def test_running_job_reports_progress(client, writes, job_id):
+    writes.start(job_id, step=4, total=10)
     body = client.get(f"/v1/inversions/{job_id}").json()
     assert body["status"] == "running"
     assert body["progress"] == {"step": 4, "total": 10}
@@ -156,48 +90,53 @@ def test_running_job_reports_progress(client, redis, queue, job_id):
     assert body["timings"]["queue_wait_s"] >= 0
 
 
-def test_succeeded_job_reports_result_and_resolved_params(client, redis, queue, job_id):
-    finish(redis, queue, job_id)
+def test_succeeded_job_reports_result_and_resolved_params(client, writes, job_id):
+    writes.succeed(job_id)
     body = client.get(f"/v1/inversions/{job_id}").json()
     assert body["status"] == "succeeded"
     assert body["result"]["latents_shape"] == [1, 4, 8, 8]
     assert body["params"]["resolved_resolution"] == [64, 64]
     assert body["params"]["resolved_scheduler_config"]["clip_sample"] is False
-    assert body["timings"]["run_s"] == pytest.approx(2.0)
+    timings = body["timings"]
+    started, finished = (datetime.fromisoformat(timings[k]) for k in ("started_at", "finished_at"))
+    assert timings["run_s"] == pytest.approx((finished - started).total_seconds(), abs=1e-3)
     assert "progress" not in body
 
 
-def test_failed_job_reports_the_workers_error(client, redis, queue, job_id):
-    fail(redis, queue, job_id, {"code": "gpu_out_of_memory", "message": "CUDA out of memory"})
+def test_failed_job_reports_the_workers_error(client, writes, job_id):
+    writes.fail(job_id, ErrorCode.GPU_OUT_OF_MEMORY, "CUDA out of memory")
     body = client.get(f"/v1/inversions/{job_id}").json()
     assert body["status"] == "failed"
     assert body["error"] == {"code": "gpu_out_of_memory", "message": "CUDA out of memory"}
 
 
-def test_failed_job_without_meta_is_internal(client, redis, queue, job_id):
-    fail(redis, queue, job_id, None)
+def test_failed_job_without_meta_is_internal(client, writes, job_id):
+    writes.fail_undescribed(job_id)
     body = client.get(f"/v1/inversions/{job_id}").json()
     assert body["status"] == "failed"
-    assert body["error"]["code"] == "internal"
+    assert body["error"] == {
+        "code": "internal",
+        "message": "RuntimeError: the worker went away mid-failure",
+    }
 
 
 # -- latents -------------------------------------------------------------------------------
 
 
-def test_latents_while_queued_or_running_is_409(client, redis, queue, job_id):
+def test_latents_while_queued_or_running_is_409(client, writes, job_id):
     assert_problem(client.get(f"/v1/inversions/{job_id}/latents"), 409, "not_finished")
-    start(redis, queue, job_id)
+    writes.start(job_id)
     assert_problem(client.get(f"/v1/inversions/{job_id}/latents"), 409, "not_finished")
 
 
-def test_latents_of_a_failed_job_is_409_no_result(client, redis, queue, job_id):
-    fail(redis, queue, job_id, {"code": "timeout", "message": "took too long"})
+def test_latents_of_a_failed_job_is_409_no_result(client, writes, job_id):
+    writes.fail(job_id, ErrorCode.TIMEOUT, "took too long")
     body = assert_problem(client.get(f"/v1/inversions/{job_id}/latents"), 409, "no_result")
     assert "failed" in body["detail"]
 
 
-def test_latents_as_safetensors_and_npy(client, redis, queue, job_id):
-    latents = finish(redis, queue, job_id)
+def test_latents_as_safetensors_and_npy(client, redis, writes, job_id):
+    latents = writes.succeed(job_id)
     response = client.get(f"/v1/inversions/{job_id}/latents")
     assert response.status_code == 200
     assert response.headers["content-type"] == "application/octet-stream"
@@ -213,8 +152,8 @@ def test_latents_as_safetensors_and_npy(client, redis, queue, job_id):
     assert_problem(bad, 422, "validation_error")
 
 
-def test_expired_result_is_404(client, redis, queue, job_id):
-    finish(redis, queue, job_id)
+def test_expired_result_is_404(client, redis, writes, job_id):
+    writes.succeed(job_id)
     redis.delete(result_key(job_id))
     assert_problem(client.get(f"/v1/inversions/{job_id}/latents"), 404, "not_found")
 
@@ -235,8 +174,8 @@ def test_cancel_a_queued_job(client, redis, queue, job_id):
     assert_problem(client.get(f"/v1/inversions/{job_id}/latents"), 409, "no_result")
 
 
-def test_cancel_a_running_job_asks_the_worker(client, redis, queue, job_id):
-    start(redis, queue, job_id)
+def test_cancel_a_running_job_asks_the_worker(client, redis, writes, job_id):
+    writes.start(job_id)
     listener = redis.pubsub(ignore_subscribe_messages=True)
     listener.subscribe(CANCEL_CHANNEL)
     response = client.delete(f"/v1/inversions/{job_id}")
@@ -249,8 +188,20 @@ def test_cancel_a_running_job_asks_the_worker(client, redis, queue, job_id):
     listener.close()
 
 
-def test_delete_a_finished_job(client, redis, queue, job_id):
-    finish(redis, queue, job_id)
+def test_job_canceled_while_running_ends_canceled(client, redis, writes, job_id):
+    writes.start(job_id)
+    assert client.delete(f"/v1/inversions/{job_id}").json()["status"] == "running"
+    writes.cancel(job_id)  # what the worker does on hearing it
+    body = client.get(f"/v1/inversions/{job_id}").json()
+    assert body["status"] == "canceled"
+    assert body["error"] == {"code": "canceled", "message": "canceled by the client"}
+    assert not redis.exists(cancel_key(job_id))
+    assert not redis.exists(input_key(job_id))
+    assert_problem(client.get(f"/v1/inversions/{job_id}/latents"), 409, "no_result")
+
+
+def test_delete_a_finished_job(client, redis, writes, job_id):
+    writes.succeed(job_id)
     response = client.delete(f"/v1/inversions/{job_id}")
     assert response.status_code == 204
     assert response.content == b""

@@ -19,7 +19,6 @@ from rq.serializers import JSONSerializer
 from ddim_inversion.contract import JOB_FUNCTION, META_ERROR, WorkerRecord
 from ddim_inversion.errors import ErrorCode
 from ddim_inversion.keys import THROUGHPUT_KEY, WORKERS_KEY
-from service import jobs
 
 
 def scrape(client) -> dict[tuple[str, frozenset], float]:
@@ -141,7 +140,8 @@ def test_failed_jobs_by_code_with_the_latest_failure_time(client, redis, queue) 
     fail(redis, queue, ErrorCode.TIMEOUT, early)
     lost = lose(redis, queue)
     # The code is the one a client reads in the job's status (one classification).
-    assert jobs.job_error(lost, jobs.status_of(lost)).code is ErrorCode.WORKER_LOST
+    status = client.get(f"/v1/inversions/{lost.id}").json()
+    assert (status["status"], status["error"]["code"]) == ("failed", "worker_lost")
 
     samples = scrape(client)
 

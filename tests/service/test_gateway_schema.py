@@ -19,7 +19,6 @@ from schemathesis.specs.openapi.checks import (
 
 from ddim_inversion.keys import WORKERS_KEY
 from service.app import create_app
-from service.deps import get_redis
 from service.settings import GatewaySettings
 from tests.service.conftest import _worker_record
 
@@ -30,8 +29,7 @@ SETTINGS = GatewaySettings(
     max_queued_per_key=10**6,
     rate_limit_per_minute=10**6,
 )
-APP = create_app(SETTINGS, redis_client=REDIS)
-APP.dependency_overrides[get_redis] = lambda: REDIS
+APP = create_app(SETTINGS, redis=REDIS)
 
 schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 

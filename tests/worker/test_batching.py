@@ -10,24 +10,18 @@ import torch
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
-from ddim_inversion.contract import META_ERROR, META_RESULT
-from ddim_inversion.keys import CANCEL_CHANNEL, cancel_key, reconstruction_key, result_key
-from tests.jobs_helper import enqueue, queue_for, solo_latents
-from worker.batching import InversionWorker
+from ddim_inversion import imaging
+from ddim_inversion.contract import META_ERROR, META_OWNER, META_RESULT, JobPayload
+from ddim_inversion.keys import (
+    CANCEL_CHANNEL,
+    cancel_key,
+    input_key,
+    reconstruction_key,
+    result_key,
+)
+from ddim_inversion.params import InversionParams
+from tests.jobs_helper import SAMPLES, enqueue, queue_for, solo_latents
 from worker.engine import load_result
-from worker.settings import WorkerSettings
-
-
-def make_worker(connection, model, max_batch_size: int, **settings) -> InversionWorker:
-    settings.setdefault("cancel_check_interval_s", 0)
-    config = WorkerSettings(max_batch_wait_ms=0, **settings)
-    return InversionWorker(
-        [queue_for(connection)],
-        connection=connection,
-        model=model,
-        settings=config,
-        max_batch_size=max_batch_size,
-    )
 
 
 class UnetCalls:
@@ -62,7 +56,7 @@ def latents_of(connection, job_id: str) -> torch.Tensor:
 
 @pytest.mark.parametrize(("jobs", "batch"), [(5, 2), (4, 4), (3, 8)])
 def test_compatible_jobs_share_unet_calls_and_equal_solo_results(
-    redis_client, tiny_model, unet_calls, jobs, batch
+    redis_client, tiny_model, make_worker, unet_calls, jobs, batch
 ):
     steps = 4
     images = ["chelsea.png", "coffee.png", "astronaut.png"]
@@ -86,7 +80,9 @@ def test_compatible_jobs_share_unet_calls_and_equal_solo_results(
     assert set(queue_for(redis_client).finished_job_registry.get_job_ids()) == set(ids)
 
 
-def test_incompatible_jobs_all_finish_oldest_first(redis_client, tiny_model, unet_calls):
+def test_incompatible_jobs_all_finish_oldest_first(
+    redis_client, tiny_model, make_worker, unet_calls
+):
     # a, c, e are compatible (4 steps); b and d are not (3 steps, and 128x64).
     a = enqueue(redis_client, prompt="a", num_inference_steps=4)
     b = enqueue(redis_client, prompt="b", num_inference_steps=3)
@@ -105,7 +101,7 @@ def test_incompatible_jobs_all_finish_oldest_first(redis_client, tiny_model, une
     assert latents_of(redis_client, d).shape == (1, 4, 8, 16)
 
 
-def test_job_canceled_mid_batch_stops_alone(redis_client, tiny_model):
+def test_job_canceled_mid_batch_stops_alone(redis_client, tiny_model, make_worker):
     steps = 6
     ids = [enqueue(redis_client, prompt=f"p{i}", num_inference_steps=steps) for i in range(3)]
     victim = ids[1]
@@ -135,7 +131,9 @@ def test_job_canceled_mid_batch_stops_alone(redis_client, tiny_model):
         assert (latents_of(redis_client, job_id) - solo).abs().max() <= 1e-5
 
 
-def test_published_cancel_stops_the_job_at_the_next_step_without_polling(redis_client, tiny_model):
+def test_published_cancel_stops_the_job_at_the_next_step_without_polling(
+    redis_client, tiny_model, make_worker
+):
     steps = 6
     ids = [enqueue(redis_client, prompt=f"p{i}", num_inference_steps=steps) for i in range(2)]
     victim = ids[0]
@@ -149,7 +147,7 @@ def test_published_cancel_stops_the_job_at_the_next_step_without_polling(redis_c
             redis_client.set(cancel_key(victim), "1")
             redis_client.publish(CANCEL_CHANNEL, victim)
             deadline = time.monotonic() + 5
-            while victim not in worker._cancel_requests and time.monotonic() < deadline:
+            while victim not in worker.cancels.requested and time.monotonic() < deadline:
                 time.sleep(0.001)  # the pub/sub thread delivers it
 
     handle = tiny_model.unet.register_forward_pre_hook(cancel_at_step_three)
@@ -160,10 +158,10 @@ def test_published_cancel_stops_the_job_at_the_next_step_without_polling(redis_c
     assert calls == [2, 2, 2, 1, 1, 1]
     assert fetch(redis_client, victim).get_status() == JobStatus.CANCELED
     assert fetch(redis_client, ids[1]).get_status() == JobStatus.FINISHED
-    assert not worker._cancel_requests  # forgotten once the job ended
+    assert not worker.cancels.requested  # forgotten once the job ended
 
 
-def test_out_of_memory_batch_is_split_and_retried(redis_client, tiny_model):
+def test_out_of_memory_batch_is_split_and_retried(redis_client, tiny_model, make_worker):
     ids = [enqueue(redis_client, prompt=f"p{i}", num_inference_steps=3) for i in range(4)]
     worker = make_worker(redis_client, tiny_model, 4)
     sizes: list[int] = []
@@ -185,7 +183,7 @@ def test_out_of_memory_batch_is_split_and_retried(redis_client, tiny_model):
         assert (latents_of(redis_client, job_id) - solo).abs().max() <= 1e-5
 
 
-def test_job_that_cannot_fit_alone_fails_with_its_code(redis_client, tiny_model):
+def test_job_that_cannot_fit_alone_fails_with_its_code(redis_client, tiny_model, make_worker):
     big = enqueue(redis_client, prompt="big", num_inference_steps=3, resolution=128)
     small = enqueue(redis_client, prompt="small", num_inference_steps=3)
     worker = make_worker(redis_client, tiny_model, 4)
@@ -205,7 +203,7 @@ def test_job_that_cannot_fit_alone_fails_with_its_code(redis_client, tiny_model)
     assert fetch(redis_client, small).get_status() == JobStatus.FINISHED
 
 
-def test_job_timeout_fails_with_timeout_code(redis_client, tiny_model):
+def test_job_timeout_fails_with_timeout_code(redis_client, tiny_model, make_worker):
     slow = enqueue(redis_client, prompt="slow", num_inference_steps=5, timeout=1)
     fast = enqueue(redis_client, prompt="fast", num_inference_steps=5)
     worker = make_worker(redis_client, tiny_model, 4)
@@ -226,7 +224,9 @@ def test_job_timeout_fails_with_timeout_code(redis_client, tiny_model):
     assert fetch(redis_client, fast).get_status() == JobStatus.FINISHED
 
 
-def test_timeout_during_verify_fails_timeout_and_stores_nothing(redis_client, tiny_model):
+def test_timeout_during_verify_fails_timeout_and_stores_nothing(
+    redis_client, tiny_model, make_worker
+):
     steps, timeout = 2, 4
     job_id = enqueue(
         redis_client, prompt="slow verify", num_inference_steps=steps, verify=True, timeout=timeout
@@ -250,3 +250,21 @@ def test_timeout_during_verify_fails_timeout_and_stores_nothing(redis_client, ti
     assert len(calls) == steps + 1, "stopped inside verify, at the check after its deadline"
     assert redis_client.get(result_key(job_id)) is None
     assert redis_client.get(reconstruction_key(job_id)) is None
+
+
+def test_a_job_queued_before_an_upgrade_still_runs(redis_client, tiny_model, make_worker):
+    # As every earlier gateway recorded it: the function by this name, never imported.
+    params = InversionParams(prompt="an old job", num_inference_steps=3)
+    rgb = imaging.normalize((SAMPLES / "chelsea.png").read_bytes(), (64, 64))
+    payload = JobPayload(params=params, image_width=64, image_height=64)
+    job = queue_for(redis_client).enqueue_call(
+        "worker.jobs.run_inversion",
+        kwargs={"payload": payload.model_dump(mode="json")},
+        meta={META_OWNER: ""},
+    )
+    redis_client.set(input_key(job.id), rgb.tobytes())
+    make_worker(redis_client, tiny_model, 4).work(burst=True)
+
+    assert fetch(redis_client, job.id).get_status() == JobStatus.FINISHED
+    solo = solo_latents(tiny_model, "chelsea.png", prompt="an old job", num_inference_steps=3)
+    assert (latents_of(redis_client, job.id) - solo).abs().max() <= 1e-5

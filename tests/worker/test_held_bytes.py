@@ -24,7 +24,6 @@ from ddim_inversion.params import InversionParams
 from service import jobs, limits
 from service.settings import GatewaySettings
 from tests.jobs_helper import SAMPLES, queue_for
-from tests.worker.test_batching import make_worker
 
 OWNER = "a" * 64
 
@@ -56,7 +55,7 @@ def held(connection, job_id: str) -> int | None:
     return None if value is None else int(value)
 
 
-def test_worker_settles_each_ending(redis_client, tiny_model):
+def test_worker_settles_each_ending(redis_client, tiny_model, make_worker):
     settings = GatewaySettings(redis_url="redis://unused", result_ttl_s=3600)
     ok = submit(redis_client, settings, verify=True)
     lost = submit(redis_client, settings)

@@ -16,7 +16,6 @@ from rq.serializers import JSONSerializer
 from ddim_inversion.keys import result_key
 from tests.conftest import RedisServer
 from tests.jobs_helper import enqueue
-from tests.worker.test_batching import make_worker
 
 STEPS = 3
 
@@ -90,10 +89,9 @@ def worker_log() -> Iterator[Records]:
 
 
 def test_outage_past_the_wait_gives_the_batch_up_and_it_runs_again(
-    server, connection, tiny_model, worker_log
+    server, connection, tiny_model, worker_log, make_worker
 ):
-    job_id = enqueue(connection, num_inference_steps=STEPS)
-    connection.hset(Job.key_for(job_id), "retries_left", 1)  # as the gateway's Retry(1)
+    job_id = enqueue(connection, num_inference_steps=STEPS, retries=1)
     worker = make_worker(
         connection,
         tiny_model,
@@ -131,7 +129,9 @@ def test_outage_past_the_wait_gives_the_batch_up_and_it_runs_again(
     assert connection.get(result_key(job_id)) is not None
 
 
-def test_full_redis_at_the_store_is_waited_on_then_takes_the_result(connection, tiny_model):
+def test_full_redis_at_the_store_is_waited_on_then_takes_the_result(
+    connection, tiny_model, make_worker
+):
     job_id = enqueue(connection, num_inference_steps=STEPS)
     worker = make_worker(connection, tiny_model, 1, redis_outage_wait_s=30)
     timers: list[threading.Timer] = []
@@ -151,7 +151,7 @@ def test_full_redis_at_the_store_is_waited_on_then_takes_the_result(connection, 
     assert connection.get(result_key(job_id)) is not None
 
 
-def test_full_redis_at_dequeue_does_not_stop_the_worker(connection, tiny_model):
+def test_full_redis_at_dequeue_does_not_stop_the_worker(connection, tiny_model, make_worker):
     job_id = enqueue(connection, num_inference_steps=STEPS)
     worker = make_worker(connection, tiny_model, 1)
     connection.config_set("maxmemory", "1")

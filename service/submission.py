@@ -1,0 +1,126 @@
+"""A submission's synchronous half: validate, admit, store and enqueue; then its answer.
+
+The route (service/routes/inversions.py) reads the body (service/bodies.py), runs these in
+the threadpool and speaks HTTP around them (Location, Prefer: wait, Idempotent-Replayed).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from functools import partial
+from typing import Any
+
+from fastapi import status
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from ddim_inversion.errors import ErrorCode
+from service import jobs, limits, protocol, quotas, uploads
+from service.bodies import Submission
+from service.errors import RETRY_AFTER_S, ProblemError
+from service.schemas import JobAccepted, JobUrls
+
+
+def accept_and_answer(
+    redis: Any,
+    queue: Any,
+    settings: Any,
+    owner: str,
+    metrics: Any,
+    submission: Submission,
+    idempotency_key: str | None,
+) -> tuple[str, bool, tuple[int, Any]]:
+    """`accept`, then, in the same worker thread, the answer: (job id, whether replayed,
+    (status, body)); one threadpool hop for a submission that does not wait."""
+    job_id, replayed = accept(redis, queue, settings, owner, metrics, submission, idempotency_key)
+    return job_id, replayed, answer(redis, queue, settings, owner, job_id)
+
+
+def answer(redis: Any, queue: Any, settings: Any, owner: str, job_id: str) -> tuple[int, Any]:
+    """(status, body) of a submission's answer, from the job as it is now: the full status
+    body (200) once it ended, else the acceptance (202), which needs no queue position."""
+    job = jobs.load_job(redis, job_id, owner)
+    state = jobs.status_of(job)
+    if state.is_terminal:
+        view = jobs.job_view(job, queue, settings.worker_stale_s)
+        return status.HTTP_200_OK, view.model_dump(mode="json", exclude_none=True)
+    accepted = JobAccepted(
+        id=job_id, status=state, created_at=jobs.created_at(job), urls=JobUrls.for_job(job_id)
+    )
+    return status.HTTP_202_ACCEPTED, accepted.model_dump(mode="json")
+
+
+def accept(
+    redis: Any,
+    queue: Any,
+    settings: Any,
+    owner: str,
+    metrics: Any,
+    submission: Submission,
+    idempotency_key: str | None,
+) -> tuple[str, bool]:
+    """The synchronous half of a submission: (job id, whether an earlier one is replayed).
+
+    Cheap checks first; the image is decoded only for a submission within the rate, and
+    the job's place under every limit is reserved (limits.admit) only once its size is
+    known. A refusal gives back what it took (admission, Idempotency-Key); a lost
+    connection gives back nothing: the enqueue may have happened, a retry with the key
+    finds or makes the one job, and an admission never enqueued lapses by itself.
+    """
+    params = uploads.build_params(submission.fields, settings)
+    webhook_url = uploads.check_webhook_url(submission.webhook_url, settings)
+    key = protocol.check_key(idempotency_key)
+    data = uploads.read_image(submission.image, settings.max_upload_bytes)
+    # Before the replay check: replays cost a request like any other.
+    limits.count_submission(redis, settings, owner)
+    job_id = str(uuid.uuid4())
+    if key is not None:
+        digest = uploads.payload_hash(data, params, webhook_url)
+        job_id, exists = protocol.claim(redis, owner, key, digest, job_id, settings.result_ttl_s)
+        if exists:
+            return job_id, True
+    admitted = False
+    try:
+        depth, workers = jobs.queue_depth_and_workers(redis, queue, settings.worker_stale_s)
+        if depth >= settings.max_queue_depth:  # cheap, before decoding; admit() is exact
+            raise ProblemError(
+                429,
+                ErrorCode.QUEUE_FULL,
+                f"{depth} jobs are waiting; the limit is {settings.max_queue_depth}",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
+        worker = workers[0] if workers else None
+        quotas.check_resolution(params, settings, worker)
+        decoded = uploads.decode_image(data, settings)
+        if worker is not None and settings.prompt_overflow == "reject":
+            uploads.check_prompt_tokens(redis, params, worker)
+        rgb = uploads.normalise(decoded, params, worker)
+        size = quotas.size_job(params, settings, worker, rgb)
+        admitted = limits.admit(redis, settings, queue, owner, job_id, size)
+        job = jobs.enqueue(
+            redis,
+            queue,
+            settings,
+            params,
+            rgb,
+            owner,
+            job_id=job_id,
+            webhook_url=webhook_url,
+            also=partial(
+                limits.confirm, settings=settings, owner=owner, job_id=job_id, now=time.time()
+            ),
+            exclusive=key is not None,
+        )
+    except jobs.AlreadyEnqueued:
+        return job_id, True
+    except (RedisConnectionError, RedisTimeoutError):
+        raise
+    except BaseException:
+        if admitted:
+            limits.release(redis, owner, job_id)
+        if key is not None:
+            protocol.release(redis, owner, key, job_id)
+        raise
+    metrics.submissions.inc()
+    return job.id, False

@@ -1,0 +1,123 @@
+"""The worker pool as a gateway reads it: live workers, their throughput, the capacity.
+
+Workers publish a record (WORKERS_KEY) with a heartbeat and, after each batch, their
+images per second (THROUGHPUT_KEY); a record older than `INVERSION_WORKER_STALE_S` is a
+worker gone. Nothing here decides whether the gateway serves: submissions queue while no
+worker is alive, and capacity is reported (readiness body, /v1/capacity, /metrics).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import redis
+from pydantic import ValidationError
+
+from ddim_inversion.contract import WorkerRecord
+from ddim_inversion.keys import THROUGHPUT_KEY, WORKERS_KEY
+from service import rq_adapter
+from service.schemas import Capacity, WorkerCapacity, WorkerView
+
+logger = logging.getLogger(__name__)
+
+
+def fresh_workers(raw_records: Mapping[Any, Any], stale_s: float) -> list[WorkerRecord]:
+    """`live_workers` from a WORKERS_KEY hash already read (e.g. in a caller's pipeline)."""
+    now = time.time()
+    records = []
+    for name, raw in raw_records.items():
+        try:
+            record = WorkerRecord.model_validate_json(raw)
+        except ValidationError:
+            logger.warning("ignoring unreadable worker record %r", name)
+            continue
+        if now - record.heartbeat_at <= stale_s:
+            records.append(record)
+    return sorted(records, key=lambda r: r.heartbeat_at, reverse=True)
+
+
+def live_workers(connection: redis.Redis, stale_s: float) -> list[WorkerRecord]:
+    """Workers whose heartbeat is fresher than `stale_s`, the most recent first."""
+    return fresh_workers(connection.hgetall(WORKERS_KEY), stale_s)
+
+
+def queue_depth_and_workers(
+    connection: redis.Redis, queue: rq_adapter.Queue, stale_s: float
+) -> tuple[int, list[WorkerRecord]]:
+    """The jobs waiting and the live workers, in one round trip: a submission needs both."""
+    pipe = connection.pipeline(transaction=False)
+    pipe.llen(rq_adapter.queue_key(queue))
+    pipe.hgetall(WORKERS_KEY)
+    depth, raw_records = pipe.execute()
+    return int(depth), fresh_workers(raw_records, stale_s)
+
+
+def images_per_s(raw: Any) -> float | None:
+    """The `images_per_s` of one THROUGHPUT_KEY value, if readable, finite and positive."""
+    if raw is None:
+        return None
+    try:
+        rate = float(json.loads(raw)["images_per_s"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    return rate if math.isfinite(rate) and rate > 0 else None
+
+
+def rates_by_worker(raw_rates: Mapping[Any, Any]) -> dict[str, float | None]:
+    """A THROUGHPUT_KEY hash already read, by worker name."""
+    return {_text(name): images_per_s(raw) for name, raw in raw_rates.items()}
+
+
+def summed_rate(rates: Iterable[float | None]) -> float | None:
+    """The pool's images per second: the sum of the known rates; None when none is."""
+    return sum(rate for rate in rates if rate is not None) or None
+
+
+def estimate_wait_s(position: int | None, images_per_s: float | None) -> float | None:
+    """Seconds until a job at 0-based `position` has run: (position + 1) / throughput."""
+    if position is None or position < 0 or not images_per_s or images_per_s <= 0:
+        return None
+    return round((position + 1) / images_per_s, 3)
+
+
+def worker_view(record: WorkerRecord, now: float) -> WorkerView:
+    return WorkerView(
+        name=record.name,
+        model=record.model.name,
+        heartbeat_age_s=round(now - record.heartbeat_at, 3),
+    )
+
+
+def capacity(connection: redis.Redis, queue: rq_adapter.Queue, stale_s: float) -> Capacity:
+    """The live workers and their models, the queue's jobs waiting and running, and what
+    a job submitted now would wait; one round trip."""
+    pipe = connection.pipeline(transaction=False)
+    pipe.hgetall(WORKERS_KEY)
+    pipe.hgetall(THROUGHPUT_KEY)
+    pipe.llen(rq_adapter.queue_key(queue))
+    pipe.zcard(rq_adapter.started_key(queue))
+    raw_workers, raw_rates, queued, running = pipe.execute()
+    rates = rates_by_worker(raw_rates)
+    now = time.time()
+    workers = [
+        WorkerCapacity(**worker_view(record, now).model_dump(), images_per_s=rates.get(record.name))
+        for record in fresh_workers(raw_workers, stale_s)
+    ]
+    rate = summed_rate(w.images_per_s for w in workers)
+    return Capacity(
+        workers=workers,
+        models=sorted({w.model for w in workers}),
+        queued=int(queued),
+        running=int(running),
+        images_per_s=rate,
+        estimated_wait_s=estimate_wait_s(int(queued), rate),
+    )
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
