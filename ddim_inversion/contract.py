@@ -117,7 +117,9 @@ class Progress(BaseModel):
 
 
 JOB_FUNCTION = "worker.jobs.run_inversion"
-"""What RQ records as the job's function; a plain `rq worker` can run it one at a time."""
+"""The name RQ records as every job's function. No module by that name exists any more:
+the batching worker matches jobs by this name and runs them itself, never importing it;
+keeping the name lets jobs queued before an upgrade run as they are."""
 
 
 class JobPayload(BaseModel):
