@@ -128,7 +128,10 @@ def test_cancel_queued_job_never_runs(processes, redis_client):
     assert wait_status(base, kept["id"], {"succeeded"})["status"] == "succeeded"
     final = status(base, doomed["id"])
     assert final["status"] == "canceled"
-    assert final.get("started_at") is None or final["timings"].get("started_at") is None
+    assert final["error"]["code"] == "canceled"
+    # It never ran: no start, no run time (absent fields are left out of the body).
+    assert final["timings"]["queued_at"]
+    assert "started_at" not in final["timings"] and "run_s" not in final["timings"]
 
 
 def test_cancel_running_job_and_progress_seen(shared_service):
