@@ -16,8 +16,8 @@ from rq.serializers import JSONSerializer
 
 from ddim_inversion.contract import WorkerRecord
 from ddim_inversion.keys import QUEUE_NAME, WORKERS_KEY
-from service.app import create_app
 from service.settings import GatewaySettings
+from tests.gateway_app import UNUSED_REDIS_URL, gateway_app
 from tests.service.helpers import worker_record_of
 from tests.worker_writes import WorkerWrites
 
@@ -37,7 +37,7 @@ def redis(fake_server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
 
 @pytest.fixture
 def settings() -> GatewaySettings:
-    return GatewaySettings(redis_url="redis://unused.invalid:6379/0", auth_disabled=True)
+    return GatewaySettings(redis_url=UNUSED_REDIS_URL, auth_disabled=True)
 
 
 @pytest.fixture
@@ -52,13 +52,7 @@ def make_client(
     clients: list[TestClient] = []
 
     def make(connection: Any = None, **overrides: Any) -> TestClient:
-        fields = {"redis_url": "redis://unused.invalid:6379/0", "auth_disabled": True}
-        settings = GatewaySettings(**{**fields, **overrides})
-        app = create_app(
-            settings,
-            redis=redis if connection is None else connection,
-            async_redis=fakeredis.FakeAsyncRedis(server=fake_server),
-        )
+        app = gateway_app(fake_server, redis if connection is None else connection, **overrides)
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)
