@@ -58,8 +58,8 @@ def create_app(
         description=DESCRIPTION,
         lifespan=lifespan,
     )
-    effective = settings if settings is not None else get_settings()
-    app.state.settings = effective
+    app_settings = settings if settings is not None else get_settings()
+    app.state.settings = app_settings
     app.state.redis = redis
     app.state.async_redis = async_redis
     app.state.metrics = GatewayMetrics()
@@ -70,21 +70,21 @@ def create_app(
     ).set_function(lambda: _open_waits(app))
     install_error_handlers(app)
     app.add_middleware(
-        BodyLimitMiddleware, max_body_bytes=effective.max_upload_bytes + FORM_OVERHEAD_BYTES
+        BodyLimitMiddleware, max_body_bytes=app_settings.max_upload_bytes + FORM_OVERHEAD_BYTES
     )
     # Outside the body limit: a caller without a valid key is refused before any body byte.
     app.add_middleware(
         ApiKeyMiddleware,
-        api_key_hashes=effective.api_key_hashes,
-        disabled=effective.auth_disabled,
+        api_key_hashes=app_settings.api_key_hashes,
+        disabled=app_settings.auth_disabled,
     )
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
-    if effective.cors_origins:
+    if app_settings.cors_origins:
         # Outermost: preflights are answered before the body limit, metrics or auth.
         app.add_middleware(
             CORSMiddleware,
-            allow_origins=list(effective.cors_origins),
-            allow_credentials=effective.cors_allow_credentials,
+            allow_origins=list(app_settings.cors_origins),
+            allow_credentials=app_settings.cors_allow_credentials,
             allow_methods=["GET", "POST", "DELETE"],
             allow_headers=["Authorization", "X-API-Key", "Content-Type", *CORS_REQUEST_HEADERS],
             expose_headers=["Location", "Retry-After", *CORS_RESPONSE_HEADERS],

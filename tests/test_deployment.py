@@ -12,7 +12,6 @@ tests/e2e/test_redis_acl.py runs that ACL on a real redis-server.
 from __future__ import annotations
 
 import ast
-import copy
 import importlib.metadata
 import re
 import subprocess
@@ -27,16 +26,19 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-yaml = pytest.importorskip("yaml")
+from tests.compose_files import (
+    COMPOSE,
+    COMPOSE_CPU,
+    GATEWAY_DOCKERFILE,
+    REDIS_CONF,
+    REDIS_START,
+    ROOT,
+    WORKER_DOCKERFILE,
+    environment,
+    load_compose,
+    merge,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
-DOCKER = ROOT / "docker"
-COMPOSE = ROOT / "docker-compose.yml"
-COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
-GATEWAY_DOCKERFILE = DOCKER / "gateway.Dockerfile"
-WORKER_DOCKERFILE = DOCKER / "worker.Dockerfile"
-REDIS_CONF = DOCKER / "redis.conf"
-REDIS_START = DOCKER / "redis-start.sh"
 REDIS_USER = "inversion"
 """The ACL user of the service in compose's Redis."""
 PASSWORD_VARIABLE = "REDIS_PASSWORD"
@@ -46,79 +48,6 @@ HEAVY = ("torch", "diffusers", "transformers")
 PENDING_SETTINGS: set[str] = set()
 """Set in docker-compose.yml ahead of its settings field (GatewaySettings.gateway_workers,
 the number of uvicorn processes). Remove from here once the field exists."""
-
-
-# -- YAML with compose's merge tags ---------------------------------------------------------
-
-
-class _Reset:
-    """`!reset`: the override removes the attribute from the merged file."""
-
-
-RESET = _Reset()
-
-
-class _Override:
-    """`!override VALUE`: the override replaces the attribute instead of merging into it."""
-
-    def __init__(self, value: Any) -> None:
-        self.value = value
-
-
-class ComposeLoader(yaml.SafeLoader):
-    pass
-
-
-def _construct_reset(loader: yaml.SafeLoader, node: yaml.Node) -> _Reset:
-    return RESET
-
-
-def _construct_override(loader: yaml.SafeLoader, node: yaml.Node) -> _Override:
-    if isinstance(node, yaml.MappingNode):
-        return _Override(loader.construct_mapping(node, deep=True))
-    if isinstance(node, yaml.SequenceNode):
-        return _Override(loader.construct_sequence(node, deep=True))
-    return _Override(loader.construct_scalar(node))
-
-
-ComposeLoader.add_constructor("!reset", _construct_reset)
-ComposeLoader.add_constructor("!override", _construct_override)
-
-
-def load_compose(path: Path) -> dict[str, Any]:
-    data = yaml.load(path.read_text(), Loader=ComposeLoader)
-    assert isinstance(data, dict), f"{path.name} is not a mapping"
-    return data
-
-
-REPLACED_SEQUENCES = {"command", "entrypoint", "test"}
-"""Lists an override replaces; compose appends to every other one (ports, volumes, ...)."""
-
-
-def merge(base: Any, override: Any, key: str = "") -> Any:
-    """A deep merge like compose's: mappings merge, most lists append, scalars are replaced."""
-    if isinstance(override, _Override):
-        return copy.deepcopy(override.value)
-    if isinstance(base, dict) and isinstance(override, dict):
-        merged = copy.deepcopy(base)
-        for name, value in override.items():
-            if value is RESET:
-                merged.pop(name, None)
-            elif name in merged:
-                merged[name] = merge(merged[name], value, name)
-            else:
-                merged[name] = copy.deepcopy(value)
-        return merged
-    if isinstance(base, list) and isinstance(override, list) and key not in REPLACED_SEQUENCES:
-        return copy.deepcopy(base) + [v for v in copy.deepcopy(override) if v not in base]
-    return copy.deepcopy(override)
-
-
-def environment(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        env = dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {str(k): str(v) for k, v in env.items()}
 
 
 def published_ports(service: dict[str, Any]) -> list[tuple[str, str, str]]:

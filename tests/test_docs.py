@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import re
 import sys
 from pathlib import Path
@@ -11,6 +12,19 @@ sys.path.insert(0, str(ROOT / "scripts"))
 
 import params_doc  # noqa: E402
 import settings_doc  # noqa: E402
+
+PACKAGES = ("service", "worker", "ddim_inversion", "ddim_inversion_client", "ddim_inversion_cli")
+"""Every package of the project's own code."""
+
+PROCESSES = {
+    "GatewaySettings": (("service", "ddim_inversion_cli"), "service/settings.py"),
+    "WorkerSettings": (("worker", "ddim_inversion_cli"), "worker/settings.py"),
+    "ClientSettings": (
+        ("ddim_inversion_client", "ddim_inversion_cli"),
+        "ddim_inversion_client/settings.py",
+    ),
+}
+"""Each settings class: the packages of the processes that read it, and its own module."""
 
 
 def test_readme_settings_tables_are_current():
@@ -43,7 +57,7 @@ def test_every_inversion_variable_in_the_code_is_documented():
     readme = (ROOT / "README.md").read_text()
     used: set[str] = set()
     paths = [*ROOT.glob("*.py")]
-    for folder in ("service", "worker", "client"):
+    for folder in PACKAGES:
         paths += ROOT.glob(f"{folder}/**/*.py")
     for path in paths:
         used |= set(re.findall(r"INVERSION_[A-Z0-9_]+", path.read_text()))
@@ -65,3 +79,36 @@ def test_readme_starts_with_the_two_commands():
     assert block[0].startswith("make serve") and block[1].startswith("make test")
     ci = (ROOT / ".ci" / "run").read_text()
     assert "make test" in ci
+
+
+def settings_reads(packages: tuple[str, ...], own_module: str) -> set[str]:
+    """The attributes read off an object named `*settings*` in `packages`' code, outside
+    the settings module itself (a field its own validators alone read does nothing)."""
+    read: set[str] = set()
+    for package in packages:
+        for path in (ROOT / package).rglob("*.py"):
+            if path == ROOT / own_module:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if not (isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load)):
+                    continue
+                holder = node.value
+                name = holder.id if isinstance(holder, ast.Name) else getattr(holder, "attr", "")
+                if "settings" in name.lower():
+                    read.add(node.attr)
+    return read
+
+
+def test_every_documented_setting_is_read_by_its_process():
+    """A setting in the README tables (generated from these classes) that its process
+    never reads is a knob that does nothing: make it work or remove it."""
+    from ddim_inversion_client.settings import ClientSettings
+    from service.settings import GatewaySettings
+    from worker.settings import WorkerSettings
+
+    unread = {}
+    for cls in (GatewaySettings, WorkerSettings, ClientSettings):
+        packages, own_module = PROCESSES[cls.__name__]
+        read = settings_reads(packages, own_module)
+        unread[cls.__name__] = [name for name in cls.model_fields if name not in read]
+    assert unread == {name: [] for name in PROCESSES}

@@ -15,7 +15,7 @@ from safetensors.numpy import load, load_file, save
 from service import protocol
 from service.auth import key_hash
 from tests.conftest import ROOT, SAMPLES
-from tests.e2e.test_service import status
+from tests.e2e.service_calls import status
 
 pytestmark = [pytest.mark.browser, pytest.mark.e2e]
 

@@ -1,12 +1,15 @@
 """The Python client and `ddim-invert submit` against a real gateway and worker.
 
-Only the retry tests use httpx.MockTransport: they test the client's retry policy, which a
-healthy server never exercises.
+What needs no worker (refusals, problems, a queued job canceled) runs against the real
+gateway app in-process (tests/client/conftest.py). The retry tests use
+httpx.MockTransport: they test the client's retry policy, which a healthy server never
+exercises.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import io
 import json
 import subprocess
@@ -31,6 +34,7 @@ from ddim_inversion_client import (
     JobFailed,
 )
 from tests.conftest import BIN, ROOT, SAMPLES, worker_threads
+from tests.gateway_app import gateway_app
 
 CHELSEA = SAMPLES / "chelsea.png"
 
@@ -126,9 +130,8 @@ def test_image_as_bytes_and_file_object_and_params(shared_service):
         assert np.abs(by_json["tensors"]["latents"] - tensors["latents"].numpy()).max() <= 1e-5
 
 
-def test_cancel_a_queued_job(processes, tmp_path: Path):
-    base = processes.gateway()  # no worker: the job stays queued
-    with InversionClient(base) as inversions:
+def test_cancel_a_queued_job(in_process):
+    with in_process() as inversions:  # no worker: the job stays queued
         job = inversions.submit(CHELSEA, "never", num_inference_steps=3)
         assert job.status == "queued"
         with pytest.raises(TimeoutError):
@@ -149,9 +152,8 @@ def test_cancel_a_queued_job(processes, tmp_path: Path):
         assert (gone.value.status, gone.value.code) == (404, "not_found")
 
 
-def test_problems_raise_inversion_error_with_code(processes):
-    base = processes.gateway()
-    with InversionClient(base) as inversions:
+def test_problems_raise_inversion_error_with_code(in_process):
+    with in_process() as inversions:
         with pytest.raises(InversionError) as invalid:
             inversions.submit(CHELSEA, "x", resolution=100)
         assert invalid.value.status == 422
@@ -166,19 +168,13 @@ def test_problems_raise_inversion_error_with_code(processes):
         assert (missing.value.status, missing.value.code) == (404, "not_found")
 
 
-def test_api_key_is_sent(processes):
-    import hashlib
-
+def test_api_key_is_sent(in_process):
     key = "s3cret-client-key"
-    base = processes.gateway(
-        INVERSION_AUTH_DISABLED="false",
-        INVERSION_API_KEY_HASHES=hashlib.sha256(key.encode()).hexdigest(),
-    )
-    with InversionClient(base) as anonymous, pytest.raises(InversionError) as refused:
+    keys = {"auth_disabled": False, "api_key_hashes": (hashlib.sha256(key.encode()).hexdigest(),)}
+    with in_process(**keys) as anonymous, pytest.raises(InversionError) as refused:
         anonymous.submit(CHELSEA, "x", num_inference_steps=3)
     assert (refused.value.status, refused.value.code) == (401, "unauthorized")
-    settings = ClientSettings(url=base, api_key=key)  # type: ignore[arg-type]
-    with InversionClient(settings=settings) as keyed:
+    with in_process(api_key=key, **keys) as keyed:
         job = keyed.submit(CHELSEA, "x", num_inference_steps=3)
         assert keyed.get(job.id).status == "queued"
 
@@ -206,11 +202,16 @@ def test_async_client_submit_wait_latents(shared_service, tiny_model):
     assert codes == "validation_error:succeeded"
 
 
-def test_async_cancel_a_queued_job(processes):
-    base = processes.gateway()
+def test_async_cancel_a_queued_job(fake_server):
+    app = gateway_app(fake_server)  # in-process, on this test's event loop; no worker
 
     async def main() -> str:
-        async with AsyncInversionClient(base) as inversions:
+        transport = httpx.ASGITransport(app=app)
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=transport) as http,
+            AsyncInversionClient("http://gateway.test", http=http) as inversions,
+        ):
             job = await inversions.submit(CHELSEA, "never", num_inference_steps=3)
             await job.cancel()
             with pytest.raises(JobFailed):

@@ -19,7 +19,7 @@ from rq.job import Job
 from rq.serializers import JSONSerializer
 
 from ddim_inversion.keys import input_key
-from tests.conftest import BIN, ROOT, SAMPLES, Processes, RedisServer, free_port, wait_for
+from tests.conftest import BIN, SAMPLES, Processes, RedisServer, free_port, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -135,10 +135,16 @@ def test_killed_worker_job_is_retried_on_another(processes):
     redis_url = processes.env["INVERSION_REDIS_URL"]
     killed = kill_the_worker_running(job_id, workers, redis_url)
     assert status(base, job_id)["status"] == "running"  # killed mid-job, not after it
-    started = time.monotonic()
-    final = wait_terminal(base, job_id, 30)
+    # Lost after LOST_AFTER_S (3 s), reaped every 1.5 s, then dequeued by the other worker:
+    # well within 15 s. Without the worker's own lost-job detection, RQ would wait for the
+    # job's timeout (INVERSION_JOB_TIMEOUT_S, 600 s by default).
+    wait_for(
+        lambda: worker_of(job_id, redis_url) not in (killed, None),
+        15,
+        "the other worker to take the job over",
+    )
+    final = wait_terminal(base, job_id, 60)
     assert final["status"] == "succeeded", (final, processes.log_text())
-    assert time.monotonic() - started < 40
     latents = httpx.get(f"{base}/v1/inversions/{job_id}/latents", timeout=10)
     assert latents.status_code == 200
     assert worker_of(job_id, redis_url) != killed
@@ -219,28 +225,16 @@ def test_redis_restart_keeps_queued_jobs(tmp_path, service_env, private_redis, s
 # -- 4. an evicting Redis -----------------------------------------------------------------------
 
 
-def _gateway_checks_eviction() -> bool:
-    return any("maxmemory-policy" in p.read_text() for p in (ROOT / "service").rglob("*.py"))
-
-
-@pytest.mark.skipif(
-    not _gateway_checks_eviction(),
-    reason="the gateway does not check Redis's maxmemory-policy at start-up yet",
-)
 def test_gateway_refuses_evicting_redis(tmp_path, service_env, private_redis, stop_later):
     evicting = ["--maxmemory-policy", "allkeys-lru"]
     _server, procs = private(private_redis, tmp_path, service_env, evicting)
     stop_later.append(procs)
     port = free_port()
     gateway = procs.spawn("gateway", [str(BIN / "ddim-invert"), "gateway", "--port", str(port)])
-    url = f"http://127.0.0.1:{port}/healthz"
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline and gateway.poll() is None:
-        try:
-            answered = httpx.get(url, timeout=1).status_code == 200
-        except httpx.HTTPError:
-            answered = False
-        assert not answered, "the gateway started against an evicting Redis"
-        time.sleep(0.1)
-    # It exited non-zero, or it is still not answering /healthz after 20 s.
-    assert gateway.poll() is None or gateway.returncode != 0, procs.log_text()
+    # It must exit at start-up, not serve: a gateway that hangs fails here after 30 s.
+    try:
+        code = gateway.wait(30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the gateway did not exit against an evicting Redis: {procs.log_text()}")
+    assert code != 0, procs.log_text()
+    assert "maxmemory-policy is 'allkeys-lru'" in procs.log_text()

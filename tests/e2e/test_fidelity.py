@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load
 
-from tests.e2e.test_service import submit, wait_status
+from tests.e2e.service_calls import submit, wait_status
 
 pytestmark = pytest.mark.e2e
 

@@ -20,14 +20,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from tests.conftest import SAMPLES, Processes, free_port, subprocess_env, wait_for
-from tests.test_deployment import (
+from tests.compose_files import (
     COMPOSE,
     REDIS_CONF,
     REDIS_START,
     environment,
     load_compose,
 )
+from tests.conftest import SAMPLES, Processes, free_port, subprocess_env, wait_for
 
 pytestmark = pytest.mark.e2e
 

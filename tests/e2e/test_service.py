@@ -11,32 +11,9 @@ import pytest
 from safetensors.torch import load
 
 from tests.conftest import BIN, SAMPLES, wait_for
+from tests.e2e.service_calls import status, submit, wait_status
 
 pytestmark = pytest.mark.e2e
-
-
-def submit(base: str, image: str = "chelsea.png", **fields: object) -> dict:
-    data = {"prompt": "a photo of a cat"} | {k: str(v) for k, v in fields.items()}
-    with (SAMPLES / image).open("rb") as handle:
-        answer = httpx.post(
-            base + "/v1/inversions", data=data, files={"image": (image, handle, "image/png")}
-        )
-    assert answer.status_code == 202, answer.text
-    body = answer.json()
-    assert answer.headers["location"] == f"/v1/inversions/{body['id']}"
-    return body
-
-
-def status(base: str, job_id: str) -> dict:
-    answer = httpx.get(f"{base}/v1/inversions/{job_id}")
-    assert answer.status_code == 200, answer.text
-    return answer.json()
-
-
-def wait_status(base: str, job_id: str, wanted: set[str], timeout: float = 60) -> dict:
-    return wait_for(  # type: ignore[return-value]
-        lambda: (s := status(base, job_id))["status"] in wanted and s, timeout, f"{wanted}"
-    )
 
 
 def test_submit_poll_download_equals_local_cli(shared_service, tmp_path: Path):
@@ -128,7 +105,10 @@ def test_cancel_queued_job_never_runs(processes, redis_client):
     assert wait_status(base, kept["id"], {"succeeded"})["status"] == "succeeded"
     final = status(base, doomed["id"])
     assert final["status"] == "canceled"
-    assert final.get("started_at") is None or final["timings"].get("started_at") is None
+    assert final["error"]["code"] == "canceled"
+    # It never ran: no start, no run time (absent fields are left out of the body).
+    assert final["timings"]["queued_at"]
+    assert "started_at" not in final["timings"] and "run_s" not in final["timings"]
 
 
 def test_cancel_running_job_and_progress_seen(shared_service):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -15,26 +14,14 @@ from PIL import Image
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from ddim_inversion.contract import ModelInfo, WorkerRecord
+from ddim_inversion.contract import WorkerRecord
 from ddim_inversion.keys import QUEUE_NAME, WORKERS_KEY
-from service.app import create_app
 from service.settings import GatewaySettings
+from tests.gateway_app import UNUSED_REDIS_URL, gateway_app
+from tests.service.helpers import worker_record_of
 from tests.worker_writes import WorkerWrites
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
-
-SD15_SCHEDULER = {
-    "_class_name": "PNDMScheduler",
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "beta_start": 0.00085,
-    "clip_sample": False,
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "trained_betas": None,
-}
 
 
 @pytest.fixture
@@ -50,7 +37,7 @@ def redis(fake_server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
 
 @pytest.fixture
 def settings() -> GatewaySettings:
-    return GatewaySettings(redis_url="redis://unused.invalid:6379/0", auth_disabled=True)
+    return GatewaySettings(redis_url=UNUSED_REDIS_URL, auth_disabled=True)
 
 
 @pytest.fixture
@@ -65,13 +52,7 @@ def make_client(
     clients: list[TestClient] = []
 
     def make(connection: Any = None, **overrides: Any) -> TestClient:
-        fields = {"redis_url": "redis://unused.invalid:6379/0", "auth_disabled": True}
-        settings = GatewaySettings(**{**fields, **overrides})
-        app = create_app(
-            settings,
-            redis=redis if connection is None else connection,
-            async_redis=fakeredis.FakeAsyncRedis(server=fake_server),
-        )
+        app = gateway_app(fake_server, redis if connection is None else connection, **overrides)
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()
         clients.append(client)
@@ -111,29 +92,9 @@ def small_png() -> bytes:
     return buffer.getvalue()
 
 
-def _worker_record(name: str = "gpu-0", age_s: float = 0.0, **model: Any) -> WorkerRecord:
-    info = {
-        "name": "stable-diffusion-v1-5",
-        "native_resolution": (512, 512),
-        "latent_channels": 4,
-        "vae_scale_factor": 8,
-        "tokenizer_max_length": 77,
-        "scheduler_config": SD15_SCHEDULER,
-        "dtype": "float16",
-        "device": "cuda:0",
-        **model,
-    }
-    return WorkerRecord(
-        name=name,
-        model=ModelInfo(**info),
-        heartbeat_at=time.time() - age_s,
-        max_batch_size=4,
-    )
-
-
 @pytest.fixture
 def live_worker(redis: fakeredis.FakeRedis) -> WorkerRecord:
-    record = _worker_record()
+    record = worker_record_of()
     redis.hset(WORKERS_KEY, record.name, record.model_dump_json())
     return record
 
@@ -141,7 +102,7 @@ def live_worker(redis: fakeredis.FakeRedis) -> WorkerRecord:
 @pytest.fixture
 def worker_record() -> Callable[..., WorkerRecord]:
     """Build a WorkerRecord of an SD 1.5 model: name, age_s and ModelInfo overrides."""
-    return _worker_record
+    return worker_record_of
 
 
 @pytest.fixture

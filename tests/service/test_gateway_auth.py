@@ -8,16 +8,14 @@ import pytest
 import redis as redis_lib
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
-from rq.job import Job
-from rq.serializers import JSONSerializer
 
 from ddim_inversion.keys import owner_jobs_key, result_key
 from service import limits
 from service.app import create_app
 from service.redis_conn import check_eviction_policy
 from service.settings import GatewaySettings
+from tests.service.helpers import PROBLEM, fetch_job
 
-PROBLEM = "application/problem+json"
 KEY_A, KEY_B = "key-of-alice", "key-of-bob"
 HASH_A = hashlib.sha256(KEY_A.encode()).hexdigest()
 HASH_B = hashlib.sha256(KEY_B.encode()).hexdigest()
@@ -80,7 +78,7 @@ def test_probes_and_docs_need_no_key(authed):
 def test_both_header_forms_are_accepted(authed, small_png, redis, headers):
     response = post(authed, small_png, headers)
     assert response.status_code == 202, response.text
-    job = Job.fetch(response.json()["id"], connection=redis, serializer=JSONSerializer)
+    job = fetch_job(redis, response.json()["id"])
     assert job.meta["owner"] == HASH_A
     assert authed.get(f"/v1/inversions/{job.id}", headers=headers).status_code == 200
 
@@ -96,22 +94,29 @@ def test_a_job_is_visible_to_its_key_only(authed, small_png):
     assert authed.delete(f"/v1/inversions/{job_id}", headers=bearer(KEY_A)).status_code == 202
 
 
-def test_another_keys_result_is_404_without_its_bytes(authed, small_png, redis):
+def test_another_keys_result_is_404_without_its_bytes(authed, small_png, redis, writes):
     # The download reads the result beside the job hash, before the owner is checked.
-    job_id = post(authed, small_png, bearer(KEY_A)).json()["id"]
-    redis.hset(Job.key_for(job_id), "status", "finished")
-    redis.set(result_key(job_id), b"alice's latents")
+    job_id = authed.post(
+        "/v1/inversions",
+        data={"prompt": "a cat", "verify": "true"},
+        files={"image": ("image.png", small_png)},
+        headers=bearer(KEY_A),
+    ).json()["id"]
+    writes.succeed(job_id, reconstruction_png=small_png)
+    latents = redis.get(result_key(job_id))
     for path in (f"/v1/inversions/{job_id}/latents", f"/v1/inversions/{job_id}/reconstruction"):
         response = authed.get(path, headers=bearer(KEY_B))
         assert response.status_code == 404 and response.json()["code"] == "not_found"
-        assert b"alice" not in response.content
+        assert latents not in response.content and small_png not in response.content
     mine = authed.get(f"/v1/inversions/{job_id}/latents", headers=bearer(KEY_A))
-    assert mine.status_code == 200 and mine.content == b"alice's latents"
+    assert mine.status_code == 200 and mine.content == latents
+    mine = authed.get(f"/v1/inversions/{job_id}/reconstruction", headers=bearer(KEY_A))
+    assert mine.status_code == 200 and mine.content == small_png
 
 
 def test_anonymous_owner_while_auth_is_disabled(client, small_png, redis):
     job_id = post(client, small_png).json()["id"]
-    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    job = fetch_job(redis, job_id)
     assert job.meta["owner"] == ""
 
 
@@ -190,7 +195,7 @@ def test_gateway_starts_while_redis_is_down():
 # -- per-key limits -------------------------------------------------------------------------
 
 
-def test_per_key_queued_limit(make_client, small_png, redis):
+def test_per_key_queued_limit(make_client, small_png, redis, writes):
     client = make_client(auth_disabled=False, api_key_hashes=(HASH_A, HASH_B), max_queued_per_key=2)
     first = post(client, small_png, bearer(KEY_A)).json()["id"]
     assert post(client, small_png, bearer(KEY_A)).status_code == 202
@@ -201,8 +206,7 @@ def test_per_key_queued_limit(make_client, small_png, redis):
     # Another key is not limited by A's jobs.
     assert post(client, small_png, bearer(KEY_B)).status_code == 202
     # A finished job frees its slot (pruned at the next submission).
-    job = Job.fetch(first, connection=redis, serializer=JSONSerializer)
-    job.set_status("finished")
+    writes.succeed(first)
     assert post(client, small_png, bearer(KEY_A)).status_code == 202
     assert redis.hlen(owner_jobs_key(HASH_A)) == 2
 

@@ -12,11 +12,11 @@ from ddim_inversion.contract import JobPayload
 from ddim_inversion.errors import ErrorCode
 from ddim_inversion.keys import reconstruction_key
 from ddim_inversion.params import InversionParams
-from tests.service.test_gateway_jobs import assert_problem, fetch
+from tests.service.helpers import assert_problem, fetch_job
 
 
 def queued_params(redis, job_id: str) -> InversionParams:
-    payload = JobPayload.model_validate(fetch(redis, job_id).kwargs["payload"])
+    payload = JobPayload.model_validate(fetch_job(redis, job_id).kwargs["payload"])
     return payload.params
 
 

@@ -34,7 +34,7 @@ from ddim_inversion.scheduler_config import SCHEDULER_OVERRIDES
 from service.app import create_app
 from service.errors import PROBLEM_MEDIA_TYPE
 from service.settings import GatewaySettings
-from tests.service.conftest import SD15_SCHEDULER
+from tests.service.helpers import SD15_SCHEDULER
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
 

@@ -15,17 +15,9 @@ from ddim_inversion.keys import JOB_METRICS_KEY, QUEUE_NAME, WORKERS_KEY
 from service import jobs
 from service.app import create_app
 from service.settings import GatewaySettings, get_settings
+from tests.service.helpers import PROBLEM, assert_problem
 
-PROBLEM = "application/problem+json"
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def assert_problem(response, status: int, code: str) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
-    body = response.json()
-    assert body["code"] == code and body["status"] == status
-    return body
 
 
 def redis_down() -> redis_lib.Redis:

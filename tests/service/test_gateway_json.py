@@ -10,8 +10,6 @@ import base64
 import json
 
 import pytest
-from rq.job import Job
-from rq.serializers import JSONSerializer
 
 from ddim_inversion.contract import JobPayload
 from ddim_inversion.keys import input_key
@@ -19,8 +17,7 @@ from ddim_inversion.params import InversionParams
 from ddim_inversion_client import InversionClient, InversionError
 from service import bodies, uploads
 from service.bodies import FIELDS
-
-PROBLEM = "application/problem+json"
+from tests.service.helpers import assert_problem, fetch_job
 
 PARAMETERS = {
     "prompt": "a cat on a sofa",
@@ -36,15 +33,6 @@ PARAMETERS = {
     "verify": True,
 }
 """Every kind of parameter: text, int, float, a size, a choice, a bool and an object."""
-
-
-def problem(response, status: int, code: str, field: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
-    body = response.json()
-    assert body["code"] == code and body["status"] == status
-    assert body.get("field") == field, body
-    return body
 
 
 def post_json(client, image: str, headers: dict | None = None, **fields):
@@ -69,7 +57,7 @@ def b64(data: bytes) -> str:
 
 
 def stored(redis, job_id: str) -> tuple[JobPayload, bytes]:
-    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    job = fetch_job(redis, job_id)
     return JobPayload.model_validate(job.kwargs["payload"]), redis.get(input_key(job_id))
 
 
@@ -134,7 +122,7 @@ def test_a_json_content_type_with_parameters_is_json(client, small_png):
     ],
 )
 def test_a_bad_field_is_422_naming_it(client, small_png, queue, fields, field, needle):
-    body = problem(
+    body = assert_problem(
         post_json(client, b64(small_png), **{"prompt": "a cat", **fields}),
         422,
         "validation_error",
@@ -157,7 +145,7 @@ def test_the_form_refuses_the_same_fields_with_the_same_words(client, small_png)
 
 
 def test_an_unknown_field_is_422_naming_it_and_the_valid_ones(client, small_png):
-    body = problem(
+    body = assert_problem(
         post_json(client, b64(small_png), prompt="a cat", steps=10),
         422,
         "validation_error",
@@ -174,7 +162,7 @@ def test_an_unknown_field_is_422_naming_it_and_the_valid_ones(client, small_png)
     ],
 )
 def test_a_missing_field_is_422_naming_it(client, body, field):
-    problem(client.post("/v1/inversions", json=body), 422, "validation_error", field)
+    assert_problem(client.post("/v1/inversions", json=body), 422, "validation_error", field)
 
 
 @pytest.mark.parametrize(
@@ -186,7 +174,7 @@ def test_a_body_that_is_not_a_json_object_is_422(client, content):
     answer = client.post(
         "/v1/inversions", content=content, headers={"content-type": "application/json"}
     )
-    body = problem(answer, 422, "validation_error")
+    body = assert_problem(answer, 422, "validation_error")
     assert "JSON" in body["detail"]
 
 
@@ -202,7 +190,9 @@ def test_a_body_that_is_not_a_json_object_is_422(client, content):
     ],
 )
 def test_an_image_that_is_not_base64_is_422(client, queue, image):
-    body = problem(post_json(client, image, prompt="a cat"), 422, "validation_error", "image")
+    body = assert_problem(
+        post_json(client, image, prompt="a cat"), 422, "validation_error", "image"
+    )
     assert "base64" in body["detail"]
     assert queue.count == 0
 
@@ -211,11 +201,11 @@ def test_a_character_outside_base64_is_refused_not_skipped(client, small_png):
     """A lenient decoder drops it and decodes the rest: the image must be what was sent."""
     text = b64(small_png)
     corrupted = text[:40] + "*" + text[40:]
-    problem(post_json(client, corrupted, prompt="a cat"), 422, "validation_error", "image")
+    assert_problem(post_json(client, corrupted, prompt="a cat"), 422, "validation_error", "image")
 
 
 def test_an_empty_image_is_422(client):
-    problem(post_json(client, "", prompt="a cat"), 422, "validation_error", "image")
+    assert_problem(post_json(client, "", prompt="a cat"), 422, "validation_error", "image")
 
 
 @pytest.mark.parametrize(
@@ -224,36 +214,40 @@ def test_an_empty_image_is_422(client):
     ids=["text", "pdf"],
 )
 def test_bytes_that_are_not_an_image_are_415(client, data):
-    problem(post_json(client, b64(data), prompt="a cat"), 415, "unsupported_media_type", "image")
+    assert_problem(
+        post_json(client, b64(data), prompt="a cat"), 415, "unsupported_media_type", "image"
+    )
 
 
 def test_a_disallowed_format_is_415(make_client, small_png):
     client = make_client(allowed_formats=("JPEG",))
-    problem(post_json(client, b64(small_png), prompt="a"), 415, "unsupported_media_type", "image")
+    assert_problem(
+        post_json(client, b64(small_png), prompt="a"), 415, "unsupported_media_type", "image"
+    )
 
 
 def test_an_image_over_max_pixels_is_413(make_client, chelsea):
     client = make_client(max_pixels=100 * 100)
-    problem(post_json(client, b64(chelsea), prompt="a cat"), 413, "image_too_large", "image")
+    assert_problem(post_json(client, b64(chelsea), prompt="a cat"), 413, "image_too_large", "image")
 
 
 def test_decoded_bytes_over_max_upload_bytes_are_413(make_client, chelsea, queue):
     client = make_client(max_upload_bytes=len(chelsea) - 1)
     answer = post_json(client, b64(chelsea), prompt="a cat")
-    problem(answer, 413, "payload_too_large", "image")
+    assert_problem(answer, 413, "payload_too_large", "image")
     assert queue.count == 0
     # The limit is on the bytes, not the text: a wrapped and prefixed one is as large.
     wrapped = "data:image/png;base64," + "\n".join(
         b64(chelsea)[i : i + 76] for i in range(0, 400_000, 76)
     )
-    problem(post_json(client, wrapped, prompt="a cat"), 413, "payload_too_large", "image")
+    assert_problem(post_json(client, wrapped, prompt="a cat"), 413, "payload_too_large", "image")
 
 
 def test_base64_text_over_the_limit_is_413_before_it_is_decoded(make_client):
     """Text too long for the limit is refused on its length: junk of that length is 413,
     not the 422 its decoding would give."""
     client = make_client(max_upload_bytes=3000)
-    problem(post_json(client, "!" * 4004, prompt="a cat"), 413, "payload_too_large", "image")
+    assert_problem(post_json(client, "!" * 4004, prompt="a cat"), 413, "payload_too_large", "image")
     assert uploads.base64_length(3000) == 4000 and uploads.base64_length(3001) == 4004
 
 
@@ -271,7 +265,7 @@ def test_the_body_limit_admits_an_image_at_the_upload_limit_as_base64(make_clien
 def test_a_json_body_over_the_body_limit_is_413(make_client, chelsea, queue):
     client = make_client(max_upload_bytes=1000)
     answer = post_json(client, b64(chelsea), prompt="a cat")
-    body = problem(answer, 413, "payload_too_large")
+    body = assert_problem(answer, 413, "payload_too_large")
     assert "request body" in body["detail"]
 
     def chunks():  # without a Content-Length: counted while it streams
@@ -283,7 +277,7 @@ def test_a_json_body_over_the_body_limit_is_413(make_client, chelsea, queue):
     answer = client.post(
         "/v1/inversions", content=chunks(), headers={"content-type": "application/json"}
     )
-    problem(answer, 413, "payload_too_large")
+    assert_problem(answer, 413, "payload_too_large")
     assert queue.count == 0
 
 
@@ -308,7 +302,7 @@ def test_idempotency_key_replays_across_both_bodies(client, small_png, queue):
         assert replay.headers["idempotent-replayed"] == "true"
     assert queue.count == 1
     other = post_json(client, b64(small_png), headers, **{**PARAMETERS, "prompt": "a dog"})
-    problem(other, 422, "validation_error", "Idempotency-Key")
+    assert_problem(other, 422, "validation_error", "Idempotency-Key")
 
 
 def test_prefer_wait_applies_to_a_json_submission(client, small_png):

@@ -7,14 +7,12 @@ import hashlib
 
 import pytest
 from pydantic import ValidationError
-from rq.job import Job
-from rq.serializers import JSONSerializer
 
 from ddim_inversion.estimates import job_cost, stored_bytes
 from ddim_inversion.keys import input_key, owner_held_bytes_key, owner_held_total_key
 from ddim_inversion.params import InversionParams
 from service.settings import GatewaySettings
-from tests.service.test_gateway_submit import assert_problem
+from tests.service.helpers import assert_problem
 
 KEY_A, KEY_B = "key-of-alice", "key-of-bob"
 HASH_A = hashlib.sha256(KEY_A.encode()).hexdigest()
@@ -28,10 +26,6 @@ def post(client, image: bytes, key: str | None = None, headers: dict | None = No
     if key is not None:
         sent["Authorization"] = f"Bearer {key}"
     return client.post("/v1/inversions", data=data, files={"image": ("i.png", image)}, headers=sent)
-
-
-def finish(redis, job_id: str) -> None:
-    Job.fetch(job_id, connection=redis, serializer=JSONSerializer).set_status("finished")
 
 
 def held(redis, owner: str) -> int:
@@ -132,7 +126,7 @@ def test_a_job_allowed_alone_must_fit_its_keys_budget():
 # -- per-key budgets ------------------------------------------------------------------------
 
 
-def test_per_key_queued_cost_is_429_quota_exceeded(make_client, small_png, live_worker, redis):
+def test_per_key_queued_cost_is_429_quota_exceeded(make_client, small_png, live_worker, writes):
     job = 10 * 64 * 64  # 10 unguided steps at 512x512
     client = make_client(**KEYS, max_job_cost=job, max_queued_cost_per_key=2 * job)
     first = post(client, small_png, KEY_A, num_inference_steps=10).json()["id"]
@@ -142,11 +136,11 @@ def test_per_key_queued_cost_is_429_quota_exceeded(make_client, small_png, live_
     )
     assert "INVERSION_MAX_QUEUED_COST_PER_KEY" in body["detail"]
     assert post(client, small_png, KEY_B, num_inference_steps=10).status_code == 202
-    finish(redis, first)  # an ended job's cost is no longer counted
+    writes.succeed(first)  # an ended job's cost is no longer counted
     assert post(client, small_png, KEY_A, num_inference_steps=10).status_code == 202
 
 
-def test_per_key_held_bytes_are_429_and_deleting_frees_them(make_client, small_png, redis):
+def test_per_key_held_bytes_are_429_and_deleting_frees_them(make_client, small_png, redis, writes):
     client = make_client(**KEYS, max_job_bytes=70_000, max_held_bytes_per_key=70_000)
     first = post(client, small_png, KEY_A, resolution=64)
     assert first.status_code == 202
@@ -161,7 +155,7 @@ def test_per_key_held_bytes_are_429_and_deleting_frees_them(make_client, small_p
     assert post(client, small_png, KEY_B, resolution=64).status_code == 202
     # A finished job deleted gives its bytes back at once.
     job_id = first.json()["id"]
-    finish(redis, job_id)
+    writes.succeed(job_id)
     assert (
         client.delete(f"/v1/inversions/{job_id}", headers={"X-API-Key": KEY_A}).status_code == 204
     )

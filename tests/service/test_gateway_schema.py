@@ -20,7 +20,7 @@ from schemathesis.specs.openapi.checks import (
 from ddim_inversion.keys import WORKERS_KEY
 from service.app import create_app
 from service.settings import GatewaySettings
-from tests.service.conftest import _worker_record
+from tests.service.helpers import worker_record_of
 
 REDIS = fakeredis.FakeRedis()
 SETTINGS = GatewaySettings(
@@ -36,7 +36,7 @@ schema = schemathesis.openapi.from_asgi("/openapi.json", APP)
 
 def _fresh_worker() -> None:
     """A live worker, so that submissions are validated against a model's config in full."""
-    record = _worker_record()
+    record = worker_record_of()
     record = record.model_copy(update={"heartbeat_at": time.time()})
     REDIS.hset(WORKERS_KEY, record.name, record.model_dump_json())
 

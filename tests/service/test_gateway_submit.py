@@ -10,27 +10,11 @@ import pytest
 from PIL import Image
 from redis import exceptions as redis_errors
 from rq import Queue
-from rq.job import Job
-from rq.serializers import JSONSerializer
 
 from ddim_inversion.contract import JOB_FUNCTION, META_OWNER, JobPayload
 from ddim_inversion.keys import ADMITTING_KEY, WORKERS_KEY, input_key
 from ddim_inversion.params import InversionParams
-
-PROBLEM = "application/problem+json"
-
-
-def assert_problem(response, status: int, code: str, field: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith(PROBLEM)
-    body = response.json()
-    assert body["status"] == status
-    assert body["code"] == code
-    assert body["type"] == f"https://ddim-inversion.dev/problems/{code}"
-    assert body["title"] and body["detail"] and body["instance"].startswith("/")
-    if field is not None:
-        assert body.get("field") == field, body
-    return body
+from tests.service.helpers import assert_problem, fetch_job
 
 
 def png_declaring(width: int, height: int) -> bytes:
@@ -75,7 +59,7 @@ def test_submit_enqueues_a_json_job_with_its_input(client, submit, redis, queue,
     }
 
     assert queue.job_ids == [job_id]
-    job = Job.fetch(job_id, connection=redis, serializer=JSONSerializer)
+    job = fetch_job(redis, job_id)
     assert job.func_name == JOB_FUNCTION
     assert job.args == []
     payload = JobPayload.model_validate(job.kwargs["payload"])
