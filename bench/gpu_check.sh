@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# The one prepared GPU check, for the device tool (one call, under 8 minutes).
+# The GPU check: the plain diffusers reference loop and the service's worker path on the
+# same card, in one run, printing the ratios (about 8 minutes on one H100/H200).
 #
-# Before the trip, on the development machine (both folders are git-ignored):
-#   mkdir -p .gputools && cp ../shared/tools/gpu_reference_bench.py .gputools/
+# Needs, in git-ignored folders beside the project: .gputools/gpu_reference_bench.py (the
+# reference loop the targets were set against) and, where the GPU machine cannot install
+# packages, the service's dependencies as wheels in .whl/, e.g.
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
 #     -d .whl diffusers importlib_metadata rq redis pydantic-settings python-dotenv \
 #     safetensors huggingface_hub
-# then run: bash bench/gpu_check.sh   (carry: .whl, .gputools)
-# It runs the reference (a plain diffusers loop) and the service's worker path on the
-# same card, in one call, and prints the ratios.
+# then: bash bench/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -24,7 +24,7 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 if ! command -v redis-server >/dev/null; then
   echo "no redis-server here: throughput.py needs one (pass --redis-url to a reachable Redis)"
 fi
-echo "== reference: plain diffusers loop (shared tools), no compile"
+echo "== reference: plain diffusers loop, no compile"
 timeout 240 python3 .gputools/gpu_reference_bench.py 2>&1 | tee "$OUT/reference.log" | grep -E "^(float16|bfloat16) |RESULT"
 echo "== service worker path, SD 1.5 shape, 512x512, 50 steps"
 timeout 240 python3 bench/throughput.py --sd15 --jobs 64 --max-batch-size 32 \
