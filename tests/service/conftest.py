@@ -16,12 +16,16 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from ddim_inversion.contract import ModelInfo, WorkerRecord
-from ddim_inversion.keys import QUEUE_NAME, WORKERS_KEY
+from ddim_inversion.keys import WORKERS_KEY, queue_name_for
 from service.app import create_app
 from service.settings import GatewaySettings
 from tests.worker_writes import WorkerWrites
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
+
+SERVED_MODEL = "stable-diffusion-v1-5"
+"""The model of the fake workers' records, and the gateways' default model here: a job
+submitted without any worker queues for it."""
 
 SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler",
@@ -50,7 +54,9 @@ def redis(fake_server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
 
 @pytest.fixture
 def settings() -> GatewaySettings:
-    return GatewaySettings(redis_url="redis://unused.invalid:6379/0", auth_disabled=True)
+    return GatewaySettings(
+        redis_url="redis://unused.invalid:6379/0", auth_disabled=True, default_model=SERVED_MODEL
+    )
 
 
 @pytest.fixture
@@ -65,7 +71,11 @@ def make_client(
     clients: list[TestClient] = []
 
     def make(connection: Any = None, **overrides: Any) -> TestClient:
-        fields = {"redis_url": "redis://unused.invalid:6379/0", "auth_disabled": True}
+        fields = {
+            "redis_url": "redis://unused.invalid:6379/0",
+            "auth_disabled": True,
+            "default_model": SERVED_MODEL,
+        }
         settings = GatewaySettings(**{**fields, **overrides})
         app = create_app(
             settings,
@@ -89,13 +99,14 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
 
 @pytest.fixture
 def queue(redis: fakeredis.FakeRedis) -> Queue:
-    return Queue(QUEUE_NAME, connection=redis, serializer=JSONSerializer)
+    """The queue of SERVED_MODEL's jobs."""
+    return Queue(queue_name_for(SERVED_MODEL), connection=redis, serializer=JSONSerializer)
 
 
 @pytest.fixture
 def writes(redis: fakeredis.FakeRedis) -> WorkerWrites:
     """A worker's writes of a job's start, progress and end, on the app's Redis."""
-    return WorkerWrites(redis)
+    return WorkerWrites(redis, queue_name_for(SERVED_MODEL))
 
 
 @pytest.fixture
@@ -113,7 +124,7 @@ def small_png() -> bytes:
 
 def _worker_record(name: str = "gpu-0", age_s: float = 0.0, **model: Any) -> WorkerRecord:
     info = {
-        "name": "stable-diffusion-v1-5",
+        "name": SERVED_MODEL,
         "native_resolution": (512, 512),
         "latent_channels": 4,
         "vae_scale_factor": 8,
