@@ -42,7 +42,10 @@ from bench.abuse_stack import (
     wait_terminal,
 )
 from ddim_inversion.contract import JOB_FUNCTION
-from ddim_inversion.keys import QUEUE_NAME, input_key, result_key
+from ddim_inversion.keys import input_key, queue_name_for, result_key
+
+TINY_QUEUE = queue_name_for("tiny")
+"""The queue of the tiny model's jobs, which the workers here drain."""
 
 LONG_STEPS = 900
 """A job that runs for seconds on the tiny model (from 1.5 ms a step on a free core);
@@ -113,7 +116,7 @@ def forget(ctx: Ctx, jobs: list[str]) -> int:
     for job in jobs:
         if ctx.stack.redis.exists(f"rq:job:{job}"):
             forced += 1
-            for queue in (QUEUE_NAME, PARKED_QUEUE):
+            for queue in (TINY_QUEUE, queue_name_for("tiny", PARKED_QUEUE)):
                 ctx.stack.redis.lrem(f"rq:queue:{queue}", 0, job)
             ctx.stack.redis.delete(f"rq:job:{job}", input_key(job), result_key(job))
     return forced
@@ -337,7 +340,7 @@ def canceled_ttls(ctx: Ctx) -> tuple[str, str]:
                 forever.append(name.decode().replace(job, "<id>"))
     registries = sum(
         stack.redis.zscore(f"rq:canceled:{queue}", job) is not None
-        for queue in (QUEUE_NAME, PARKED_QUEUE)
+        for queue in (TINY_QUEUE, queue_name_for("tiny", PARKED_QUEUE))
         for job in (queued, running)
     )
     names = ", ".join(sorted(set(forever))) or "none"
@@ -350,7 +353,7 @@ def forged_jobs(ctx: Ctx) -> tuple[str, str]:
     """Point 7: jobs written straight into Redis, naming code for the worker to run."""
     assert ctx.b is not None
     ctx.b.start()
-    queue = Queue(QUEUE_NAME, connection=ctx.stack.redis, serializer=JSONSerializer)
+    queue = Queue(TINY_QUEUE, connection=ctx.stack.redis, serializer=JSONSerializer)
     marker = f"ABUSE-FORGED-{uuid.uuid4().hex[:8]}"
     callback = queue.enqueue(
         JOB_FUNCTION,

@@ -42,6 +42,7 @@ KEY_A_RACES, KEY_A_REPLAYS, KEY_A_TIMEOUT = "abuse-key-a2", "abuse-key-a3", "abu
 per-key counters."""
 ALL_KEYS = (KEY_A, KEY_B, KEY_A_RACES, KEY_A_REPLAYS, KEY_A_TIMEOUT)
 PARKED_QUEUE = "abuse-parked"
+"""The parked gateway's queue prefix: no worker drains `abuse-parked:<model>`."""
 STRICT = {"max_queued_per_key": 3, "rate_limit_per_minute": 5, "job_timeout_s": 2}
 """The strict gateway's limits (INVERSION_*)."""
 

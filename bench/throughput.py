@@ -32,8 +32,11 @@ sys.path.insert(0, str(ROOT))
 import imaging  # noqa: E402
 
 from ddim_inversion.contract import JOB_FUNCTION, JobPayload  # noqa: E402
-from ddim_inversion.keys import QUEUE_NAME, input_key  # noqa: E402
+from ddim_inversion.keys import input_key, queue_name_for  # noqa: E402
 from ddim_inversion.params import InversionParams  # noqa: E402
+
+TINY_QUEUE = queue_name_for("tiny")
+"""The queue of the tiny model's jobs, which the workers here drain."""
 
 
 def start_redis() -> tuple[str, subprocess.Popen[bytes]]:
@@ -68,7 +71,7 @@ def enqueue_all(connection, arrays, prompts, steps, size) -> list[str]:
     from rq import Queue
     from rq.serializers import JSONSerializer
 
-    queue = Queue(QUEUE_NAME, connection=connection, serializer=JSONSerializer)
+    queue = Queue(TINY_QUEUE, connection=connection, serializer=JSONSerializer)
     ids = []
     for array, prompt in zip(arrays, prompts, strict=True):
         job_id = str(uuid.uuid4())
@@ -149,7 +152,7 @@ def main() -> int:
         from rq import Queue
         from rq.serializers import JSONSerializer
 
-        queue = Queue(QUEUE_NAME, connection=connection, serializer=JSONSerializer)
+        queue = Queue(TINY_QUEUE, connection=connection, serializer=JSONSerializer)
 
         def drain() -> InversionWorker:
             worker = InversionWorker(

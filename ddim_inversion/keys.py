@@ -9,7 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 QUEUE_NAME = "inversions"
-"""The RQ queue that gateways fill and workers drain."""
+"""The prefix of the RQ queues that gateways fill and workers drain: one queue per model."""
+
+
+def queue_name_for(model: str, prefix: str = QUEUE_NAME) -> str:
+    """The RQ queue of one model's jobs (`inversions:<model>`): the workers serving that
+    model drain it and no other, so that a batch never mixes models."""
+    return f"{prefix}:{model}"
 
 
 KEY_PREFIX = "inversion:"
@@ -18,6 +24,11 @@ KEY_PREFIX = "inversion:"
 
 WORKERS_KEY = KEY_PREFIX + "workers"
 """Hash: worker name -> WorkerRecord JSON; how gateways learn that a model is loaded."""
+
+
+MODELS_KEY = KEY_PREFIX + "models"
+"""Hash: model name -> ModelInfo JSON of every model a worker ever announced, kept without
+expiry: a model stays known (its jobs queue) while all its workers are down."""
 
 
 THROUGHPUT_KEY = KEY_PREFIX + "throughput"
@@ -128,3 +139,9 @@ JOB_METRICS_KEY = KEY_PREFIX + "metrics:jobs"
 in that bucket alone, `+Inf` for those above the last bound) and `<name>:sum`, written by
 workers as jobs end; gateways sum the buckets into Prometheus' cumulative ones at scrape
 time, so a job's end costs one increment per histogram, not one per bucket."""
+
+
+def model_job_metrics_key(model: str) -> str:
+    """JOB_METRICS_KEY's fields counted for one model's jobs alone (gateways export them
+    labelled by model, for known models only)."""
+    return f"{JOB_METRICS_KEY}:{model}"

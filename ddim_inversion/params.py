@@ -21,6 +21,11 @@ from pydantic.fields import FieldInfo
 from ddim_inversion.errors import InvalidParameter
 from ddim_inversion.scheduler_config import SCHEDULER_OVERRIDES, check_override
 
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
+"""What a served model's name may be: a word, a folder's name or a hub id (`owner/name`);
+it becomes part of a queue's name and a metric label."""
+
+
 NULL_TEXT_GUIDANCE_SCALE = 7.5
 """The usual guidance of null-text inversion: what the CLI uses with `--method null_text`
 when no `--guidance-scale` is given (the contract itself needs any value above 1)."""
@@ -159,6 +164,15 @@ class InversionParams(BaseModel):
         ),
     )
 
+    model: str | None = Field(
+        None,
+        pattern=MODEL_NAME_PATTERN,
+        description=(
+            "The model the job runs on: one GET /v1/models lists; absent: the pool's default model."
+        ),
+        examples=["tiny"],
+    )
+
     @field_validator("resolution", mode="before")
     @classmethod
     def _parse_resolution(cls, value: Any) -> Any:
@@ -168,6 +182,12 @@ class InversionParams(BaseModel):
             return parse_resolution(value)
         except InvalidParameter as exc:
             raise ValueError(exc.message) from None
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _empty_model_is_default(cls, value: Any) -> Any:
+        # A form's empty choice: the pool's default, as when the field is absent.
+        return None if value == "" else value
 
     @field_validator("guidance_scale")
     @classmethod

@@ -27,6 +27,8 @@ FLAG_NAMES: dict[str, str] = {
 
 EXTRA_HELP: dict[str, str] = {
     "guidance_scale": f"{NULL_TEXT_GUIDANCE_SCALE} with --method null_text",
+    "model": "`local`: the model to load, a diffusers folder, a hub id or 'tiny' "
+    "(default: INVERSION_MODEL)",
 }
 """What the CLI adds to a parameter's meaning (see `parameters_from_args`)."""
 
@@ -71,6 +73,8 @@ def _help(name: str, info: FieldInfo) -> str:
     if not info.is_required() and not empty:
         text += f" Default: {default}"
         text += f"; {EXTRA_HELP[name]}." if name in EXTRA_HELP else "."
+    elif name in EXTRA_HELP:
+        text += f" {EXTRA_HELP[name]}."
     return text.replace("%", "%%")  # argparse formats help with %
 
 

@@ -49,8 +49,11 @@ def cmd_local(args: argparse.Namespace) -> int:
     limit_cpu_threads(settings.threads)
     if args.out and len(args.images) > 1:
         return _fail("--out takes one image; use --out-dir for several")
+    given = parameters_from_args(args)
+    # `--model` names the model to load here (a folder too), not a pool's served model.
+    model_name = given.pop("model", None) or settings.model
     try:
-        params = InversionParams(**parameters_from_args(args))
+        params = InversionParams(**given)
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(p) for p in first["loc"]) or "parameters"
@@ -67,7 +70,7 @@ def cmd_local(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         model = load_model(
-            args.model or settings.model,
+            model_name,
             device=args.device or settings.device,
             dtype=args.dtype or settings.dtype,
             allow_download=settings.allow_download,
@@ -156,7 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     local = sub.add_parser("local", help="invert images in-process, without Redis")
     local.add_argument("images", nargs="+", metavar="IMAGE")
     add_parameter_flags(local)
-    local.add_argument("--model", default=None, help="folder, hub id or 'tiny' (INVERSION_MODEL)")
     local.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     local.add_argument(
         "--dtype", choices=["auto", "float32", "float16", "bfloat16", "float64"], default=None

@@ -13,7 +13,16 @@ from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import GatewayMetrics, RequestMetricsMiddleware
 from service.redis_conn import lifespan
-from service.routes import capacity, downloads, events, health, inversions, page, status
+from service.routes import (
+    capacity,
+    downloads,
+    events,
+    health,
+    inversions,
+    models,
+    page,
+    status,
+)
 from service.settings import GatewaySettings, get_settings
 
 CORS_REQUEST_HEADERS = ("Idempotency-Key", "Prefer", "Last-Event-ID")
@@ -94,6 +103,7 @@ def create_app(
     app.include_router(downloads.router)
     app.include_router(events.router)
     app.include_router(capacity.router)
+    app.include_router(models.router)
     app.include_router(health.router)
     app.include_router(page.router)
     return app

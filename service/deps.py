@@ -20,7 +20,7 @@ import redis
 from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 
-from service import auth, rq_adapter
+from service import auth
 from service.auth_middleware import owner_of
 from service.listener import JobListener
 from service.metrics import GatewayMetrics
@@ -39,11 +39,6 @@ async def get_app_settings(request: Request) -> GatewaySettings:
 
 SettingsDep = Annotated[GatewaySettings, Depends(get_app_settings)]
 RedisDep = Annotated[redis.Redis, Depends(get_redis)]
-
-
-async def get_queue(connection: RedisDep, settings: SettingsDep) -> rq_adapter.Queue:
-    """The queue workers drain."""
-    return rq_adapter.open_queue(connection, settings.queue_name)
 
 
 _bearer = HTTPBearer(auto_error=False, description="`Authorization: Bearer <API key>`")
@@ -84,7 +79,6 @@ async def get_metrics(request: Request) -> GatewayMetrics:
     return request.app.state.metrics
 
 
-QueueDep = Annotated[rq_adapter.Queue, Depends(get_queue)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
 ListenerDep = Annotated[JobListener, Depends(get_listener)]
 OwnerDep = Annotated[str, Depends(get_owner)]

@@ -27,6 +27,7 @@ from ddim_inversion.keys import (
     cancel_key,
     ended_key,
     input_key,
+    model_job_metrics_key,
     publish_job_event,
     reconstruction_key,
     result_key,
@@ -36,13 +37,12 @@ from service import fairness, limits, rq_adapter
 from service.errors import ProblemError
 from service.rq_adapter import AlreadyEnqueued, StoredJob
 from service.settings import GatewaySettings
-from service.views import created_at, job_error, job_view, status_of
+from service.views import created_at, job_error, job_model, job_view, status_of
 from service.workers import (
     estimate_wait_s,
     fresh_workers,
     images_per_s,
     live_workers,
-    queue_depth_and_workers,
 )
 
 __all__ = [
@@ -60,7 +60,6 @@ __all__ = [
     "live_workers",
     "load_job",
     "load_job_and",
-    "queue_depth_and_workers",
     "status_of",
 ]
 
@@ -176,6 +175,9 @@ def _canceled_writes(job: StoredJob, pipe: Any, done: rq_adapter.Cancellation) -
     if done.here:
         # A job canceled before any worker saw it ends here: count it like the workers do.
         pipe.hincrby(JOB_METRICS_KEY, "ended:canceled", 1)
+        model = job_model(job)
+        if model is not None:
+            pipe.hincrby(model_job_metrics_key(model), "ended:canceled", 1)
         pipe.rpush(ended_key(job.id), "canceled")
         pipe.expire(ended_key(job.id), min(ENDED_TTL_S, done.ttl_s))
         publish_job_event(pipe, job.id)

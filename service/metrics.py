@@ -24,47 +24,75 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ddim_inversion.contract import JobStatus
 from ddim_inversion.errors import ErrorCode
 from ddim_inversion.job_metrics import DURATION_BUCKETS_S
-from ddim_inversion.keys import JOB_METRICS_KEY, THROUGHPUT_KEY, WORKERS_KEY
-from service import rq_adapter, views, workers
+from ddim_inversion.keys import (
+    JOB_METRICS_KEY,
+    THROUGHPUT_KEY,
+    WORKERS_KEY,
+    model_job_metrics_key,
+)
+from service import pool, rq_adapter, views, workers
 from service.rq_adapter import Queue
+from service.settings import GatewaySettings
+
+HISTOGRAMS: tuple[tuple[str, str], ...] = (
+    ("queue_wait", "Seconds a job waited in the queue before a worker took it."),
+    ("run", "Seconds a job ran on a worker, batch included."),
+)
+"""The job duration histograms workers record (job_metrics.JOB_HISTOGRAMS), described."""
+
+
+def _fields(raw: dict[Any, Any]) -> dict[str, float]:
+    return {_text(k): float(v) for k, v in raw.items()}
 
 
 class JobMetricsCollector(Collector):
-    """Jobs by final state and job duration histograms, as all workers recorded them.
+    """Jobs by final state and job duration histograms, as all workers recorded them: for
+    the whole service, and per known model (`inversion_model_*`, labelled `model`).
 
-    Workers count each job's end in one Redis hash (JOB_METRICS_KEY), so every
-    gateway replica exports the same service-wide figures, read at scrape time.
+    Workers count each job's end in Redis hashes (JOB_METRICS_KEY, model_job_metrics_key),
+    so every gateway replica exports the same service-wide figures, read at scrape time.
+    Only models a worker announced get series: a job cannot invent a label.
     """
 
     def __init__(self) -> None:
-        self.connection: redis.Redis | None = None
+        self.scrape: tuple[redis.Redis, Sequence[str]] | None = None
 
     def collect(self) -> Iterator[Any]:
-        if self.connection is None:
+        if self.scrape is None:
             return
-        raw = self.connection.hgetall(JOB_METRICS_KEY)
-        fields = {(k.decode() if isinstance(k, bytes) else k): float(v) for k, v in raw.items()}
+        connection, models = self.scrape
+        pipe = connection.pipeline(transaction=False)
+        pipe.hgetall(JOB_METRICS_KEY)
+        for model in models:
+            pipe.hgetall(model_job_metrics_key(model))
+        total, *per_model = [_fields(raw) for raw in pipe.execute()]
+        yield from self._families("inversion_", [], [([], total)])
+        rows = [([model], fields) for model, fields in zip(models, per_model, strict=True)]
+        yield from self._families("inversion_model_", ["model"], rows)
+
+    @staticmethod
+    def _families(
+        prefix: str, labels: list[str], rows: list[tuple[list[str], dict[str, float]]]
+    ) -> Iterator[Any]:
         ended = CounterMetricFamily(
-            "inversion_jobs_ended", "Jobs that ended, by final status.", labels=["status"]
+            f"{prefix}jobs_ended", "Jobs that ended, by final status.", labels=[*labels, "status"]
         )
-        for status in ("succeeded", "failed", "canceled"):
-            ended.add_metric([status], fields.get(f"ended:{status}", 0.0))
+        for values, fields in rows:
+            for status in ("succeeded", "failed", "canceled"):
+                ended.add_metric([*values, status], fields.get(f"ended:{status}", 0.0))
         yield ended
-        for name, meaning in (
-            ("queue_wait", "Seconds a job waited in the queue before a worker took it."),
-            ("run", "Seconds a job ran on a worker, batch included."),
-        ):
-            bounds = [f"{b:g}" for b in DURATION_BUCKETS_S] + ["+Inf"]
-            buckets, below = [], 0.0
-            for bound in bounds:  # Prometheus buckets are cumulative; the hash's are not
-                below += fields.get(f"{name}:in:{bound}", 0.0)
-                buckets.append((bound, below))
-            yield HistogramMetricFamily(
-                f"inversion_job_{name}_seconds",
-                meaning,
-                buckets=buckets,
-                sum_value=fields.get(f"{name}:sum", 0.0),
+        bounds = [f"{b:g}" for b in DURATION_BUCKETS_S] + ["+Inf"]
+        for name, meaning in HISTOGRAMS:
+            family = HistogramMetricFamily(
+                f"{prefix}job_{name}_seconds", meaning, labels=labels or None
             )
+            for values, fields in rows:
+                buckets, below = [], 0.0
+                for bound in bounds:  # Prometheus buckets are cumulative; the hash's are not
+                    below += fields.get(f"{name}:in:{bound}", 0.0)
+                    buckets.append((bound, below))
+                family.add_metric(values, buckets, fields.get(f"{name}:sum", 0.0))
+            yield family
 
 
 FAILED_SCAN_LIMIT = 1000
@@ -84,14 +112,15 @@ class Failure:
 class PoolCollector(Collector):
     """Series whose labels come and go with the pool, read from Redis at scrape time.
 
-    Per queue: jobs queued and running (RQ's started registry), the estimated wait of a job
-    submitted now, and the failed jobs still held (failure TTL) by code with the time of the
-    latest failure of each code. Per live worker: its images/s. Yielded afresh at each
-    scrape, so a worker that left or a code no longer held leaves no stale series behind.
+    Per model and its queue: jobs queued and running (RQ's started registry), its live
+    workers, the estimated wait of a job submitted now, and the failed jobs still held
+    (failure TTL) by code with the time of the latest failure of each code. Per live
+    worker: its images/s. Yielded afresh at each scrape, so a worker that left or a code
+    no longer held leaves no stale series behind.
     """
 
     def __init__(self) -> None:
-        self.scrape: tuple[redis.Redis, Sequence[Queue], float] | None = None
+        self.scrape: tuple[redis.Redis, Sequence[tuple[str, Queue]], float] | None = None
         self._failures: dict[str, Failure] = {}
 
     def collect(self) -> Iterator[Any]:
@@ -99,7 +128,7 @@ class PoolCollector(Collector):
             return
         connection, queues, stale_s = self.scrape
         pipe = connection.pipeline(transaction=False)
-        for queue in queues:
+        for _model, queue in queues:
             pipe.llen(rq_adapter.queue_key(queue))
             pipe.zcard(rq_adapter.started_key(queue))
             pipe.zrevrange(rq_adapter.failed_key(queue), 0, FAILED_SCAN_LIMIT - 1)
@@ -113,45 +142,56 @@ class PoolCollector(Collector):
             "Images per second of each live worker (its moving average over recent batches).",
             labels=["worker", "model"],
         )
-        total_rate = 0.0
+        model_rates: dict[str, float] = {}
+        model_workers: dict[str, int] = {}
         for record in workers.fresh_workers(raw_workers, stale_s):
+            model = record.model.name
+            model_workers[model] = model_workers.get(model, 0) + 1
             rate = rates.get(record.name)
             if rate is not None:
-                per_worker.add_metric([record.name, record.model.name], rate)
-                total_rate += rate
+                per_worker.add_metric([record.name, model], rate)
+                model_rates[model] = model_rates.get(model, 0.0) + rate
         yield per_worker
+        serving = GaugeMetricFamily(
+            "inversion_model_live_workers",
+            "Live workers serving each known model; 0: its jobs wait until one starts.",
+            labels=["model"],
+        )
+        for model, _queue in queues:
+            serving.add_metric([model], model_workers.get(model, 0))
+        yield serving
 
         depth = GaugeMetricFamily(
             "inversion_queue_jobs",
             "Jobs of each queue by state: queued (waiting) and running (RQ's started "
             "registry). Their sum is the work the pool still owes: what workers scale on.",
-            labels=["queue", "state"],
+            labels=["queue", "model", "state"],
         )
         wait = GaugeMetricFamily(
             "inversion_queue_estimated_wait_seconds",
             "Seconds until a job submitted now would have run: the queued jobs and it, over "
-            "the live workers' images/s; absent while no worker has a measured rate.",
-            labels=["queue"],
+            "the live workers' images/s of its model; absent while none has a measured rate.",
+            labels=["queue", "model"],
         )
         failed = GaugeMetricFamily(
             "inversion_failed_jobs",
             "Failed jobs still held (INVERSION_FAILURE_TTL_S), by failure code.",
-            labels=["queue", "code"],
+            labels=["queue", "model", "code"],
         )
         last = GaugeMetricFamily(
             "inversion_last_failure_timestamp_seconds",
             "Unix time of the latest failure of each code among the failed jobs held.",
-            labels=["queue", "code"],
+            labels=["queue", "model", "code"],
         )
         held: dict[str, Failure] = {}
-        for index, queue in enumerate(queues):
+        for index, (model, queue) in enumerate(queues):
             queued, running, failed_ids = per_queue[3 * index : 3 * index + 3]
             name = rq_adapter.queue_name(queue)
-            depth.add_metric([name, "queued"], queued)
-            depth.add_metric([name, "running"], running)
-            estimate = workers.estimate_wait_s(queued, total_rate or None)
+            depth.add_metric([name, model, "queued"], queued)
+            depth.add_metric([name, model, "running"], running)
+            estimate = workers.estimate_wait_s(queued, model_rates.get(model))
             if estimate is not None:
-                wait.add_metric([name], estimate)
+                wait.add_metric([name, model], estimate)
             counts: dict[str, int] = {}
             latest: dict[str, float] = {}
             for failure in self._classify(connection, [_text(i) for i in failed_ids], held):
@@ -159,9 +199,9 @@ class PoolCollector(Collector):
                 if failure.failed_at is not None:
                     latest[failure.code] = max(latest.get(failure.code, 0.0), failure.failed_at)
             for code, count in sorted(counts.items()):
-                failed.add_metric([name, code], count)
+                failed.add_metric([name, model, code], count)
             for code, moment in sorted(latest.items()):
-                last.add_metric([name, code], moment)
+                last.add_metric([name, model, code], moment)
         self._failures = held  # forget jobs no longer in any failed registry
         yield depth
         yield wait
@@ -207,13 +247,14 @@ class GatewayMetrics:
         )
         self.queue_depth = Gauge(
             "inversion_queue_depth",
-            "Jobs waiting in the RQ queue, read at scrape time.",
+            "Jobs waiting in the RQ queues of every model, read at scrape time.",
             registry=self.registry,
         )
         self.registry_jobs = Gauge(
             "inversion_rq_registry_jobs",
             "Jobs in each RQ registry (started, finished, failed, canceled, deferred, "
-            "scheduled), read at scrape time; finished and failed forget jobs after their TTL.",
+            "scheduled) of every model's queue, read at scrape time; finished and failed "
+            "forget jobs after their TTL.",
             ["registry"],
             registry=self.registry,
         )
@@ -229,22 +270,29 @@ class GatewayMetrics:
         # The scrape-time collectors hold one scrape's connection: one scrape at a time.
         self._scraping = threading.Lock()
 
-    def render(self, connection: redis.Redis, queue: Queue, worker_stale_s: float) -> bytes:
+    def render(self, connection: redis.Redis, settings: GatewaySettings) -> bytes:
         """Refresh the scrape-time gauges from Redis, then serialise everything."""
         with self._scraping:
-            return self._render(connection, queue, worker_stale_s)
+            return self._render(connection, settings)
 
-    def _render(self, connection: redis.Redis, queue: Queue, worker_stale_s: float) -> bytes:
-        self.queue_depth.set(rq_adapter.queue_depth(queue))
-        for name, count in rq_adapter.registry_counts(queue).items():
+    def _render(self, connection: redis.Redis, settings: GatewaySettings) -> bytes:
+        known, live = pool.read_pool(connection, settings.worker_stale_s)
+        models = sorted({*known, *([settings.default_model] if settings.default_model else [])})
+        queues = [(model, pool.model_queue(connection, settings, model)) for model in models]
+        self.queue_depth.set(sum(rq_adapter.queue_depth(queue) for _model, queue in queues))
+        totals: dict[str, int] = {}
+        for _model, queue in queues:
+            for name, count in rq_adapter.registry_counts(queue).items():
+                totals[name] = totals.get(name, 0) + count
+        for name, count in totals.items():
             self.registry_jobs.labels(name).set(count)
-        self.live_workers.set(len(workers.live_workers(connection, worker_stale_s)))
-        self.jobs.connection = connection
-        self.pool.scrape = (connection, [queue], worker_stale_s)
+        self.live_workers.set(len(live))
+        self.jobs.scrape = (connection, models)
+        self.pool.scrape = (connection, queues, settings.worker_stale_s)
         try:
             return generate_latest(self.registry)
         finally:
-            self.jobs.connection = None
+            self.jobs.scrape = None
             self.pool.scrape = None
 
 

@@ -1,7 +1,7 @@
 """Per-job bounds from a job's parameters, before anything is stored: 422 naming the field.
 
-- `resolution`: at most INVERSION_MAX_RESOLUTION_SCALE x the live model's native size per
-  side, and never above INVERSION_MAX_RESOLUTION_SIDE (also while no worker is alive);
+- `resolution`: at most INVERSION_MAX_RESOLUTION_SCALE x the job's model's native size per
+  side, and never above INVERSION_MAX_RESOLUTION_SIDE (also for a model no worker announced yet);
 - the bytes the job may keep in Redis (its input plus its worst-case result,
   stored_bytes): at most INVERSION_MAX_JOB_BYTES;
 - its GPU work (job_cost): at most INVERSION_MAX_JOB_COST.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ddim_inversion.contract import WorkerRecord
+from ddim_inversion.contract import ModelInfo
 from ddim_inversion.errors import ErrorCode
 from ddim_inversion.estimates import job_cost, stored_bytes, unet_calls
 from ddim_inversion.params import InversionParams
@@ -29,11 +29,11 @@ def _invalid(field: str, detail: str) -> ProblemError:
     return ProblemError(422, ErrorCode.VALIDATION_ERROR, detail, field=field)
 
 
-def largest_side(settings: GatewaySettings, worker: WorkerRecord | None) -> tuple[int, str]:
+def largest_side(settings: GatewaySettings, model: ModelInfo | None) -> tuple[int, str]:
     """The largest width or height a job may ask for, and which setting says so."""
     limit, why = settings.max_resolution_side, "INVERSION_MAX_RESOLUTION_SIDE"
-    if worker is not None:
-        native = max(worker.model.native_resolution)
+    if model is not None:
+        native = max(model.native_resolution)
         scaled = int(native * settings.max_resolution_scale) // SIZE_MULTIPLE * SIZE_MULTIPLE
         if scaled < limit:
             limit = scaled
@@ -45,13 +45,13 @@ def largest_side(settings: GatewaySettings, worker: WorkerRecord | None) -> tupl
 
 
 def check_resolution(
-    params: InversionParams, settings: GatewaySettings, worker: WorkerRecord | None
+    params: InversionParams, settings: GatewaySettings, model: ModelInfo | None
 ) -> None:
     """422 (`resolution`) for a side over `largest_side`."""
     if params.resolution is None:
         return
     width, height = params.resolution
-    limit, why = largest_side(settings, worker)
+    limit, why = largest_side(settings, model)
     if max(width, height) > limit:
         raise _invalid(
             "resolution", f"{width}x{height}: a side may be at most {limit} pixels ({why})"
@@ -59,27 +59,26 @@ def check_resolution(
 
 
 def result_size(
-    params: InversionParams, settings: GatewaySettings, worker: WorkerRecord | None
+    params: InversionParams, settings: GatewaySettings, model: ModelInfo | None
 ) -> tuple[int, int]:
     """The size the worker will invert at: asked for, or the model's native one; without a
-    live worker the model is unknown, and the largest size allowed is assumed."""
+    model record the largest size allowed is assumed."""
     if params.resolution is not None:
         return params.resolution
-    if worker is not None:
-        return worker.model.native_resolution
+    if model is not None:
+        return model.native_resolution
     return settings.max_resolution_side, settings.max_resolution_side
 
 
 def size_job(
     params: InversionParams,
     settings: GatewaySettings,
-    worker: WorkerRecord | None,
+    model: ModelInfo | None,
     rgb: np.ndarray,
 ) -> JobSize:
     """The job's GPU cost and stored bytes (`rgb`: the input as it will be stored), or 422
     when either passes its per-job limit."""
-    model = worker.model if worker is not None else None
-    size = result_size(params, settings, worker)
+    size = result_size(params, settings, model)
     stored = stored_bytes(params, model, (rgb.shape[1], rgb.shape[0]), size)
     if stored.total > settings.max_job_bytes:
         raise _invalid(

@@ -195,6 +195,11 @@ class StoredJob:
         return payload if isinstance(payload, Mapping) else {}
 
     @property
+    def queue_name(self) -> str:
+        """The queue it was enqueued in (RQ's `origin`): its model's."""
+        return self._job.origin
+
+    @property
     def created_at(self) -> datetime | None:
         return _aware(self._job.created_at)
 

@@ -88,6 +88,11 @@ class JobView(BaseModel):
         description="While queued: (queue_position + 1) / the live workers' recent images/s; "
         "absent while unknown.",
     )
+    live_workers: int | None = Field(
+        None,
+        description="While queued: the live workers serving the job's model; 0: none does "
+        "now, and the job waits until one starts.",
+    )
     progress: Progress | None = Field(None, description="While running.")
     timings: Timings
     params: JobParams | None = None
@@ -117,13 +122,66 @@ class WorkerCapacity(WorkerView):
     )
 
 
+class ModelCapacity(BaseModel):
+    """One model of the pool: whether its jobs run now, its queue and throughput."""
+
+    name: str
+    ready: bool = Field(
+        description="A live worker serves it: its jobs run; false: they wait in its queue "
+        "until one starts."
+    )
+    live_workers: int = Field(description="Live workers serving it.")
+    queued: int = Field(description="Its jobs waiting in its queue.")
+    running: int = Field(description="Its jobs its workers are running.")
+    images_per_s: float | None = Field(
+        None, description="Its live workers' images per second together; null while unknown."
+    )
+    estimated_wait_s: float | None = Field(
+        None,
+        description="Seconds until a job of it submitted now would have run: (queued + 1) "
+        "/ images_per_s; null while unknown.",
+    )
+
+
+class ModelView(ModelCapacity):
+    """A model the pool serves (or served: a model stays known while its workers are
+    down), as its workers announced it: what jobs naming it are validated against."""
+
+    family: str = Field(
+        description="sd1 (CLIP ViT-L text encoder), sd2 (OpenCLIP ViT-H), or other."
+    )
+    native_resolution: tuple[int, int] | None = Field(
+        None, description="(width, height) a job without `resolution` runs at."
+    )
+    prediction_type: str | None = Field(None, description="epsilon or v_prediction.")
+    scheduler_config: dict[str, Any] | None = Field(
+        None, description="The model's scheduler config, which a job's `scheduler` overrides."
+    )
+    tokenizer_max_length: int | None = Field(
+        None, description="Tokens of a prompt the text encoder reads (more are truncated)."
+    )
+    default: bool = Field(description="Jobs that name no model run on it.")
+
+
+class Models(BaseModel):
+    """GET /v1/models: every model a job may name."""
+
+    models: list[ModelView]
+    default: str | None = Field(
+        None, description="The model a job that names none runs on; null: it must name one."
+    )
+
+
 class Capacity(BaseModel):
     """What the worker pool can take now. Submissions are accepted without any worker
     (they queue until one starts): this says how long they would wait."""
 
     workers: list[WorkerCapacity] = Field(description="Live workers, the most recent first.")
     models: list[str] = Field(description="The models the live workers serve.")
-    queued: int = Field(description="Jobs waiting in the queue.")
+    by_model: list[ModelCapacity] = Field(
+        description="Every known model: ready while a live worker serves it."
+    )
+    queued: int = Field(description="Jobs waiting in the queues of every model.")
     running: int = Field(description="Jobs the workers are running.")
     images_per_s: float | None = Field(
         None, description="The live workers' images per second together; null while unknown."

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ddim_inversion import imaging, webhook_policy
 from ddim_inversion.keys import QUEUE_NAME
+from ddim_inversion.params import MODEL_NAME_PATTERN
 
 
 class GatewaySettings(BaseSettings):
@@ -27,7 +28,18 @@ class GatewaySettings(BaseSettings):
         default="redis://127.0.0.1:6379/0",
         description="The Redis that holds the queue and results.",
     )
-    queue_name: str = Field(default=QUEUE_NAME, description="The RQ queue workers drain.")
+    queue_name: str = Field(
+        default=QUEUE_NAME,
+        description="Prefix of the RQ queues: a model's jobs wait in `<queue_name>:<model>`, "
+        "which the workers serving that model drain.",
+    )
+    default_model: str = Field(
+        default="",
+        pattern=r"^$|" + MODEL_NAME_PATTERN,
+        description="The model a job that names none runs on, queued even before any worker "
+        "announced it; empty: the one model the pool serves, and 422 (`model`) while it "
+        "serves several or none.",
+    )
     host: str = Field(default="127.0.0.1", description="Interface `ddim-invert gateway` binds to.")
     port: int = Field(
         default=8000, ge=1, le=65535, description="Port `ddim-invert gateway` binds to."

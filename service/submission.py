@@ -16,7 +16,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from ddim_inversion.errors import ErrorCode
-from service import jobs, limits, protocol, quotas, uploads
+from service import jobs, limits, pool, protocol, quotas, rq_adapter, uploads
 from service.bodies import Submission
 from service.errors import RETRY_AFTER_S, ProblemError
 from service.schemas import JobAccepted, JobUrls
@@ -24,7 +24,6 @@ from service.schemas import JobAccepted, JobUrls
 
 def accept_and_answer(
     redis: Any,
-    queue: Any,
     settings: Any,
     owner: str,
     metrics: Any,
@@ -33,17 +32,17 @@ def accept_and_answer(
 ) -> tuple[str, bool, tuple[int, Any]]:
     """`accept`, then, in the same worker thread, the answer: (job id, whether replayed,
     (status, body)); one threadpool hop for a submission that does not wait."""
-    job_id, replayed = accept(redis, queue, settings, owner, metrics, submission, idempotency_key)
-    return job_id, replayed, answer(redis, queue, settings, owner, job_id)
+    job_id, replayed = accept(redis, settings, owner, metrics, submission, idempotency_key)
+    return job_id, replayed, answer(redis, settings, owner, job_id)
 
 
-def answer(redis: Any, queue: Any, settings: Any, owner: str, job_id: str) -> tuple[int, Any]:
+def answer(redis: Any, settings: Any, owner: str, job_id: str) -> tuple[int, Any]:
     """(status, body) of a submission's answer, from the job as it is now: the full status
     body (200) once it ended, else the acceptance (202), which needs no queue position."""
     job = jobs.load_job(redis, job_id, owner)
     state = jobs.status_of(job)
     if state.is_terminal:
-        view = jobs.job_view(job, queue, settings.worker_stale_s)
+        view = jobs.job_view(job, redis, settings.worker_stale_s)
         return status.HTTP_200_OK, view.model_dump(mode="json", exclude_none=True)
     accepted = JobAccepted(
         id=job_id, status=state, created_at=jobs.created_at(job), urls=JobUrls.for_job(job_id)
@@ -53,7 +52,6 @@ def answer(redis: Any, queue: Any, settings: Any, owner: str, job_id: str) -> tu
 
 def accept(
     redis: Any,
-    queue: Any,
     settings: Any,
     owner: str,
     metrics: Any,
@@ -62,7 +60,9 @@ def accept(
 ) -> tuple[str, bool]:
     """The synchronous half of a submission: (job id, whether an earlier one is replayed).
 
-    Cheap checks first; the image is decoded only for a submission within the rate, and
+    Cheap checks first; the job's model is chosen (service/pool.py: the one it names, else
+    the default) and the job is checked against that model's record and queued in its
+    queue. The image is decoded only for a submission within the rate, and
     the job's place under every limit is reserved (limits.admit) only once its size is
     known. A refusal gives back what it took (admission, Idempotency-Key); a lost
     connection gives back nothing: the enqueue may have happened, a retry with the key
@@ -82,21 +82,25 @@ def accept(
             return job_id, True
     admitted = False
     try:
-        depth, workers = jobs.queue_depth_and_workers(redis, queue, settings.worker_stale_s)
+        known, _live = pool.read_pool(redis, settings.worker_stale_s)
+        name, model = pool.choose(params.model, known, settings.default_model)
+        params = params.model_copy(update={"model": name})
+        queue = pool.model_queue(redis, settings, name)
+        depth = rq_adapter.queue_depth(queue)
         if depth >= settings.max_queue_depth:  # cheap, before decoding; admit() is exact
             raise ProblemError(
                 429,
                 ErrorCode.QUEUE_FULL,
-                f"{depth} jobs are waiting; the limit is {settings.max_queue_depth}",
+                f"{depth} jobs of model {name!r} are waiting; the limit is "
+                f"{settings.max_queue_depth}",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
-        worker = workers[0] if workers else None
-        quotas.check_resolution(params, settings, worker)
+        quotas.check_resolution(params, settings, model)
         decoded = uploads.decode_image(data, settings)
-        if worker is not None and settings.prompt_overflow == "reject":
-            uploads.check_prompt_tokens(redis, params, worker)
-        rgb = uploads.normalise(decoded, params, worker)
-        size = quotas.size_job(params, settings, worker, rgb)
+        if model is not None and settings.prompt_overflow == "reject":
+            uploads.check_prompt_tokens(redis, params, model)
+        rgb = uploads.normalise(decoded, params, model)
+        size = quotas.size_job(params, settings, model, rgb)
         admitted = limits.admit(redis, settings, queue, owner, job_id, size)
         job = jobs.enqueue(
             redis,

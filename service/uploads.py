@@ -18,7 +18,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from ddim_inversion import imaging, webhook_policy
-from ddim_inversion.contract import WorkerRecord
+from ddim_inversion.contract import ModelInfo
 from ddim_inversion.errors import ErrorCode, InvalidParameter
 from ddim_inversion.params import InversionParams
 from ddim_inversion.scheduler_config import resolve_scheduler_config
@@ -161,12 +161,12 @@ def decode_image(data: bytes, settings: GatewaySettings) -> Image.Image:
         ) from None
 
 
-def check_prompt_tokens(connection: Any, params: InversionParams, worker: WorkerRecord) -> None:
+def check_prompt_tokens(connection: Any, params: InversionParams, model: ModelInfo) -> None:
     """422 for a prompt longer than the model reads (INVERSION_PROMPT_OVERFLOW=reject)."""
-    tokenizer = prompts.load_tokenizer(connection, worker.model.tokenizer_key)
+    tokenizer = prompts.load_tokenizer(connection, model.tokenizer_key)
     if tokenizer is None:
         return  # no tokenizer published: the worker truncates and reports `truncated`
-    limit = worker.model.tokenizer_max_length
+    limit = model.tokenizer_max_length
     for field in ("prompt", "negative_prompt"):
         count = prompts.token_count(tokenizer, getattr(params, field))
         if count > limit:
@@ -176,26 +176,24 @@ def check_prompt_tokens(connection: Any, params: InversionParams, worker: Worker
             )
 
 
-def normalise(
-    image: Image.Image, params: InversionParams, worker: WorkerRecord | None
-) -> np.ndarray:
+def normalise(image: Image.Image, params: InversionParams, model: ModelInfo | None) -> np.ndarray:
     """The (height, width, 3) uint8 array the worker inverts.
 
-    With a live worker, the scheduler overrides are checked against its model's config
+    With the job's model's record, the scheduler overrides are checked against its config
     and the image is resized to the target size now, so that only that size travels.
-    Without one, the combination cannot be judged (the model's config decides it) and the
-    image travels unresized unless a resolution was asked for; the worker, using the same
-    imaging code, resizes it.
+    Without one (a default model no worker announced yet), the combination cannot be
+    judged (the model's config decides it) and the image travels unresized unless a
+    resolution was asked for; the worker, using the same imaging code, resizes it.
     """
     size = params.resolution
-    if worker is not None:
+    if model is not None:
         try:
             resolve_scheduler_config(
-                worker.model.scheduler_config, params.scheduler, params.num_inference_steps
+                model.scheduler_config, params.scheduler, params.num_inference_steps
             )
         except InvalidParameter as exc:
             raise _invalid(exc.field, exc.message) from None
-        size = size or worker.model.native_resolution
+        size = size or model.native_resolution
     try:
         rgb = imaging.to_rgb(image)
         if size is not None:

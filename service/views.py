@@ -10,6 +10,7 @@ import logging
 from datetime import datetime, timezone
 from typing import Any
 
+import redis
 from pydantic import ValidationError
 
 from ddim_inversion.contract import (
@@ -105,34 +106,43 @@ def _result_of(job: StoredJob, status: JobStatus) -> ResultMetadata | None:
         return None
 
 
-def _position_and_rate(
-    queue: rq_adapter.Queue, job_id: str, stale_s: float | None
-) -> tuple[int | None, float | None]:
-    """A queued job's 0-based place and, with `stale_s`, the images per second of the live
-    workers together (from what each records per batch): one round trip for LPOS, the
-    worker records and the rates.
+def job_model(job: StoredJob) -> str | None:
+    """The model the job runs on (None for a job queued before jobs named models)."""
+    model = submitted_params(job).get("model")
+    return model if isinstance(model, str) else None
+
+
+def _position_and_workers(
+    connection: redis.Redis, job: StoredJob, stale_s: float | None
+) -> tuple[int | None, int | None, float | None]:
+    """A queued job's 0-based place in its model's queue and, with `stale_s`, the live
+    workers serving its model and their images per second together (from what each
+    records per batch): one round trip for LPOS, the worker records and the rates.
     """
-    pipe = rq_adapter.queue_connection(queue).pipeline(transaction=False)
-    pipe.lpos(rq_adapter.queue_key(queue), job_id)
+    queue = rq_adapter.open_queue(connection, job.queue_name)
+    pipe = connection.pipeline(transaction=False)
+    pipe.lpos(rq_adapter.queue_key(queue), job.id)
     if stale_s is not None:
         pipe.hgetall(WORKERS_KEY)
         pipe.hgetall(THROUGHPUT_KEY)
     position, *rest = pipe.execute()
     if position is None or stale_s is None:
-        return position, None
+        return position, None, None
     records, raw_rates = rest
     rates = workers.rates_by_worker(raw_rates)
-    live = workers.fresh_workers(records, stale_s)
-    return position, workers.summed_rate(rates.get(w.name) for w in live)
+    model = job_model(job)
+    live = [w for w in workers.fresh_workers(records, stale_s) if model in (None, w.model.name)]
+    return position, len(live), workers.summed_rate(rates.get(w.name) for w in live)
 
 
-def job_view(job: StoredJob, queue: rq_adapter.Queue, stale_s: float | None = None) -> JobView:
-    """The status body of a job, read from the job hash (plus its queue position and, while
-    queued, an estimated wait from the live workers' throughput; `stale_s` None: no estimate)."""
+def job_view(job: StoredJob, connection: redis.Redis, stale_s: float | None = None) -> JobView:
+    """The status body of a job, read from the job hash (plus, while queued, its position
+    in its model's queue, the live workers serving that model and an estimated wait from
+    their throughput; `stale_s` None: neither)."""
     status = status_of(job)
-    position, rate = None, None
+    position, serving, rate = None, None, None
     if status is JobStatus.QUEUED:
-        position, rate = _position_and_rate(queue, job.id, stale_s)
+        position, serving, rate = _position_and_workers(connection, job, stale_s)
     result = _result_of(job, status)
     progress = None
     if status is JobStatus.RUNNING and isinstance(job.meta.get(META_PROGRESS), dict):
@@ -146,6 +156,7 @@ def job_view(job: StoredJob, queue: rq_adapter.Queue, stale_s: float | None = No
         created_at=created_at(job),
         queue_position=position,
         estimated_wait_s=workers.estimate_wait_s(position, rate),
+        live_workers=serving,
         progress=progress,
         timings=timings_of(job),
         params=_params_of(job, result),

@@ -3,7 +3,8 @@
 Workers publish a record (WORKERS_KEY) with a heartbeat and, after each batch, their
 images per second (THROUGHPUT_KEY); a record older than `INVERSION_WORKER_STALE_S` is a
 worker gone. Nothing here decides whether the gateway serves: submissions queue while no
-worker is alive, and capacity is reported (readiness body, /v1/capacity, /metrics).
+worker is alive, and capacity is reported per model (service/pool.py: /v1/models,
+/v1/capacity; /metrics).
 """
 
 from __future__ import annotations
@@ -19,9 +20,8 @@ import redis
 from pydantic import ValidationError
 
 from ddim_inversion.contract import WorkerRecord
-from ddim_inversion.keys import THROUGHPUT_KEY, WORKERS_KEY
-from service import rq_adapter
-from service.schemas import Capacity, WorkerCapacity, WorkerView
+from ddim_inversion.keys import WORKERS_KEY
+from service.schemas import WorkerView
 
 logger = logging.getLogger(__name__)
 
@@ -46,17 +46,6 @@ def live_workers(connection: redis.Redis, stale_s: float) -> list[WorkerRecord]:
     return fresh_workers(connection.hgetall(WORKERS_KEY), stale_s)
 
 
-def queue_depth_and_workers(
-    connection: redis.Redis, queue: rq_adapter.Queue, stale_s: float
-) -> tuple[int, list[WorkerRecord]]:
-    """The jobs waiting and the live workers, in one round trip: a submission needs both."""
-    pipe = connection.pipeline(transaction=False)
-    pipe.llen(rq_adapter.queue_key(queue))
-    pipe.hgetall(WORKERS_KEY)
-    depth, raw_records = pipe.execute()
-    return int(depth), fresh_workers(raw_records, stale_s)
-
-
 def images_per_s(raw: Any) -> float | None:
     """The `images_per_s` of one THROUGHPUT_KEY value, if readable, finite and positive."""
     if raw is None:
@@ -70,7 +59,7 @@ def images_per_s(raw: Any) -> float | None:
 
 def rates_by_worker(raw_rates: Mapping[Any, Any]) -> dict[str, float | None]:
     """A THROUGHPUT_KEY hash already read, by worker name."""
-    return {_text(name): images_per_s(raw) for name, raw in raw_rates.items()}
+    return {text(name): images_per_s(raw) for name, raw in raw_rates.items()}
 
 
 def summed_rate(rates: Iterable[float | None]) -> float | None:
@@ -93,31 +82,6 @@ def worker_view(record: WorkerRecord, now: float) -> WorkerView:
     )
 
 
-def capacity(connection: redis.Redis, queue: rq_adapter.Queue, stale_s: float) -> Capacity:
-    """The live workers and their models, the queue's jobs waiting and running, and what
-    a job submitted now would wait; one round trip."""
-    pipe = connection.pipeline(transaction=False)
-    pipe.hgetall(WORKERS_KEY)
-    pipe.hgetall(THROUGHPUT_KEY)
-    pipe.llen(rq_adapter.queue_key(queue))
-    pipe.zcard(rq_adapter.started_key(queue))
-    raw_workers, raw_rates, queued, running = pipe.execute()
-    rates = rates_by_worker(raw_rates)
-    now = time.time()
-    workers = [
-        WorkerCapacity(**worker_view(record, now).model_dump(), images_per_s=rates.get(record.name))
-        for record in fresh_workers(raw_workers, stale_s)
-    ]
-    rate = summed_rate(w.images_per_s for w in workers)
-    return Capacity(
-        workers=workers,
-        models=sorted({w.model for w in workers}),
-        queued=int(queued),
-        running=int(running),
-        images_per_s=rate,
-        estimated_wait_s=estimate_wait_s(int(queued), rate),
-    )
-
-
-def _text(value: bytes | str) -> str:
+def text(value: bytes | str) -> str:
+    """A Redis reply as text."""
     return value.decode() if isinstance(value, bytes) else value

@@ -140,6 +140,8 @@ def subprocess_env(redis_url: str, model_cache_dir: Path) -> dict[str, str]:
         INVERSION_DEVICE="cpu",
         INVERSION_THREADS=str(WORKER_THREADS),
         INVERSION_AUTH_DISABLED="true",
+        # Jobs that name no model run on the tiny one, also while no worker serves it.
+        INVERSION_DEFAULT_MODEL="tiny",
         HF_HUB_OFFLINE="1",
         PYTHONUNBUFFERED="1",
     )

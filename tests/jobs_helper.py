@@ -9,7 +9,7 @@ import numpy as np
 from redis import Redis
 
 from ddim_inversion import imaging
-from ddim_inversion.keys import QUEUE_NAME
+from ddim_inversion.keys import queue_name_for
 from ddim_inversion.params import InversionParams
 from service import jobs
 from service.settings import GatewaySettings
@@ -19,8 +19,12 @@ from worker.rq_adapter import Queue
 SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 
 
+TINY_QUEUE = queue_name_for("tiny")
+"""The queue the test workers (serving `tiny`) drain."""
+
+
 def queue_for(connection: Redis) -> Queue:
-    return rq_adapter.open_queue(connection, QUEUE_NAME)
+    return rq_adapter.open_queue(connection, TINY_QUEUE)
 
 
 def enqueue(

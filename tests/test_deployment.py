@@ -176,7 +176,7 @@ def test_every_redis_url_carries_the_service_user_and_the_password(
                 assert match, f"{name}: {var}={url!r} does not name user and password"
                 assert match.group(1) == REDIS_USER, f"{name}: not the ACL user"
                 assert required_variable(match.group(2)) == PASSWORD_VARIABLE, name
-    assert urls == 6, "gateway, worker and dashboard, in both files"
+    assert urls == 8, "gateway, two workers (one per model) and dashboard, in both files"
 
 
 def test_published_ports_bind_this_host_where_nothing_else_guards_them(

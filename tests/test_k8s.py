@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 import redis as redis_lib
 
+from ddim_inversion.keys import queue_name_for
 from tests.conftest import free_port, wait_for
 from tests.kustomize_render import render
 
@@ -390,12 +391,13 @@ def exported_families() -> dict[str, set[str]]:
     """The gateway's /metrics families and their label names, rendered over FakeRedis."""
     import fakeredis
     from prometheus_client.parser import text_string_to_metric_families
-    from rq import Queue
 
     from service.metrics import GatewayMetrics
+    from service.settings import GatewaySettings
 
     connection = fakeredis.FakeRedis()
-    text = GatewayMetrics().render(connection, Queue("q", connection=connection), 30.0).decode()
+    settings = GatewaySettings(redis_url="redis://unused.invalid", default_model="m")
+    text = GatewayMetrics().render(connection, settings).decode()
     families: dict[str, set[str]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -412,7 +414,9 @@ def test_keda_triggers_follow_each_model_queue(rendered) -> None:
             assert component(target) == "worker"
             (container,) = pod_spec(target)["containers"]
             env = env_of(container)
-            queue = env["INVERSION_QUEUE_NAME"]["value"]
+            queue = queue_name_for(
+                env["INVERSION_MODEL_NAME"]["value"], env["INVERSION_QUEUE_NAME"]["value"]
+            )
             triggers = {t["type"]: t["metadata"] for t in scaled["spec"]["triggers"]}
             assert set(triggers) == {"redis", "prometheus"}
             redis_trigger, prom = triggers["redis"], triggers["prometheus"]
@@ -425,7 +429,7 @@ def test_keda_triggers_follow_each_model_queue(rendered) -> None:
             expr = promql.parse(prom["query"])
             (selector,) = selectors(expr)
             assert selector.name in families, f"{selector.name} is not exported"
-            assert {"queue", "state"} <= families[selector.name]
+            assert {"queue", "model", "state"} <= families[selector.name]
             matchers = {m.name: m.value for m in selector.matchers.matchers}
             assert matchers == {"queue": queue}, "queued and running of this queue, no state"
             # Every gateway exports the same Redis-wide figure: max across them, never sum.
@@ -452,10 +456,12 @@ def test_a_pool_at_zero_keeps_gateways_ready_and_a_new_job_wakes_it(rendered) ->
     assert scaled["spec"]["minReplicaCount"] == 0
     (trigger,) = [t["metadata"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
     (gateway,) = containers_of(resources, "gateway")
-    queue = env_of(gateway).get("INVERSION_QUEUE_NAME", {}).get("value")
+    env = env_of(gateway)
+    queue = env.get("INVERSION_QUEUE_NAME", {}).get("value")
     settings = GatewaySettings(
         redis_url="redis://unused.invalid:6379/0",
         auth_disabled=True,
+        default_model=env["INVERSION_DEFAULT_MODEL"]["value"],
         **({"queue_name": queue} if queue else {}),
     )
     server = fakeredis.FakeServer()

@@ -117,6 +117,8 @@ def _sample(name: str) -> tuple[list[str], Any]:
         return [flag, "a cat"], "a cat"
     if name == "resolution":
         return [flag, "128x64"], (128, 64)
+    if name == "model":
+        return [flag, "sd-2-base"], "sd-2-base"
     if name == "scheduler":
         return [flag, "timestep_spacing=trailing", "steps_offset=0"], {
             "timestep_spacing": "trailing",

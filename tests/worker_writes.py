@@ -10,7 +10,7 @@ from safetensors.numpy import save as save_safetensors
 
 from ddim_inversion.contract import META_ENGINE_S, META_PROGRESS, META_RESULT, ResultMetadata
 from ddim_inversion.errors import ErrorCode
-from ddim_inversion.keys import QUEUE_NAME
+from ddim_inversion.keys import queue_name_for
 from ddim_inversion.scheduler_config import SCHEDULER_DEFAULTS
 from worker import payloads, rq_adapter
 from worker.ending import Endings
@@ -46,7 +46,7 @@ def result_metadata(steps: int = 10) -> ResultMetadata:
 class WorkerWrites:
     """One worker's writes, job by job, on `connection` (a real or a fake Redis)."""
 
-    def __init__(self, connection: Redis, queue_name: str = QUEUE_NAME) -> None:
+    def __init__(self, connection: Redis, queue_name: str = queue_name_for("tiny")) -> None:
         self.connection = connection
         self.settings = WorkerSettings(queue_name=queue_name)
         self.queue = rq_adapter.open_queue(connection, queue_name)

@@ -39,6 +39,7 @@ from ddim_inversion.keys import (
     cancel_key,
     ended_key,
     input_key,
+    model_job_metrics_key,
     publish_job_event,
     reconstruction_key,
     result_key,
@@ -86,8 +87,12 @@ def write_progress(pipe: Any, items: Sequence[Running], step: int, total: int) -
 
 
 def record_job_metrics(pipe: Any, item: Running, status: str) -> None:
-    """Count the job's end and its durations in the service-wide metrics hash."""
-    pipe.hincrby(JOB_METRICS_KEY, f"ended:{status}", 1)
+    """Count the job's end and its durations in the service-wide metrics hash, and in its
+    model's (a job queued before jobs named models has none)."""
+    model = item.payload.params.model if item.payload is not None else None
+    keys = [JOB_METRICS_KEY] + ([model_job_metrics_key(model)] if model else [])
+    for key in keys:
+        pipe.hincrby(key, f"ended:{status}", 1)
     enqueued, started, ended = rq_adapter.times_of(item.job)
     ended = ended or datetime.now(timezone.utc).replace(tzinfo=None)
     spans = {
@@ -97,8 +102,9 @@ def record_job_metrics(pipe: Any, item: Running, status: str) -> None:
     for name, seconds in spans.items():
         if seconds is None or seconds < 0:
             continue
-        pipe.hincrby(JOB_METRICS_KEY, histogram_field(name, seconds), 1)
-        pipe.hincrbyfloat(JOB_METRICS_KEY, f"{name}:sum", seconds)
+        for key in keys:
+            pipe.hincrby(key, histogram_field(name, seconds), 1)
+            pipe.hincrbyfloat(key, f"{name}:sum", seconds)
 
 
 def signal_end(pipe: Any, item: Running, status: str) -> None:

@@ -1,9 +1,11 @@
 """How a worker shows it is alive, and finds the jobs of workers that are not.
 
-- Its record (`WORKERS_KEY`): the model it serves, its batch size and a heartbeat, every
-  `heartbeat_s`, so that gateways validate submissions against the loaded model and
-  report capacity; with the tokenizer as `tokenizers` JSON under its content hash, so
-  that gateways count prompt tokens without torch.
+- Its record (`WORKERS_KEY`): the model it serves (under its served name), its batch size
+  and a heartbeat, every `heartbeat_s`, so that gateways validate submissions against the
+  loaded model and report capacity; the model also in MODELS_KEY, which keeps every model
+  ever announced, so that its jobs queue while none of its workers is alive; with the
+  tokenizer as `tokenizers` JSON under its content hash, so that gateways count prompt
+  tokens without torch.
 - RQ's heartbeats: the worker's own, and each running job's execution, which expires
   `lost_after_s` after its worker was last heard from.
 - Lost jobs: every `lost_after_s / 2`, RQ's lost-job cleanup (rq_adapter.reap_lost) runs
@@ -19,7 +21,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ddim_inversion.contract import WorkerRecord
-from ddim_inversion.keys import THROUGHPUT_KEY, WORKERS_KEY, tokenizer_key
+from ddim_inversion.keys import MODELS_KEY, THROUGHPUT_KEY, WORKERS_KEY, tokenizer_key
 from worker import rq_adapter
 from worker.job_state import Running
 from worker.lifecycle import forget_failed_inputs
@@ -76,14 +78,22 @@ class Liveness:
         moment = time.time()
         if not force and moment - self._last_record < self.settings.heartbeat_s:
             return
-        info = self.model.info().model_copy(update={"tokenizer_key": self.publish_tokenizer()})
+        info = self.model.info().model_copy(
+            update={
+                "name": self.settings.served_model_name,
+                "tokenizer_key": self.publish_tokenizer(),
+            }
+        )
         record = WorkerRecord(
             name=self.worker.name,
             model=info,
             heartbeat_at=moment,
             max_batch_size=self.max_batch_size,
         )
-        self.connection.hset(WORKERS_KEY, self.worker.name, record.model_dump_json())
+        with self.connection.pipeline(transaction=False) as pipe:
+            pipe.hset(WORKERS_KEY, self.worker.name, record.model_dump_json())
+            pipe.hset(MODELS_KEY, info.name, info.model_dump_json())
+            pipe.execute()
         self._last_record = moment
 
     def publish_tokenizer(self) -> str | None:

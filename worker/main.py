@@ -65,7 +65,7 @@ def prepare(model: LoadedModel, settings: WorkerSettings) -> int:
 def build_worker(
     settings: WorkerSettings, model: LoadedModel, connection: Redis, max_batch_size: int
 ) -> InversionWorker:
-    queue = rq_adapter.open_queue(connection, settings.queue_name)
+    queue = rq_adapter.open_queue(connection, settings.served_queue_name)
     return InversionWorker(
         [queue],
         connection=connection,
@@ -96,6 +96,12 @@ def run(burst: bool = False) -> int:
         settings.redis_url, socket_connect_timeout=5, health_check_interval=10
     )
     worker = build_worker(settings, model, connection, max_batch_size)
-    log.info("worker %s ready: max_batch_size %d", worker.name, worker.max_batch_size)
+    log.info(
+        "worker %s ready: serves %s from queue %s, max_batch_size %d",
+        worker.name,
+        settings.served_model_name,
+        settings.served_queue_name,
+        worker.max_batch_size,
+    )
     worker.work(burst=burst, logging_level="INFO")
     return 0

@@ -10,15 +10,25 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from ddim_inversion import webhook_policy
-from ddim_inversion.keys import QUEUE_NAME
+from ddim_inversion.keys import QUEUE_NAME, queue_name_for
+from ddim_inversion.params import MODEL_NAME_PATTERN
 
 
 class WorkerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="INVERSION_", extra="ignore")
 
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Redis holding the queue.")
-    queue_name: str = Field(QUEUE_NAME, description="The RQ queue to drain.")
+    queue_name: str = Field(
+        QUEUE_NAME,
+        description="Prefix of the RQ queues: the worker drains `<queue_name>:<model_name>`.",
+    )
     model: str = Field("tiny", description="A diffusers SD 1.x/2.x folder, a hub id, or 'tiny'.")
+    model_name: str = Field(
+        "",
+        pattern=r"^$|" + MODEL_NAME_PATTERN,
+        description="The name jobs give as `model` to run on this worker's model; empty: "
+        "derived from `model` ('tiny' stays 'tiny', a folder its last part, a hub id as is).",
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: CUDA if present.")
     dtype: Literal["auto", "float32", "float16", "bfloat16", "float64"] = Field(
         "auto", description="auto: float16 on CUDA, float32 on the CPU; float64 CPU only."
@@ -121,6 +131,19 @@ class WorkerSettings(BaseSettings):
         description="Deliver webhooks to loopback, private, link-local and other non-public "
         "addresses too (tests, closed networks); off: refused at each attempt.",
     )
+
+    @property
+    def served_model_name(self) -> str:
+        """The name the worker serves its model under (`model_name`, else derived)."""
+        if self.model_name:
+            return self.model_name
+        path = Path(self.model).expanduser()
+        return path.resolve().name if path.is_dir() else self.model
+
+    @property
+    def served_queue_name(self) -> str:
+        """The one queue this worker drains: its model's."""
+        return queue_name_for(self.served_model_name, self.queue_name)
 
     @field_validator("webhook_allowed_ports", mode="before")
     @classmethod

@@ -11,7 +11,7 @@ from starlette.concurrency import run_in_threadpool
 from ddim_inversion.contract import META_PROGRESS
 from ddim_inversion.errors import ErrorCode
 from service import jobs, protocol
-from service.deps import ListenerDep, OwnerDep, QueueDep, RedisDep, SettingsDep
+from service.deps import ListenerDep, OwnerDep, RedisDep, SettingsDep
 from service.errors import RETRY_AFTER_S, ProblemError
 from service.routes.v1 import INVERSIONS_PREFIX, PROBLEM, v1_router
 from service.schemas import JobView
@@ -38,7 +38,6 @@ router = v1_router(INVERSIONS_PREFIX, "inversions")
 async def inversion_events(
     job_id: str,
     redis: RedisDep,
-    queue: QueueDep,
     settings: SettingsDep,
     owner: OwnerDep,
     listener: ListenerDep,
@@ -65,7 +64,7 @@ async def inversion_events(
 
     def read() -> tuple[JobView, Any]:
         job = jobs.load_job(redis, job_id, owner)
-        return jobs.job_view(job, queue, settings.worker_stale_s), job.meta.get(META_PROGRESS)
+        return jobs.job_view(job, redis, settings.worker_stale_s), job.meta.get(META_PROGRESS)
 
     return protocol.HeldStreamingResponse(
         protocol.job_events(listener, job_id, ("view", owner), read, settings.max_stream_s),

@@ -7,7 +7,7 @@ import time
 from fastapi import APIRouter, Response
 
 from service import workers
-from service.deps import MetricsDep, QueueDep, RedisDep, SettingsDep
+from service.deps import MetricsDep, RedisDep, SettingsDep
 from service.errors import PROBLEM_MEDIA_TYPE
 from service.schemas import Health, Readiness
 
@@ -43,9 +43,7 @@ def readyz(redis: RedisDep, settings: SettingsDep) -> Readiness:
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}}},
 )
-def metrics(
-    metrics: MetricsDep, redis: RedisDep, queue: QueueDep, settings: SettingsDep
-) -> Response:
+def metrics(metrics: MetricsDep, redis: RedisDep, settings: SettingsDep) -> Response:
     """Request counters plus queue and RQ registry gauges read from Redis at scrape time."""
-    body = metrics.render(redis, queue, settings.worker_stale_s)
+    body = metrics.render(redis, settings)
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")

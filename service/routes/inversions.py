@@ -14,7 +14,6 @@ from service.deps import (
     ListenerDep,
     MetricsDep,
     OwnerDep,
-    QueueDep,
     RedisDep,
     SettingsDep,
 )
@@ -49,7 +48,6 @@ async def submit_inversion(
     body: bodies.SubmissionBody,
     listener: ListenerDep,
     redis: RedisDep,
-    queue: QueueDep,
     settings: SettingsDep,
     owner: OwnerDep,
     metrics: MetricsDep,
@@ -78,7 +76,6 @@ async def submit_inversion(
     job_id, replayed, (code, answer) = await run_in_threadpool(
         submission.accept_and_answer,
         redis,
-        queue,
         settings,
         owner,
         metrics,
@@ -102,7 +99,7 @@ async def submit_inversion(
             if waited is None:  # the client is gone: nobody reads the answer
                 return Response(status_code=status.HTTP_202_ACCEPTED, headers=headers)
             code, answer = await run_in_threadpool(
-                submission.answer, redis, queue, settings, owner, job_id
+                submission.answer, redis, settings, owner, job_id
             )
     elif wait_s is not None:
         headers["Preference-Applied"] = f"wait={wait_s}"

@@ -7,7 +7,7 @@ from fastapi import Response, status
 from ddim_inversion.contract import JobStatus
 from ddim_inversion.keys import CANCEL_CHANNEL, cancel_key
 from service import jobs
-from service.deps import OwnerDep, QueueDep, RedisDep, SettingsDep
+from service.deps import OwnerDep, RedisDep, SettingsDep
 from service.routes.v1 import INVERSIONS_PREFIX, PROBLEM, v1_router
 from service.schemas import JobView
 
@@ -21,11 +21,9 @@ router = v1_router(INVERSIONS_PREFIX, "inversions")
     summary="The state of a job",
     responses={404: PROBLEM},
 )
-def get_inversion(
-    job_id: str, redis: RedisDep, queue: QueueDep, settings: SettingsDep, owner: OwnerDep
-) -> JobView:
+def get_inversion(job_id: str, redis: RedisDep, settings: SettingsDep, owner: OwnerDep) -> JobView:
     """Queue position while queued, progress while running, result metadata or error after."""
-    return jobs.job_view(jobs.load_job(redis, job_id, owner), queue, settings.worker_stale_s)
+    return jobs.job_view(jobs.load_job(redis, job_id, owner), redis, settings.worker_stale_s)
 
 
 @router.delete(
@@ -37,7 +35,7 @@ def get_inversion(
     responses={204: {"description": "Deleted with its result"}, 404: PROBLEM},
 )
 def delete_inversion(
-    job_id: str, redis: RedisDep, queue: QueueDep, settings: SettingsDep, owner: OwnerDep
+    job_id: str, redis: RedisDep, settings: SettingsDep, owner: OwnerDep
 ) -> JobView | Response:
     """Queued: canceled, never runs (202). Running: stops at the next step (202).
     Finished, failed or canceled: deleted with its input and result (204)."""
@@ -56,4 +54,4 @@ def delete_inversion(
         pipe.execute()
     if state is JobStatus.QUEUED:
         jobs.cancel_queued(redis, job)
-    return jobs.job_view(jobs.load_job(redis, job_id, owner), queue, settings.worker_stale_s)
+    return jobs.job_view(jobs.load_job(redis, job_id, owner), redis, settings.worker_stale_s)

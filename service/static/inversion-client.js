@@ -30,6 +30,7 @@
  * @property {number|null} [null_text_learning_rate] null_text: Adam learning rate.
  * @property {number|null} [null_text_early_stop] null_text: MSE that ends a step.
  * @property {boolean|null} [verify] Sample back and decode: error, PSNR, reconstruction.
+ * @property {string|null} [model] The model the job runs on (models() lists them).
  * @property {string|null} [webhook_url] POSTed the job's end (allowed hosts only).
  */
 
@@ -94,6 +95,7 @@
  * @property {number} [null_text_learning_rate]
  * @property {number} [null_text_early_stop]
  * @property {boolean} [verify]
+ * @property {string|null} [model] The model the job ran on.
  * @property {Array<number>|null} [resolved_resolution] [width, height]
  * @property {Object<string, *>|null} [resolved_scheduler_config]
  */
@@ -134,6 +136,7 @@
  * @property {string} created_at
  * @property {number|null} [queue_position] 0-based, while queued.
  * @property {number|null} [estimated_wait_s]
+ * @property {number|null} [live_workers] While queued: live workers of its model; 0: none.
  * @property {Progress|null} [progress] While running.
  * @property {Timings} timings
  * @property {JobParams|null} [params]
@@ -339,8 +342,8 @@ export class InversionClient {
   }
 
   /**
-   * The models the pool serves, from `GET /v1/models`; null where this gateway has no
-   * such route (it serves the one model its workers loaded).
+   * The models the pool serves, from `GET /v1/models` (name, family, native_resolution,
+   * live_workers, ready, queued, ...); null where this gateway has no such route.
    * @returns {Promise<Array<Object>|null>}
    */
   async models() {

@@ -28,9 +28,10 @@ from rq.webhook import Webhook
 
 from ddim_inversion import imaging
 from ddim_inversion.contract import JOB_FUNCTION, JobPayload, WorkerRecord
-from ddim_inversion.keys import QUEUE_NAME, WORKERS_KEY, input_key, reconstruction_key, result_key
+from ddim_inversion.keys import WORKERS_KEY, input_key, reconstruction_key, result_key
 from ddim_inversion.params import InversionParams
 from tests.conftest import SAMPLES, Processes, RedisServer, wait_for
+from tests.jobs_helper import TINY_QUEUE
 
 pytestmark = pytest.mark.e2e
 
@@ -173,7 +174,7 @@ def test_result_redis_will_not_take_fails_once_and_jams_no_worker(stack, client)
     normal = submit(stack.base)
     assert wait_ended(stack.base, normal)["status"] == "succeeded"
     assert status(stack.base, job_id)["status"] == "failed"
-    assert client.llen(f"rq:queue:{QUEUE_NAME}") == 0
+    assert client.llen(f"rq:queue:{TINY_QUEUE}") == 0
     # No flood: the refusal was recognised, never waited on as an outage.
     assert stack.processes.log_text().count("Redis unavailable") == 0
 
@@ -192,7 +193,7 @@ def test_cancel_during_verify_stores_nothing(stack, client):
 
 
 def test_foreign_jobs_fail_without_running_what_they_name(stack, client):
-    queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
+    queue = Queue(TINY_QUEUE, connection=client, serializer=JSONSerializer)
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -277,7 +278,7 @@ def test_ended_jobs_leave_nothing_after_their_ttl(stack, client):
     assert wait_ended(short, succeeded)["status"] == "succeeded"
 
     ended = [queued, first, second, succeeded, failed]
-    registries = [f"rq:{name}:{QUEUE_NAME}" for name in ("canceled", "finished", "failed")]
+    registries = [f"rq:{name}:{TINY_QUEUE}" for name in ("canceled", "finished", "failed")]
 
     def leftovers() -> list[str]:
         keys = [k.decode() for k in client.scan_iter(count=1000)]

@@ -15,10 +15,10 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from ddim_inversion.contract import WorkerRecord
-from ddim_inversion.keys import QUEUE_NAME, WORKERS_KEY
+from ddim_inversion.keys import WORKERS_KEY, queue_name_for
 from service.settings import GatewaySettings
 from tests.gateway_app import UNUSED_REDIS_URL, gateway_app
-from tests.service.helpers import worker_record_of
+from tests.service.helpers import SERVED_MODEL, worker_record_of
 from tests.worker_writes import WorkerWrites
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"
@@ -37,7 +37,9 @@ def redis(fake_server: fakeredis.FakeServer) -> fakeredis.FakeRedis:
 
 @pytest.fixture
 def settings() -> GatewaySettings:
-    return GatewaySettings(redis_url=UNUSED_REDIS_URL, auth_disabled=True)
+    return GatewaySettings(
+        redis_url=UNUSED_REDIS_URL, auth_disabled=True, default_model=SERVED_MODEL
+    )
 
 
 @pytest.fixture
@@ -52,6 +54,7 @@ def make_client(
     clients: list[TestClient] = []
 
     def make(connection: Any = None, **overrides: Any) -> TestClient:
+        overrides = {"default_model": SERVED_MODEL, **overrides}
         app = gateway_app(fake_server, redis if connection is None else connection, **overrides)
         client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()
@@ -70,13 +73,14 @@ def client(make_client: Callable[..., TestClient]) -> TestClient:
 
 @pytest.fixture
 def queue(redis: fakeredis.FakeRedis) -> Queue:
-    return Queue(QUEUE_NAME, connection=redis, serializer=JSONSerializer)
+    """The queue of SERVED_MODEL's jobs."""
+    return Queue(queue_name_for(SERVED_MODEL), connection=redis, serializer=JSONSerializer)
 
 
 @pytest.fixture
 def writes(redis: fakeredis.FakeRedis) -> WorkerWrites:
     """A worker's writes of a job's start, progress and end, on the app's Redis."""
-    return WorkerWrites(redis)
+    return WorkerWrites(redis, queue_name_for(SERVED_MODEL))
 
 
 @pytest.fixture

@@ -14,6 +14,10 @@ from ddim_inversion.contract import ModelInfo, WorkerRecord
 PROBLEM = "application/problem+json"
 """The media type of every error answer (RFC 9457)."""
 
+SERVED_MODEL = "stable-diffusion-v1-5"
+"""The model of the fake workers' records, and the gateways' default model here: a job
+submitted without any worker queues for it."""
+
 SD15_SCHEDULER = {
     "_class_name": "PNDMScheduler",
     "beta_end": 0.012,
@@ -52,7 +56,7 @@ def fetch_job(connection: Any, job_id: str) -> Job:
 def worker_record_of(name: str = "gpu-0", age_s: float = 0.0, **model: Any) -> WorkerRecord:
     """A live worker of SD 1.5 (fp16 on cuda:0); `model` overrides ModelInfo fields."""
     info = {
-        "name": "stable-diffusion-v1-5",
+        "name": SERVED_MODEL,
         "native_resolution": (512, 512),
         "latent_channels": 4,
         "vae_scale_factor": 8,

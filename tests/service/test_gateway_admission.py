@@ -21,6 +21,7 @@ from ddim_inversion.keys import (
     owner_held_key,
     owner_held_total_key,
     owner_jobs_key,
+    queue_name_for,
 )
 from ddim_inversion.params import InversionParams
 from service import jobs, limits
@@ -182,7 +183,7 @@ def test_a_retry_after_a_lost_enqueue_reply_answers_the_one_job(redis_url, small
     key = "key-of-alice"
     owner = hashlib.sha256(key.encode()).hexdigest()
     client = LosesEnqueueReplies.from_url(redis_url)
-    settings = GatewaySettings(redis_url=redis_url, api_key_hashes=(owner,))
+    settings = GatewaySettings(redis_url=redis_url, api_key_hashes=(owner,), default_model="tiny")
     with TestClient(create_app(settings, redis=client)) as http:
 
         def submit() -> Any:
@@ -199,7 +200,7 @@ def test_a_retry_after_a_lost_enqueue_reply_answers_the_one_job(redis_url, small
         retry = submit()
         assert retry.status_code == 202, retry.text
         assert retry.headers["idempotent-replayed"] == "true"
-        queue = Queue(QUEUE_NAME, connection=client, serializer=JSONSerializer)
+        queue = Queue(queue_name_for("tiny"), connection=client, serializer=JSONSerializer)
         assert queue.job_ids == [retry.json()["id"]]
         assert len(client.keys("rq:job:*")) == 1
         # Counted once against the key.

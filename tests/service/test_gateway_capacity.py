@@ -29,6 +29,18 @@ def test_no_worker_is_a_capacity_of_zero_not_an_error(client):
     assert response.json() == {
         "workers": [],
         "models": [],
+        # The gateway's default model, which no worker serves yet: its jobs wait.
+        "by_model": [
+            {
+                "name": "stable-diffusion-v1-5",
+                "ready": False,
+                "live_workers": 0,
+                "queued": 0,
+                "running": 0,
+                "images_per_s": None,
+                "estimated_wait_s": None,
+            }
+        ],
         "queued": 0,
         "running": 0,
         "images_per_s": None,
@@ -59,13 +71,23 @@ def test_capacity_follows_the_workers_and_the_queue(
     assert (body["queued"], body["running"]) == (3, 1)
     assert body["images_per_s"] == 5.0
     assert body["estimated_wait_s"] == (3 + 1) / 5.0
-    # The same estimate as the dashboards read from /metrics.
+    # Per model: its own queue over its own workers' rate.
+    by_model = {m["name"]: m for m in body["by_model"]}
+    assert {name: (m["ready"], m["live_workers"], m["queued"]) for name, m in by_model.items()} == {
+        "sd-2-base": (True, 1, 0),
+        "stable-diffusion-v1-5": (True, 2, 3),
+    }
+    assert by_model["stable-diffusion-v1-5"]["estimated_wait_s"] == (3 + 1) / 2.0
+    assert by_model["sd-2-base"]["estimated_wait_s"] == round(1 / 3.0, 3)
+    # The same estimates as the dashboards read from /metrics.
     (family,) = [
         f
         for f in text_string_to_metric_families(client.get("/metrics").text)
         if f.name == "inversion_queue_estimated_wait_seconds"
     ]
-    assert [s.value for s in family.samples] == [body["estimated_wait_s"]]
+    assert {s.labels["model"]: s.value for s in family.samples} == {
+        name: m["estimated_wait_s"] for name, m in by_model.items()
+    }
 
 
 def test_capacity_needs_an_api_key(make_client):

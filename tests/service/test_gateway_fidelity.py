@@ -36,6 +36,7 @@ def test_refine_null_text_and_verify_fields_reach_the_payload(client, submit, re
     assert response.status_code == 202, response.text
     params = queued_params(redis, response.json()["id"])
     assert params == InversionParams(
+        model="stable-diffusion-v1-5",
         prompt="a cat",
         guidance_scale=7.5,
         refine_iterations=3,

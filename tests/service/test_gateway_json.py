@@ -31,6 +31,7 @@ PARAMETERS = {
     "scheduler": {"timestep_spacing": "trailing"},
     "refine_iterations": 2,
     "verify": True,
+    "model": "stable-diffusion-v1-5",
 }
 """Every kind of parameter: text, int, float, a size, a choice, a bool and an object."""
 
@@ -89,7 +90,8 @@ def test_absent_parameters_take_the_contracts_defaults(client, redis, small_png)
     answer = post_json(client, b64(small_png), prompt="a cat", seed=None, resolution=None)
     assert answer.status_code == 202, answer.text
     payload, _ = stored(redis, answer.json()["id"])
-    assert payload.params == InversionParams(prompt="a cat")
+    # The one the job runs on: the gateway's default, since it names none.
+    assert payload.params == InversionParams(prompt="a cat", model="stable-diffusion-v1-5")
 
 
 def test_a_json_content_type_with_parameters_is_json(client, small_png):
@@ -326,7 +328,8 @@ def test_the_python_client_sends_either_body(client, redis, small_png):
     form_payload, form_input = stored(redis, by_form.id)
     json_payload, json_input = stored(redis, by_json.id)
     assert json_payload.params == form_payload.params
-    assert json_payload.params == InversionParams(prompt="a cat", **params)
+    expected = InversionParams(prompt="a cat", model="stable-diffusion-v1-5", **params)
+    assert json_payload.params == expected
     assert json_input == form_input
     with pytest.raises(InversionError) as refused:
         service.submit(small_png, "a cat", body="json", resolution="big")

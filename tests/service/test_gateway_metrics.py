@@ -20,6 +20,9 @@ from ddim_inversion.contract import JOB_FUNCTION, META_ERROR, WorkerRecord
 from ddim_inversion.errors import ErrorCode
 from ddim_inversion.keys import THROUGHPUT_KEY, WORKERS_KEY
 
+MODEL = "stable-diffusion-v1-5"
+"""The model of the fake workers' records (tests/service/conftest.py): `queue` is its."""
+
 
 def scrape(client) -> dict[tuple[str, frozenset], float]:
     """Every sample of /metrics by name and label set."""
@@ -101,8 +104,8 @@ def test_queue_jobs_wait_and_worker_rates_come_from_redis(
 
     name = queue.name
     assert labelled(samples, "inversion_queue_jobs") == {
-        key(queue=name, state="queued"): 3.0,
-        key(queue=name, state="running"): 2.0,
+        key(queue=name, model=MODEL, state="queued"): 3.0,
+        key(queue=name, model=MODEL, state="running"): 2.0,
     }
     model = fast.model.name
     assert labelled(samples, "inversion_worker_images_per_second") == {
@@ -111,7 +114,7 @@ def test_queue_jobs_wait_and_worker_rates_come_from_redis(
     }
     # A job submitted now is the 4th in line; the two live workers make 3 images/s.
     assert labelled(samples, "inversion_queue_estimated_wait_seconds") == {
-        key(queue=name): round(4 / 3.0, 3)
+        key(queue=name, model=MODEL): round(4 / 3.0, 3)
     }
     assert labelled(samples, "inversion_live_workers") == {key(): 2.0}
 
@@ -119,7 +122,12 @@ def test_queue_jobs_wait_and_worker_rates_come_from_redis(
 def test_no_estimate_without_a_measured_rate(client, redis, queue, live_worker) -> None:
     queue.enqueue(JOB_FUNCTION, "payload")
     samples = scrape(client)
-    assert labelled(samples, "inversion_queue_jobs")[key(queue=queue.name, state="queued")] == 1
+    assert (
+        labelled(samples, "inversion_queue_jobs")[
+            key(queue=queue.name, model=MODEL, state="queued")
+        ]
+        == 1
+    )
     assert labelled(samples, "inversion_queue_estimated_wait_seconds") == {}
     assert labelled(samples, "inversion_worker_images_per_second") == {}
 
@@ -147,19 +155,19 @@ def test_failed_jobs_by_code_with_the_latest_failure_time(client, redis, queue) 
 
     name = queue.name
     assert labelled(samples, "inversion_failed_jobs") == {
-        key(queue=name, code="gpu_out_of_memory"): 2.0,
-        key(queue=name, code="timeout"): 1.0,
-        key(queue=name, code="worker_lost"): 1.0,
+        key(queue=name, model=MODEL, code="gpu_out_of_memory"): 2.0,
+        key(queue=name, model=MODEL, code="timeout"): 1.0,
+        key(queue=name, model=MODEL, code="worker_lost"): 1.0,
     }
     times = labelled(samples, "inversion_last_failure_timestamp_seconds")
-    assert times[key(queue=name, code="gpu_out_of_memory")] == late.timestamp()
-    assert times[key(queue=name, code="timeout")] == early.timestamp()
+    assert times[key(queue=name, model=MODEL, code="gpu_out_of_memory")] == late.timestamp()
+    assert times[key(queue=name, model=MODEL, code="timeout")] == early.timestamp()
     # Failed by RQ's cleanup, without ended_at: the time of its failure Result.
     created = lost.latest_result().created_at
     result_time = (created if created.tzinfo else created.replace(tzinfo=timezone.utc)).timestamp()
-    assert times[key(queue=name, code="worker_lost")] == result_time
+    assert times[key(queue=name, model=MODEL, code="worker_lost")] == result_time
 
     # A job that leaves the registry (TTL, DELETE) leaves the counts on the next scrape.
     queue.failed_job_registry.remove(oom)
     after = labelled(scrape(client), "inversion_failed_jobs")
-    assert after[key(queue=name, code="gpu_out_of_memory")] == 1.0
+    assert after[key(queue=name, model=MODEL, code="gpu_out_of_memory")] == 1.0

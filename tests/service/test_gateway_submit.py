@@ -64,6 +64,7 @@ def test_submit_enqueues_a_json_job_with_its_input(client, submit, redis, queue,
     assert job.args == []
     payload = JobPayload.model_validate(job.kwargs["payload"])
     assert payload.params == InversionParams(
+        model="stable-diffusion-v1-5",  # the gateway's default: the job names none
         prompt="a cat on a sofa",
         negative_prompt="blurry",
         num_inference_steps=25,
@@ -88,7 +89,7 @@ def test_without_a_worker_the_image_travels_unresized(client, submit, redis, que
     job = queue.fetch_job(response.json()["id"])
     payload = JobPayload.model_validate(job.kwargs["payload"])
     assert (payload.image_width, payload.image_height) == (96, 64)
-    assert payload.params == InversionParams(prompt="a cat")
+    assert payload.params == InversionParams(prompt="a cat", model="stable-diffusion-v1-5")
     stored = redis.get(input_key(job.id))
     assert stored[:3] == bytes([200, 30, 30]) and len(stored) == 96 * 64 * 3
 

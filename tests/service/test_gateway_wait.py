@@ -160,6 +160,7 @@ def _settings(redis_url: str, **overrides: Any) -> GatewaySettings:
     fields: dict[str, Any] = {
         "redis_url": redis_url,
         "api_key_hashes": (auth.key_hash(KEY_A), auth.key_hash(KEY_B)),
+        "default_model": "tiny",  # no worker announces one: the jobs queue for it
     }
     return GatewaySettings(**(fields | overrides))
 
@@ -354,7 +355,9 @@ def test_canceling_a_queued_job_ends_its_streams_and_waits(redis_url):
 
 def test_the_anonymous_owner_has_no_limit_of_waits_and_streams(redis_url):
     # Auth disabled: every caller is one owner, and no per-key limit applies.
-    settings = GatewaySettings(redis_url=redis_url, auth_disabled=True, max_waiters_per_key=1)
+    settings = GatewaySettings(
+        redis_url=redis_url, auth_disabled=True, max_waiters_per_key=1, default_model="tiny"
+    )
     with serve(settings) as base:
         job = _submit(base, "").json()["id"]
         url = f"{base}/v1/inversions/{job}/events"
