@@ -99,6 +99,23 @@ def settings_reads(packages: tuple[str, ...], own_module: str) -> set[str]:
     return read
 
 
+def fields_behind(read: set[str], class_name: str, own_module: str) -> set[str]:
+    """The fields that the settings class's own properties and methods named in `read`
+    read off `self` (a derived value such as the served queue name reads its fields)."""
+    tree = ast.parse((ROOT / own_module).read_text())
+    (owner,) = (n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == class_name)
+    methods = {n.name: n for n in owner.body if isinstance(n, ast.FunctionDef)}
+    behind: set[str] = set()
+    pending = [name for name in read if name in methods]
+    while pending:
+        for node in ast.walk(methods[pending.pop()]):
+            if isinstance(node, ast.Attribute) and getattr(node.value, "id", "") == "self":
+                if node.attr in methods and node.attr not in behind:
+                    pending.append(node.attr)
+                behind.add(node.attr)
+    return behind
+
+
 def test_every_documented_setting_is_read_by_its_process():
     """A setting in the README tables (generated from these classes) that its process
     never reads is a knob that does nothing: make it work or remove it."""
@@ -110,5 +127,6 @@ def test_every_documented_setting_is_read_by_its_process():
     for cls in (GatewaySettings, WorkerSettings, ClientSettings):
         packages, own_module = PROCESSES[cls.__name__]
         read = settings_reads(packages, own_module)
+        read |= fields_behind(read, cls.__name__, own_module)
         unread[cls.__name__] = [name for name in cls.model_fields if name not in read]
     assert unread == {name: [] for name in PROCESSES}
