@@ -26,6 +26,7 @@ from ddim_inversion.keys import (
     WORKERS_KEY,
     owner_held_bytes_key,
     owner_held_total_key,
+    queue_name_for,
     result_key,
 )
 from tests.conftest import SAMPLES, Processes, RedisServer, subprocess_env, wait_for
@@ -169,7 +170,7 @@ def test_concurrent_submissions_cannot_pass_the_per_key_limit(stack):
     codes = [a.status_code for a in answers]
     assert codes.count(202) == TIGHT_LIMIT and codes.count(429) == 30 - TIGHT_LIMIT, codes
     assert {a.json()["code"] for a in answers if a.status_code == 429} == {"rate_limited"}
-    assert stack.redis.llen("rq:queue:undrained") == TIGHT_LIMIT
+    assert stack.redis.llen("rq:queue:" + queue_name_for("tiny", "undrained")) == TIGHT_LIMIT
 
 
 def used_memory(client: redis.Redis) -> int:
