@@ -26,7 +26,7 @@ def _fail(message: str) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from worker.models import make_tiny_model
+    from worker.tiny_model import make_tiny_model
 
     print(make_tiny_model(args.directory))
     return 0
