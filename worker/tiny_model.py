@@ -159,7 +159,7 @@ def write_random_model(directory: str | Path, shape: ModelShape, seed: int) -> P
     text_encoder.save_pretrained(directory / "text_encoder")
     del text_encoder
     torch.manual_seed(seed + 1)
-    vae = AutoencoderKL(
+    vae: Any = AutoencoderKL(
         in_channels=3,
         out_channels=3,
         block_out_channels=shape.vae_channels,
@@ -173,7 +173,7 @@ def write_random_model(directory: str | Path, shape: ModelShape, seed: int) -> P
     vae.save_pretrained(directory / "vae")
     del vae
     torch.manual_seed(seed + 2)
-    unet = UNet2DConditionModel(
+    unet: Any = UNet2DConditionModel(
         sample_size=shape.unet_sample_size,
         in_channels=4,
         out_channels=4,
