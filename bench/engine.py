@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddim_inversion import imaging
 from ddim_inversion.params import InversionParams
-from worker.engine import InversionRequest, invert
+from worker.engine.dispatch import invert
+from worker.engine.types import InversionRequest
 from worker.models import LoadedModel, load_model
 
 SAMPLES = Path(__file__).resolve().parents[1] / "samples"

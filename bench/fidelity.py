@@ -32,7 +32,9 @@ sys.path.insert(0, str(ROOT))
 import imaging  # noqa: E402
 
 from ddim_inversion.params import InversionParams  # noqa: E402
-from worker.engine import InversionRequest, InversionResult, encode_prompts, invert  # noqa: E402
+from worker.engine.dispatch import invert  # noqa: E402
+from worker.engine.encoding import encode_prompts  # noqa: E402
+from worker.engine.types import InversionRequest, InversionResult  # noqa: E402
 from worker.models import LoadedModel, load_model  # noqa: E402
 
 PROMPTS = {"astronaut": "an astronaut", "chelsea": "a cat", "coffee": "a cup of coffee"}

@@ -110,7 +110,8 @@ def main() -> int:
     torch.set_num_threads(1)
     from ddim_inversion import imaging
     from ddim_inversion.params import InversionParams
-    from worker.engine import InversionRequest, invert
+    from worker.engine.dispatch import invert
+    from worker.engine.types import InversionRequest
     from worker.main import warm_up
     from worker.models import load_model
 

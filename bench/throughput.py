@@ -185,7 +185,8 @@ def main() -> int:
         out["service_images_per_s"] = service
         # Batched results against one-at-a-time ones, in this dtype on this device.
         from ddim_inversion.keys import result_key
-        from worker.engine import InversionRequest, invert, load_result
+        from worker.engine.dispatch import invert
+        from worker.engine.types import InversionRequest, load_result
 
         worst = 0.0
         for i in range(min(4, args.jobs)):

@@ -26,7 +26,7 @@ def _fail(message: str) -> int:
 
 
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
-    from worker.models import make_tiny_model
+    from worker.tiny_model import make_tiny_model
 
     print(make_tiny_model(args.directory))
     return 0
@@ -41,7 +41,8 @@ def cmd_local(args: argparse.Namespace) -> int:
     from ddim_inversion import imaging
     from ddim_inversion.errors import InvalidParameter
     from ddim_inversion.params import InversionParams
-    from worker.engine import InversionRequest, invert, progress_total
+    from worker.engine.dispatch import invert
+    from worker.engine.types import InversionRequest, progress_total
     from worker.models import ModelLoadError, limit_cpu_threads, load_model
     from worker.settings import get_settings
 

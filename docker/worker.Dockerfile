@@ -36,7 +36,7 @@ COPY ddim_inversion_cli ./ddim_inversion_cli
 COPY worker ./worker
 RUN pip install --no-cache-dir --constraint /etc/torch-constraint.txt ".[worker]" \
  && rm -rf build ./*.egg-info \
- && python -c "import torch, diffusers, worker.engine; print('torch', torch.__version__)"
+ && python -c "import torch, diffusers, worker.engine.dispatch; print('torch', torch.__version__)"
 
 # 3. A non-root user that owns only the model cache. /cache is a volume so that the hub
 #    download (HF_HOME) and the generated tiny model survive container restarts and are

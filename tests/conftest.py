@@ -112,7 +112,7 @@ def redis_client(redis_url: str) -> Iterator[object]:
 @pytest.fixture(scope="session")
 def model_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Where the tiny model is generated once per session, for this process and subprocesses."""
-    from worker.models import tiny_model_dir
+    from worker.tiny_model import tiny_model_dir
 
     directory = tmp_path_factory.mktemp("models")
     tiny_model_dir(directory)

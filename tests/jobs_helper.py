@@ -53,7 +53,8 @@ def enqueue(
 
 def solo_latents(model: Any, image: str, **params: Any) -> Any:
     """The engine's one-at-a-time result for the same inputs: the reference for batching."""
-    from worker.engine import InversionRequest, invert
+    from worker.engine.dispatch import invert
+    from worker.engine.types import InversionRequest
 
     parsed = InversionParams(**({"prompt": "a photo"} | params))
     size = parsed.resolution or (64, 64)

@@ -18,7 +18,7 @@ from redis import Redis
 from ddim_inversion.contract import JobPayload
 from ddim_inversion.errors import InvalidParameter
 from worker import payloads, rq_adapter
-from worker.engine import batch_key
+from worker.engine.types import batch_key
 from worker.job_state import Running
 from worker.rq_adapter import Job, Queue
 

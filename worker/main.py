@@ -12,7 +12,8 @@ from ddim_inversion.params import InversionParams
 from worker import rq_adapter
 from worker.batching import InversionWorker
 from worker.compile import compile_unet, warm_up_buckets
-from worker.engine import InversionRequest, invert
+from worker.engine.dispatch import invert
+from worker.engine.types import InversionRequest
 from worker.models import LoadedModel, ModelLoadError, limit_cpu_threads, load_model
 from worker.settings import WorkerSettings, get_settings
 

@@ -1,32 +1,22 @@
 """Loading a Stable Diffusion 1.x/2.x model once: a local folder, a hub id, or `tiny`.
 
 Every source ends in the same `from_pretrained` calls on a diffusers folder, so the
-offline `tiny` model exercises exactly the code a real checkpoint goes through.
+offline `tiny` model (worker/tiny_model.py) exercises exactly the code a real checkpoint
+goes through.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ddim_inversion.contract import ModelInfo
-
-TINY_MODEL = "tiny"
-"""The built-in offline model's name."""
-
-TINY_SEED = 0
-"""Seed of the tiny model's weights: every machine generates bit-identical ones."""
-
-TINY_VERSION = "1"
-"""Bumped when the tiny model's shape changes, so that stale caches are not reused."""
+from worker.libraries import quiet_libraries
+from worker.tiny_model import TINY_MODEL, tiny_model_dir
 
 SUPPORTED = (
     "Stable Diffusion 1.x/2.x (StableDiffusionPipeline folders: CLIP tokenizer and text "
@@ -41,21 +31,6 @@ REQUIRED_COMPONENTS: dict[str, tuple[str, ...]] = {
     "vae": ("AutoencoderKL",),
     "unet": ("UNet2DConditionModel",),
     "scheduler": (),
-}
-
-# The tiny model's scheduler config: Stable Diffusion 1.5's.
-SD15_SCHEDULER_CONFIG: dict[str, Any] = {
-    "_class_name": "PNDMScheduler",
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "num_train_timesteps": 1000,
-    "set_alpha_to_one": False,
-    "skip_prk_steps": True,
-    "steps_offset": 1,
-    "clip_sample": False,
-    "prediction_type": "epsilon",
-    "trained_betas": None,
 }
 
 DTYPES: dict[str, torch.dtype] = {
@@ -82,7 +57,6 @@ class LoadedModel:
     scheduler_config: dict[str, Any]
     device: torch.device
     dtype: torch.dtype
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -144,163 +118,6 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "float64" and device.type != "cpu":
         raise ModelLoadError("float64 is for exactness work on the CPU only")
     return DTYPES[dtype]
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddim-inversion"
-
-
-# -- the tiny model ---------------------------------------------------------------------
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """CLIP's reversible byte -> printable character map (the GPT-2 BPE alphabet)."""
-    printable = [
-        *range(ord("!"), ord("~") + 1),
-        *range(ord("¡"), ord("¬") + 1),
-        *range(ord("®"), ord("ÿ") + 1),
-    ]
-    chars = printable[:]
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return dict(zip(printable, (chr(c) for c in chars), strict=True))
-
-
-def _tiny_tokenizer(directory: Path) -> Any:
-    """A working CLIP BPE tokenizer over single bytes (a few common merges): any text encodes."""
-    from transformers import CLIPTokenizer
-
-    alphabet = list(_bytes_to_unicode().values())
-    vocab = alphabet + [c + "</w>" for c in alphabet]
-    merges = ["t h", "th e</w>", "a n", "i n", "o f</w>", "o n</w>", "e r</w>", "a t</w>"]
-    for merge in merges:
-        vocab.append(merge.replace(" ", ""))
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(vocab)}))
-    (directory / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    tokenizer = CLIPTokenizer(
-        vocab=str(directory / "vocab.json"),
-        merges=str(directory / "merges.txt"),
-        model_max_length=77,
-    )
-    (directory / "vocab.json").unlink()
-    (directory / "merges.txt").unlink()
-    return tokenizer
-
-
-def _quiet_libraries() -> None:
-    """Loading bars and advice meant for notebooks would drown the service's own logs."""
-    from diffusers.utils import logging as diffusers_logging
-    from transformers.utils import logging as transformers_logging
-
-    for library in (diffusers_logging, transformers_logging):
-        library.set_verbosity_error()
-        library.disable_progress_bar()
-
-
-def make_tiny_model(directory: str | Path) -> Path:
-    """Write the tiny SD-shaped model as a diffusers folder; deterministic from TINY_SEED."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    _quiet_libraries()
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tiny_tokenizer(directory / "tokenizer")
-    tokenizer.save_pretrained(directory / "tokenizer")
-
-    torch.manual_seed(TINY_SEED)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
-    torch.manual_seed(TINY_SEED + 1)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        block_out_channels=(8, 16, 16, 16),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        sample_size=64,
-    )
-    torch.manual_seed(TINY_SEED + 2)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=4,
-        norm_num_groups=8,
-    )
-    modules: tuple[tuple[str, Any], ...] = (
-        ("text_encoder", text_encoder),
-        ("vae", vae),
-        ("unet", unet),
-    )
-    for name, module in modules:
-        module.save_pretrained(directory / name)
-    write_pipeline_index(directory)
-    return directory
-
-
-def write_pipeline_index(directory: Path) -> None:
-    """The scheduler config (SD 1.5's) and model_index.json of an SD pipeline folder."""
-    scheduler_dir = directory / "scheduler"
-    scheduler_dir.mkdir(exist_ok=True)
-    (scheduler_dir / "scheduler_config.json").write_text(
-        json.dumps(SD15_SCHEDULER_CONFIG, indent=2)
-    )
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.30.0",
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-    }
-    (directory / "model_index.json").write_text(json.dumps(model_index, indent=2))
-
-
-def tiny_model_dir(cache_dir: Path | None = None) -> Path:
-    """The cached tiny model folder, generated on first use (atomically: racing processes agree)."""
-    target = (cache_dir or default_cache_dir()) / f"tiny-v{TINY_VERSION}"
-    if (target / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
-    try:
-        make_tiny_model(staging)
-        # Another process may have won the race; its folder is identical.
-        with contextlib.suppress(OSError):
-            staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
 
 
 # -- finding and checking a model folder ------------------------------------------------
@@ -394,7 +211,7 @@ def load_model(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    _quiet_libraries()
+    quiet_libraries()
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
     folder = locate_model(name, allow_download=allow_download, cache_dir=cache_dir)

@@ -21,7 +21,8 @@ from ddim_inversion.errors import ErrorCode, InvalidParameter
 from ddim_inversion.keys import cancel_key
 from worker import rq_adapter
 from worker.ending import Endings
-from worker.engine import InversionRequest, invert, progress_total
+from worker.engine.dispatch import invert
+from worker.engine.types import InversionRequest, progress_total
 from worker.job_state import Running, Success
 from worker.lifecycle import StartReply, write_progress
 from worker.outages import tolerated

@@ -43,7 +43,8 @@ def engine_latents(tiny_model, prompt: str, **params: object) -> np.ndarray:
     """What `ddim-invert local` computes for chelsea.png, in-process."""
     from ddim_inversion import imaging
     from ddim_inversion.params import InversionParams
-    from worker.engine import InversionRequest, invert
+    from worker.engine.dispatch import invert
+    from worker.engine.types import InversionRequest
 
     inversion = InversionParams(prompt=prompt, **params)
     size = inversion.resolution or tiny_model.native_resolution

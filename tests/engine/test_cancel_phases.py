@@ -18,7 +18,8 @@ import pytest
 import torch
 
 from ddim_inversion.params import InversionParams
-from worker.engine import InversionRequest, InversionResult, invert
+from worker.engine.dispatch import invert
+from worker.engine.types import InversionRequest, InversionResult
 from worker.models import LoadedModel
 
 TOLERANCE = 1e-10

@@ -10,7 +10,8 @@ import pytest
 
 from ddim_inversion import imaging
 from ddim_inversion.params import InversionParams
-from worker.engine import InversionRequest, invert, load_result
+from worker.engine.dispatch import invert
+from worker.engine.types import InversionRequest, load_result
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 
 from ddim_inversion.params import InversionParams
-from worker.engine import InversionRequest, invert
+from worker.engine.dispatch import invert
+from worker.engine.types import InversionRequest
 
 
 def test_float64_model_and_results(tiny64, ref64, tiny, sample_arrays, diff):

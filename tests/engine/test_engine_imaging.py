@@ -14,7 +14,8 @@ from PIL import Image
 from ddim_inversion import imaging
 from ddim_inversion.errors import InvalidParameter
 from ddim_inversion.params import InversionParams, parse_resolution
-from worker.engine import InversionRequest, invert
+from worker.engine.dispatch import invert
+from worker.engine.types import InversionRequest
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from ddim_inversion.params import InversionParams
-from worker.engine import InversionRequest, invert
+from worker.engine.dispatch import invert
+from worker.engine.types import InversionRequest
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from ddim_inversion.contract import ENGINE_VERSION
 from ddim_inversion.params import InversionParams
-from worker.engine import InversionRequest, invert, load_result
+from worker.engine.dispatch import invert
+from worker.engine.types import InversionRequest, load_result
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,8 @@ from pydantic import ValidationError
 
 from ddim_inversion.errors import InvalidParameter
 from ddim_inversion.params import InversionParams
-from worker.engine import InversionRequest, invert
+from worker.engine.dispatch import invert
+from worker.engine.types import InversionRequest
 
 STEPS = 10
 PROMPT = "a photo of a cat"

@@ -19,7 +19,8 @@ from ddim_inversion.estimates import (
     stored_bytes,
 )
 from ddim_inversion.params import InversionParams
-from worker.engine import InversionRequest, invert
+from worker.engine.dispatch import invert
+from worker.engine.types import InversionRequest
 
 SLACK_BYTES = 24 * 1024
 """How far above the actual bytes the bound may be for a small job: the fixed allowance

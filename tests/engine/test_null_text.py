@@ -20,14 +20,9 @@ from PIL import Image
 
 from ddim_inversion.contract import ResultMetadata
 from ddim_inversion.params import InversionParams
-from worker.engine import (
-    InversionRequest,
-    InversionResult,
-    encode_prompts,
-    invert,
-    load_result,
-    progress_total,
-)
+from worker.engine.dispatch import invert
+from worker.engine.encoding import encode_prompts
+from worker.engine.types import InversionRequest, InversionResult, load_result, progress_total
 from worker.models import LoadedModel
 
 PROMPT = "a cat on a sofa"

@@ -15,7 +15,9 @@ import torch
 from ddim_inversion import imaging
 from ddim_inversion.contract import ResultMetadata
 from ddim_inversion.params import InversionParams
-from worker.engine import InversionRequest, InversionResult, encode_prompts, invert
+from worker.engine.dispatch import invert
+from worker.engine.encoding import encode_prompts
+from worker.engine.types import InversionRequest, InversionResult
 from worker.models import LoadedModel
 
 SAMPLES = Path(__file__).resolve().parents[2] / "samples"

@@ -21,7 +21,7 @@ from ddim_inversion.keys import (
 )
 from ddim_inversion.params import InversionParams
 from tests.jobs_helper import SAMPLES, enqueue, queue_for, solo_latents
-from worker.engine import load_result
+from worker.engine.types import load_result
 
 
 class UnetCalls:

@@ -11,7 +11,8 @@ from ddim_inversion import imaging
 from ddim_inversion.params import InversionParams
 from tests.jobs_helper import SAMPLES
 from worker.compile import BucketedUNet, buckets_up_to, compile_unet
-from worker.engine import InversionRequest, invert
+from worker.engine.dispatch import invert
+from worker.engine.types import InversionRequest
 from worker.models import load_model
 
 

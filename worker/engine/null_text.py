@@ -20,18 +20,19 @@ from collections.abc import Sequence
 
 import torch
 
-from worker.engine import (
+from worker.engine.ddim import invert_batch
+from worker.engine.encoding import encode_prompts, state_dtype
+from worker.engine.guidance import guide, unet_noise
+from worker.engine.schedulers import sampling_scheduler
+from worker.engine.types import (
     CancelCheck,
     InversionRequest,
     InversionResult,
     ProgressCallback,
-    encode_prompts,
-    invert_batch,
     progress_total,
-    state_dtype,
+    result_dtype,
 )
 from worker.models import LoadedModel
-from worker.reconstruction import sampling_scheduler
 
 
 def null_text_batch(
@@ -113,11 +114,8 @@ def null_text_batch(
             z: torch.Tensor, t: int, eps_c: torch.Tensor, u: torch.Tensor, picked: torch.Tensor
         ) -> torch.Tensor:
             """Equation (4), then DDIMScheduler's step, for the rows in `picked`."""
-            eps_u = unet(z.to(model.dtype), t, encoder_hidden_states=u.to(model.dtype)).sample.to(
-                dtype
-            )
-            scale = scales.index_select(0, picked)
-            eps = eps_u + scale * (eps_c - eps_u)
+            eps_u = unet_noise(model, z, t, u, unet)
+            eps = guide(eps_u, eps_c, scales.index_select(0, picked))
             return scheduler.step(eps, t, z).prev_sample
 
         z = pivot[steps].clone()
@@ -127,12 +125,9 @@ def null_text_batch(
             target = pivot[i]
             picked = torch.tensor(alive, device=device)
             with torch.no_grad():
-                z_rows = z.index_select(0, picked)
-                eps_c = unet(
-                    z_rows.to(model.dtype),
-                    t,
-                    encoder_hidden_states=cond.index_select(0, picked).to(model.dtype),
-                ).sample.to(dtype)
+                eps_c = unet_noise(
+                    model, z.index_select(0, picked), t, cond.index_select(0, picked), unet
+                )
             eps_c_full = torch.zeros_like(z).index_copy(0, picked, eps_c)
             embedding = {r: u[r : r + 1].detach().clone().requires_grad_(True) for r in alive}
             optimisers = {r: torch.optim.Adam([embedding[r]], lr=learning_rate) for r in alive}
@@ -182,7 +177,23 @@ def null_text_batch(
                 losses[r].append(float(final[n]))
             report((j + 1) * inner_steps)
     done = time.perf_counter()
+    timings = {"pivot_s": pivoted - started, "null_text_s": done - pivoted}
+    return _results(model, requests, pivots, alive, embeddings, losses, timings, started)
 
+
+def _results(
+    model: LoadedModel,
+    requests: Sequence[InversionRequest],
+    pivots: list[InversionResult | None],
+    alive: list[int],
+    embeddings: list[list[torch.Tensor]],
+    losses: list[list[float]],
+    timings: dict[str, float],
+    started: float,
+) -> list[InversionResult | None]:
+    """Each live row's pivot result with its null embeddings, at the dtype it asked for;
+    None for the stopped ones. `timings` (pivot_s, null_text_s) join the pivot's, with
+    total_s from `started`."""
     results: list[InversionResult | None] = []
     for index, request in enumerate(requests):
         pivot_result = pivots[index]
@@ -190,9 +201,7 @@ def null_text_batch(
             results.append(None)
             continue
         params = request.params
-        out_dtype = torch.float16 if params.result_dtype == "float16" else torch.float32
-        if model.dtype == torch.float64 and params.result_dtype == "float32":
-            out_dtype = torch.float64
+        out_dtype = result_dtype(params, model)
         latents = pivot_result.latents.to(out_dtype)
         path = pivot_result.trajectory.to(out_dtype) if params.return_trajectory else None  # type: ignore[union-attr]
         nulls = torch.stack(embeddings[index]).to(out_dtype)
@@ -206,19 +215,17 @@ def null_text_batch(
                 "null_text_losses": losses[index],
             }
         )
-        timings = dict(pivot_result.timings)
-        timings |= {
-            "pivot_s": pivoted - started,
-            "null_text_s": done - pivoted,
-            "total_s": time.perf_counter() - started,
-        }
         results.append(
             InversionResult(
                 latents=latents,
                 timesteps=pivot_result.timesteps,
                 metadata=metadata,
                 trajectory=path,
-                timings=timings,
+                timings={
+                    **pivot_result.timings,
+                    **timings,
+                    "total_s": time.perf_counter() - started,
+                },
                 null_embeddings=nulls,
                 clean=pivot_result.clean,
             )

@@ -16,41 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from worker.engine import (
-    CancelCheck,
-    InversionRequest,
-    InversionResult,
-    ProgressCallback,
-    encode_prompts,
-    image_array,
-    state_dtype,
-    still_running,
-    take,
-)
+from worker.engine.encoding import decode_latents, encode_prompts, image_array, state_dtype
+from worker.engine.guidance import predict_noise
+from worker.engine.rows import still_running, take
+from worker.engine.schedulers import sampling_scheduler
+from worker.engine.types import CancelCheck, InversionRequest, InversionResult, ProgressCallback
 from worker.models import LoadedModel
-
-
-def sampling_scheduler(config: dict[str, Any], timesteps: list[int]) -> Any:
-    """diffusers' DDIMScheduler from the job's config, checked against the inversion's steps."""
-    from diffusers import DDIMScheduler
-
-    scheduler = DDIMScheduler.from_config(config)
-    scheduler.set_timesteps(len(timesteps))
-    if [int(t) for t in scheduler.timesteps] != timesteps[::-1]:
-        raise ValueError(
-            "the sampling scheduler's timesteps are not the inversion's reversed; "
-            f"{[int(t) for t in scheduler.timesteps]} vs {timesteps[::-1]}"
-        )
-    return scheduler
-
-
-def decode_latents(model: LoadedModel, latents: torch.Tensor) -> np.ndarray:
-    """Latents (B, C, h, w) -> images (B, H, W, 3) uint8: x = D(z / scaling_factor + shift)."""
-    pixels = model.vae.decode(
-        (latents / model.scaling_factor + model.shift_factor).to(model.dtype)
-    ).sample
-    images = ((pixels.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    return images.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def psnr(reconstruction: np.ndarray, reference: np.ndarray) -> float:
@@ -130,22 +101,10 @@ def verify_batch(
                 return
             z, *rows = take([z, *rows], keep)
         t = int(t)
-        cond, scales = rows[0], rows[1]
+        uncond = None
         if guided:
-            step_uncond = rows[2][:, j] if params.method == "null_text" else rows[2]
-            model_input = z.to(model.dtype)
-            eps_u, eps_c = (
-                model.unet(
-                    torch.cat([model_input, model_input]),
-                    t,
-                    encoder_hidden_states=torch.cat([step_uncond, cond]),
-                )
-                .sample.to(dtype)
-                .chunk(2)
-            )
-            eps = eps_u + scales * (eps_c - eps_u)
-        else:
-            eps = model.unet(z.to(model.dtype), t, encoder_hidden_states=cond).sample.to(dtype)
+            uncond = rows[2][:, j] if params.method == "null_text" else rows[2]
+        eps = predict_noise(model, z, t, rows[0], uncond, rows[1])
         z = scheduler.step(eps, t, z).prev_sample
         if progress is not None:
             progress(j + 1, steps)
