@@ -191,7 +191,10 @@ def normalise(
     if worker is not None:
         try:
             resolve_scheduler_config(
-                worker.model.scheduler_config, params.scheduler, params.num_inference_steps
+                worker.model.scheduler_config,
+                params.scheduler,
+                params.num_inference_steps,
+                params.inverse_scheduler,
             )
         except InvalidParameter as exc:
             raise _invalid(exc.field, exc.message) from None
