@@ -9,8 +9,11 @@ few steps it follows the ODE more closely than DDIM's first-order step. It is no
 sampling back with the forward `DPMSolverMultistepScheduler` (same config) retraces the
 path only as far as the solver's error allows.
 
-With linspace spacing the two schedulers' noise levels mirror each other: the inverse
-ends at the level the sampler starts from (other spacings do not, so the config fixes it).
+With linspace spacing and the sampler's final_sigmas_type sigma_min the two schedulers'
+noise levels mirror each other: the inverse starts at the schedule's lowest level and ends
+at the highest, the sampler runs the same levels back (other spacings do not mirror, so
+the config fixes both). At very few steps (under about 10) the solver's lower-order
+first and last steps make it no closer than DDIM.
 """
 
 from __future__ import annotations
