@@ -37,6 +37,12 @@ NULL_TEXT_GUIDANCE_SCALE = 7.5
 when no `--guidance-scale` is given (the contract itself needs any value above 1)."""
 
 
+EDICT_MIXING = 0.93
+"""EDICT's mixing coefficient p when none is given: the paper's."""
+
+DDPM_ETA = 1.0
+"""The ddpm sampler's eta when none is given: DDPM sampling, the paper's choice."""
+
 DPMSOLVER_METHODS = ("ddim", "negative_prompt")
 """The methods inverse_scheduler dpmsolver runs: those whose steps are plain inversion
 steps (EDICT and DDPM have their own; null-text optimises against DDIM sampling)."""
@@ -174,20 +180,24 @@ class InversionParams(BaseModel):
             "`noisy_latents`."
         ),
     )
-    edict_mixing: float = Field(
-        0.93,
-        gt=0,
-        le=1,
-        description="edict: the mixing coefficient p of the coupled latents.",
-    )
-    eta: float = Field(
-        1.0,
+    edict_mixing: float | None = Field(
+        None,
         gt=0,
         le=1,
         description=(
-            "ddpm: the sampler's noise weight (DDIMScheduler eta): 1 is DDPM sampling. "
-            "Sampling back must use the same."
+            f"edict: the mixing coefficient p of the coupled latents; absent: {EDICT_MIXING}."
         ),
+        examples=[EDICT_MIXING],
+    )
+    eta: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=(
+            "ddpm: the sampler's noise weight (DDIMScheduler eta), the same when sampling "
+            f"back; absent: {DDPM_ETA}, DDPM sampling."
+        ),
+        examples=[DDPM_ETA],
     )
     null_text_inner_steps: int = Field(
         10, ge=1, le=100, description="null_text: Adam iterations per step (UNet forward+backward)."
@@ -262,9 +272,8 @@ class InversionParams(BaseModel):
     @model_validator(mode="after")
     def _method_combinations(self) -> InversionParams:
         """Refuses what a method cannot do, rather than ignoring a parameter given."""
-        given = self.model_fields_set
         for name, method in (("eta", "ddpm"), ("edict_mixing", "edict")):
-            if name in given and self.method != method:
+            if getattr(self, name) is not None and self.method != method:
                 raise ValueError(f"{name} applies to method '{method}' only, not '{self.method}'")
         if self.inverse_scheduler == "dpmsolver" and self.method not in DPMSOLVER_METHODS:
             raise ValueError(
@@ -286,6 +295,16 @@ class InversionParams(BaseModel):
                 "prompt for sampling: a negative_prompt would not be used"
             )
         return self
+
+    @property
+    def mixing(self) -> float:
+        """edict's p: edict_mixing, or the paper's when absent."""
+        return EDICT_MIXING if self.edict_mixing is None else self.edict_mixing
+
+    @property
+    def ddpm_eta(self) -> float:
+        """ddpm's eta: the one given, or DDPM sampling's when absent."""
+        return DDPM_ETA if self.eta is None else self.eta
 
     @property
     def uses_guidance(self) -> bool:
