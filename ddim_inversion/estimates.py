@@ -42,6 +42,10 @@ METADATA_COPIES = 3
 RQ's result entry."""
 
 
+NULL_METHODS = ("null_text", "negative_prompt")
+"""The methods whose result carries `null_embeddings`."""
+
+
 class StoredBytes(NamedTuple):
     """The most bytes a job keeps in Redis, by what holds them."""
 
@@ -52,7 +56,11 @@ class StoredBytes(NamedTuple):
     trajectory: int
     """`trajectory`: every step's latent (return_trajectory)."""
     null_embeddings: int
-    """`null_embeddings`: one unconditional embedding per step (method null_text)."""
+    """`null_embeddings`: one unconditional embedding per step (methods null_text and
+    negative_prompt)."""
+    method_latents: int
+    """The latents a method adds: `latents_pair` (edict); `noise_maps`, one latent per
+    step, and `noisy_latents`, steps + 1 latents (ddpm)."""
     reconstruction: int
     """The reconstruction PNG (verify), at its largest: incompressible pixels."""
     records: int
@@ -68,7 +76,7 @@ class StoredBytes(NamedTuple):
         parts = {
             "resolution": self.input + self.latents,
             "return_trajectory": self.trajectory,
-            "method": self.null_embeddings,
+            "method": self.null_embeddings + self.method_latents,
             "verify": self.reconstruction,
             "prompt": self.records,
         }
@@ -116,7 +124,8 @@ def stored_bytes(
         input=input_size[0] * input_size[1] * 3,
         latents=latent + 8 * steps,  # timesteps: int64
         trajectory=(steps + 1) * latent if params.return_trajectory else 0,
-        null_embeddings=steps * tokens * hidden * element if params.method == "null_text" else 0,
+        null_embeddings=steps * tokens * hidden * element if params.method in NULL_METHODS else 0,
+        method_latents={"edict": latent, "ddpm": (2 * steps + 1) * latent}.get(params.method, 0),
         reconstruction=png_bytes_bound(*size) if params.verify else 0,
         records=RECORD_BYTES + METADATA_COPIES * metadata + len(params.model_dump_json()),
     )
@@ -129,21 +138,27 @@ NULL_TEXT_CALLS_PER_INNER_STEP = 3
 def unet_calls(params: InversionParams) -> int:
     """UNet image-calls of one job at most (refinement and null-text never stop early):
 
-    - ddim: steps x (2 under guidance) x (1 + refine_iterations);
+    - ddim (either inverse scheduler), ddpm: steps x (2 under guidance) x (1 +
+      refine_iterations), refine_iterations being 0 where it does not apply;
+    - negative_prompt: steps x (1 + refine_iterations) at guidance 1;
+    - edict: two calls per step, each x (2 under guidance);
     - null_text: the pivot, steps x (1 + refine_iterations) at guidance 1, then per step one
       conditional call, the inner steps' forward and backward passes and the step itself;
-    - verify: one more sampling pass, steps x (2 under guidance).
+    - verify: one more sampling pass, steps x (2 under guidance), twice for edict.
     """
     steps = params.num_inference_steps
     passes = 2 if params.uses_guidance else 1
     refined = 1 + params.refine_iterations
+    per_step = 2 * passes if params.method == "edict" else passes
     if params.method == "null_text":
         inner = NULL_TEXT_CALLS_PER_INNER_STEP * params.null_text_inner_steps
         calls = steps * refined + steps * (1 + inner + 1)
+    elif params.method == "negative_prompt":
+        calls = steps * refined
     else:
-        calls = steps * passes * refined
+        calls = steps * per_step * refined
     if params.verify:
-        calls += steps * passes
+        calls += steps * per_step
     return calls
 
 

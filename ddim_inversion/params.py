@@ -15,11 +15,22 @@ import types
 import typing
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 
 from ddim_inversion.errors import InvalidParameter
-from ddim_inversion.scheduler_config import SCHEDULER_OVERRIDES, check_override
+from ddim_inversion.scheduler_config import (
+    DPMSOLVER_OVERRIDES,
+    SCHEDULER_OVERRIDES,
+    check_override,
+)
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
 """What a served model's name may be: a word, a folder's name or a hub id (`owner/name`);
@@ -29,6 +40,17 @@ it becomes part of a queue's name and a metric label."""
 NULL_TEXT_GUIDANCE_SCALE = 7.5
 """The usual guidance of null-text inversion: what the CLI uses with `--method null_text`
 when no `--guidance-scale` is given (the contract itself needs any value above 1)."""
+
+
+EDICT_MIXING = 0.93
+"""EDICT's mixing coefficient p when none is given: the paper's."""
+
+DDPM_ETA = 1.0
+"""The ddpm sampler's eta when none is given: DDPM sampling, the paper's choice."""
+
+DPMSOLVER_METHODS = ("ddim", "negative_prompt")
+"""The methods inverse_scheduler dpmsolver runs: those whose steps are plain inversion
+steps (EDICT and DDPM have their own; null-text optimises against DDIM sampling)."""
 
 
 def parse_resolution(value: str | int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -95,7 +117,11 @@ class InversionParams(BaseModel):
         "mean", description="The VAE latent: its distribution's mean, or a sample (needs seed)."
     )
     seed: int | None = Field(
-        None, ge=0, le=2**63 - 1, description="The seed of encode_mode sample.", examples=[7]
+        None,
+        ge=0,
+        le=2**63 - 1,
+        description="The seed of encode_mode sample and of method ddpm's noise (absent: 0).",
+        examples=[7],
     )
     return_trajectory: bool = Field(
         False,
@@ -107,10 +133,20 @@ class InversionParams(BaseModel):
     result_dtype: Literal["float32", "float16"] = Field(
         "float32", description="The dtype of the stored latents."
     )
+    inverse_scheduler: Literal["ddim", "dpmsolver"] = Field(
+        "ddim",
+        description=(
+            "ddim: DDIMInverseScheduler. dpmsolver: DPM-Solver++ multistep inversion "
+            "(DPMSolverMultistepInverseScheduler; methods ddim and negative_prompt, no "
+            "refinement), closer to the sampling path at few steps; sample back with "
+            "DPMSolverMultistepScheduler."
+        ),
+    )
     scheduler: dict[str, Any] = Field(
         default_factory=dict,
         description=(
-            f"DDIMInverseScheduler overrides, by parameter name: {', '.join(SCHEDULER_OVERRIDES)}."
+            "Inverse scheduler overrides, by parameter name. inverse_scheduler ddim: "
+            f"{', '.join(SCHEDULER_OVERRIDES)}. dpmsolver: {', '.join(DPMSOLVER_OVERRIDES)}."
         ),
         examples=[{"timestep_spacing": "trailing"}],
     )
@@ -133,14 +169,40 @@ class InversionParams(BaseModel):
             "iterate falls below this (or refine_iterations run out)."
         ),
     )
-    method: Literal["ddim", "null_text"] = Field(
+    method: Literal["ddim", "null_text", "negative_prompt", "edict", "ddpm"] = Field(
         "ddim",
         description=(
             "ddim: (refined) DDIM inversion. null_text: null-text inversion (Mokady et al. "
             "2022): a DDIM inversion at guidance 1 is the pivot, then an unconditional "
             "embedding per step is optimised so that guided DDIM sampling at guidance_scale "
-            "(> 1) follows the pivot; the result adds `null_embeddings`."
+            "(> 1) follows the pivot; the result adds `null_embeddings`. negative_prompt: "
+            "DDIM inversion at guidance 1 whose `null_embeddings` are the prompt's own "
+            "embedding at every step: guided sampling with them reconstructs without "
+            "optimisation. edict: EDICT (Wallace et al. 2022), exact coupled inversion; the "
+            "result adds `latents_pair`, which sampling needs too. ddpm: edit-friendly DDPM "
+            "inversion (Huberman-Spiegelglas et al. 2023): noisy latents drawn from seed, "
+            "the result adds the `noise_maps` a DDIM sampler at eta adds back, and the "
+            "`noisy_latents`."
         ),
+    )
+    edict_mixing: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=(
+            f"edict: the mixing coefficient p of the coupled latents; absent: {EDICT_MIXING}."
+        ),
+        examples=[EDICT_MIXING],
+    )
+    eta: float | None = Field(
+        None,
+        gt=0,
+        le=1,
+        description=(
+            "ddpm: the sampler's noise weight (DDIMScheduler eta), the same when sampling "
+            f"back; absent: {DDPM_ETA}, DDPM sampling."
+        ),
+        examples=[DDPM_ETA],
     )
     null_text_inner_steps: int = Field(
         10, ge=1, le=100, description="null_text: Adam iterations per step (UNet forward+backward)."
@@ -198,10 +260,12 @@ class InversionParams(BaseModel):
 
     @field_validator("scheduler")
     @classmethod
-    def _known_overrides(cls, value: dict[str, Any]) -> dict[str, Any]:
+    def _known_overrides(cls, value: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        # inverse_scheduler is declared before scheduler: validated already (absent if invalid).
+        inverse_scheduler = info.data.get("inverse_scheduler", "ddim")
         for name, item in value.items():
             try:
-                check_override(name, item)
+                check_override(name, item, inverse_scheduler)
             except InvalidParameter as exc:
                 raise ValueError(str(exc)) from None
         return value
@@ -224,6 +288,43 @@ class InversionParams(BaseModel):
                 f"which guidance_scale {self.guidance_scale} does not use"
             )
         return self
+
+    @model_validator(mode="after")
+    def _method_combinations(self) -> InversionParams:
+        """Refuses what a method cannot do, rather than ignoring a parameter given."""
+        for name, method in (("eta", "ddpm"), ("edict_mixing", "edict")):
+            if getattr(self, name) is not None and self.method != method:
+                raise ValueError(f"{name} applies to method '{method}' only, not '{self.method}'")
+        if self.inverse_scheduler == "dpmsolver" and self.method not in DPMSOLVER_METHODS:
+            raise ValueError(
+                f"inverse_scheduler 'dpmsolver' runs methods {', '.join(DPMSOLVER_METHODS)}; "
+                f"method '{self.method}' has its own steps"
+            )
+        if self.refine_iterations and (
+            self.method in ("edict", "ddpm") or self.inverse_scheduler == "dpmsolver"
+        ):
+            which = (
+                f"method '{self.method}'"
+                if self.method in ("edict", "ddpm")
+                else "inverse_scheduler 'dpmsolver'"
+            )
+            raise ValueError(f"refine_iterations refines DDIM inversion steps, not {which}")
+        if self.method == "negative_prompt" and self.negative_prompt:
+            raise ValueError(
+                "method 'negative_prompt' inverts under the prompt, which is the negative "
+                "prompt for sampling: a negative_prompt would not be used"
+            )
+        return self
+
+    @property
+    def mixing(self) -> float:
+        """edict's p: edict_mixing, or the paper's when absent."""
+        return EDICT_MIXING if self.edict_mixing is None else self.edict_mixing
+
+    @property
+    def ddpm_eta(self) -> float:
+        """ddpm's eta: the one given, or DDPM sampling's when absent."""
+        return DDPM_ETA if self.eta is None else self.eta
 
     @property
     def uses_guidance(self) -> bool:

@@ -85,7 +85,8 @@ def size_job(
             stored.largest_field,
             f"the job would keep up to {stored.total} bytes in the job store (input "
             f"{stored.input}, latents {stored.latents}, trajectory {stored.trajectory}, null "
-            f"embeddings {stored.null_embeddings}, reconstruction {stored.reconstruction}); "
+            f"embeddings {stored.null_embeddings}, method latents {stored.method_latents}, "
+            f"reconstruction {stored.reconstruction}); "
             f"the limit is {settings.max_job_bytes} (INVERSION_MAX_JOB_BYTES): lower "
             "resolution or num_inference_steps, or drop return_trajectory",
         )

@@ -189,7 +189,10 @@ def normalise(image: Image.Image, params: InversionParams, model: ModelInfo | No
     if model is not None:
         try:
             resolve_scheduler_config(
-                model.scheduler_config, params.scheduler, params.num_inference_steps
+                model.scheduler_config,
+                params.scheduler,
+                params.num_inference_steps,
+                params.inverse_scheduler,
             )
         except InvalidParameter as exc:
             raise _invalid(exc.field, exc.message) from None

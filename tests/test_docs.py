@@ -46,7 +46,9 @@ def test_the_parameter_table_reads_the_contract():
     cells = [re.split(r"(?<!\\)\|", line)[1:-1] for line in params_doc.table().splitlines()]
     rows = {row[0].strip(" `"): [cell.strip() for cell in row[1:]] for row in cells[2:]}
     assert rows["num_inference_steps"][:3] == ["integer 1..1000", "`50`", "`--steps`"]
-    assert rows["method"][:3] == ["`ddim` \\| `null_text`", "`ddim`", "`--method`"]
+    methods = "`ddim` \\| `null_text` \\| `negative_prompt` \\| `edict` \\| `ddpm`"
+    assert rows["method"][:3] == [methods, "`ddim`", "`--method`"]
+    assert rows["eta"][:2] == ["number > 0, <= 1", "absent"]
     assert rows["refine_tolerance"][:2] == ["number > 0, <= 1", "`0.0001`"]
     assert rows["seed"][:2] == ["integer 0..2^63-1", "absent"]
     assert rows["prompt"][1] == "required" and rows["verify"][1] == "`false`"

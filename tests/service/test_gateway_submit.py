@@ -139,6 +139,24 @@ def test_invalid_parameters_are_422_naming_the_field(client, submit, small_png, 
         assert "scheduler.warp_speed" in body["detail"]
 
 
+@pytest.mark.parametrize(
+    ("fields", "named"),
+    [
+        ({"method": "ddim", "eta": 0.5}, "eta"),
+        ({"method": "edict", "inverse_scheduler": "dpmsolver"}, "dpmsolver"),
+        (
+            {"inverse_scheduler": "dpmsolver", "scheduler": '{"set_alpha_to_one": true}'},
+            "scheduler",
+        ),
+    ],
+)
+def test_impossible_method_combinations_are_422_before_queueing(
+    client, submit, small_png, fields, named
+):
+    body = assert_problem(submit(client, small_png, **fields), 422, "validation_error")
+    assert named in body["detail"]
+
+
 def test_steps_over_the_service_limit(make_client, submit, small_png):
     client = make_client(max_steps=100)
     response = submit(client, small_png, num_inference_steps=101)
