@@ -36,6 +36,8 @@ K8S = ROOT / "docker" / "k8s"
 KEDA_SCHEMA = Path(__file__).parent / "data" / "keda_scaledobject.schema.json"
 OVERLAYS = ("production", "external-redis", "scale-to-zero")
 """The shipped overlays, and production with components/scale-to-zero (built by the test)."""
+MODEL_LABEL = "ddim-inversion.io/model"
+"""The label naming the model a worker Deployment and its ScaledObject serve."""
 
 K8S_VERSIONS = ("1.28.0", kubernetes_validate.latest_version())
 """The oldest Kubernetes still widely run, and the newest the package knows."""
@@ -452,11 +454,18 @@ def test_a_pool_at_zero_keeps_gateways_ready_and_a_new_job_wakes_it(rendered) ->
     from service.settings import GatewaySettings
 
     resources = rendered["scale-to-zero"]
-    (scaled,) = by_kind(resources, "ScaledObject")
-    assert scaled["spec"]["minReplicaCount"] == 0
-    (trigger,) = [t["metadata"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
+    scaled_objects = by_kind(resources, "ScaledObject")
+    assert len(scaled_objects) >= 2, "one per model"
+    assert all(scaled["spec"]["minReplicaCount"] == 0 for scaled in scaled_objects)
     (gateway,) = containers_of(resources, "gateway")
     env = env_of(gateway)
+    # A job that names no model goes to the default model's queue: its trigger must see it.
+    (scaled,) = [
+        scaled
+        for scaled in scaled_objects
+        if scaled["metadata"]["labels"][MODEL_LABEL] == env["INVERSION_DEFAULT_MODEL"]["value"]
+    ]
+    (trigger,) = [t["metadata"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
     queue = env.get("INVERSION_QUEUE_NAME", {}).get("value")
     settings = GatewaySettings(
         redis_url="redis://unused.invalid:6379/0",

@@ -9,6 +9,7 @@ the /metrics of a real gateway and worker.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -133,12 +134,30 @@ def test_dashboard_covers_what_operators_watch() -> None:
         "inversion_worker_images_per_second",
         "inversion_jobs_ended_total",
         "inversion_failed_jobs",
-        "inversion_job_queue_wait_seconds_bucket",
-        "inversion_job_run_seconds_bucket",
+        "inversion_model_job_queue_wait_seconds_bucket",
+        "inversion_model_job_run_seconds_bucket",
         "inversion_http_requests_total",
         "inversion_live_workers",
+        "inversion_model_live_workers",
     ):
         assert metric in queried, f"no panel shows {metric}"
+
+
+def test_queues_waits_and_workers_are_shown_per_model() -> None:
+    """Each model has its own queue and workers: a pool-wide sum would hide the model
+    whose jobs wait while another's workers idle."""
+    for metric in (
+        "inversion_queue_jobs",
+        "inversion_queue_estimated_wait_seconds",
+        "inversion_model_job_queue_wait_seconds_bucket",
+        "inversion_model_live_workers",
+    ):
+        grouped = [
+            expr
+            for expr in dashboard_exprs().values()
+            if metric in expr and re.search(r"by \((\w+, )*model\b", expr)
+        ]
+        assert grouped, f"no panel shows {metric} per model"
 
 
 def test_provisioning_matches_the_compose_mounts() -> None:
