@@ -15,7 +15,7 @@ from worker.methods.ddpm import ddpm_invert, ddpm_sample
 from worker.methods.dpmsolver import dpmsolver_invert, dpmsolver_sample
 from worker.methods.edict import edict_invert, edict_sample
 from worker.methods.negative_prompt import negative_prompt_embeddings
-from worker.models import SD15_SCHEDULER_CONFIG
+from worker.tiny_model import SD15_SCHEDULER_CONFIG
 
 STEPS = 6
 

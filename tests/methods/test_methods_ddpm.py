@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from worker.methods.ddpm import ddpm_invert, ddpm_sample
-from worker.models import SD15_SCHEDULER_CONFIG
+from worker.tiny_model import SD15_SCHEDULER_CONFIG
 
 STEPS = 6
 

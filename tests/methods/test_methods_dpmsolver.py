@@ -14,7 +14,7 @@ from diffusers import DDIMInverseScheduler, DDIMScheduler
 from ddim_inversion.errors import InvalidParameter
 from ddim_inversion.scheduler_config import resolve_scheduler_config
 from worker.methods.dpmsolver import dpmsolver_invert, dpmsolver_sample
-from worker.models import SD15_SCHEDULER_CONFIG
+from worker.tiny_model import SD15_SCHEDULER_CONFIG
 
 
 def reference_inversion(noise, x0: torch.Tensor, steps: int, alpha_bars: torch.Tensor):

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from worker.methods.edict import edict_invert, edict_sample
-from worker.models import SD15_SCHEDULER_CONFIG
+from worker.tiny_model import SD15_SCHEDULER_CONFIG
 
 STEPS = 10
 

@@ -7,7 +7,7 @@ import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
 from worker.methods.negative_prompt import negative_prompt_embeddings
-from worker.models import SD15_SCHEDULER_CONFIG
+from worker.tiny_model import SD15_SCHEDULER_CONFIG
 
 STEPS = 5
 GUIDANCE = 7.5
