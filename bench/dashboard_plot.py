@@ -42,14 +42,14 @@ RATE_INTERVAL = "15s"
 """What `$__rate_interval` becomes: a few scrapes at the 1 s scrape interval used here."""
 
 PANELS = (
-    "Queue depth",
-    "Estimated wait of a new job",
+    "Queue depth per model",
+    "Estimated wait of a new job, per model",
     "Images/s per worker",
-    "Live workers",
+    "Live workers per model",
     "Job outcomes",
     "Failed jobs by code",
-    "Queue wait percentiles",
-    "Run time percentiles",
+    "Queue wait percentiles per model",
+    "Run time percentiles per model",
     "HTTP answers by status",
 )
 """The dashboard's main panels, by title, in the figure's order."""
