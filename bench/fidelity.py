@@ -52,8 +52,8 @@ def reconstruction_error(
 
     scheduler = DDIMScheduler.from_config(result.metadata.scheduler_config)
     scheduler.set_timesteps(result.metadata.num_inference_steps)
-    text = encode_prompts(model, [result.metadata.prompt])[0]
-    negative = encode_prompts(model, [result.metadata.negative_prompt])[0]
+    text = encode_prompts(model, [result.metadata.prompt])[0].embeds
+    negative = encode_prompts(model, [result.metadata.negative_prompt])[0].embeds
     z = result.latents.to(model.device, model.dtype)
     for i, t in enumerate(scheduler.timesteps):
         if guidance == 1.0:

@@ -44,6 +44,15 @@ class ModelInfo(BaseModel):
         description="Width of the text encoder's token embeddings (null_text stores one per "
         "token per step); None from workers older than this field.",
     )
+    family: str = Field(
+        "sd",
+        description="sd: Stable Diffusion 1.x/2.x (one text encoder); sdxl: SDXL (two text "
+        "encoders, pooled embedding, size conditioning).",
+    )
+    text_pooled_size: int | None = Field(
+        None,
+        description="sdxl: width of the pooled text embedding (null_text stores one per step).",
+    )
     tokenizer_key: str | None = Field(
         None, description="Redis key of the tokenizer as tokenizers JSON, for prompt checks."
     )

@@ -31,6 +31,7 @@ from ddim_inversion.scheduler_config import (
     SCHEDULER_OVERRIDES,
     check_override,
 )
+from ddim_inversion.sizes import SDXL_PARAMETERS, parse_pair, parse_resolution
 
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,127}$"
 """What a served model's name may be: a word, a folder's name or a hub id (`owner/name`);
@@ -51,30 +52,6 @@ DDPM_ETA = 1.0
 DPMSOLVER_METHODS = ("ddim", "negative_prompt")
 """The methods inverse_scheduler dpmsolver runs: those whose steps are plain inversion
 steps (EDICT and DDPM have their own; null-text optimises against DDIM sampling)."""
-
-
-def parse_resolution(value: str | int | tuple[int, int] | list[int]) -> tuple[int, int]:
-    """`512` -> (512, 512); `768x512` -> (768, 512) as (width, height); multiples of 64 only."""
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise InvalidParameter("resolution", "must be two sizes, width and height")
-        width, height = value
-    elif isinstance(value, int) and not isinstance(value, bool):
-        width = height = value
-    elif isinstance(value, str):
-        parts = value.lower().strip().split("x")
-        if len(parts) not in (1, 2) or not all(p.strip().isdigit() for p in parts):
-            raise InvalidParameter("resolution", f"{value!r} is not N or WxH, e.g. 512 or 768x512")
-        width = int(parts[0])
-        height = int(parts[-1])
-    else:
-        raise InvalidParameter("resolution", "must be N or WxH, e.g. 512 or 768x512")
-    for size in (width, height):
-        if isinstance(size, bool) or not isinstance(size, int) or size < 64 or size % 64:
-            raise InvalidParameter(
-                "resolution", f"{size} is not a multiple of 64 of at least 64 (e.g. 512 or 768x512)"
-            )
-    return int(width), int(height)
 
 
 class InversionParams(BaseModel):
@@ -226,6 +203,41 @@ class InversionParams(BaseModel):
         ),
     )
 
+    prompt_2: str | None = Field(
+        None,
+        description="SDXL models only: the prompt of the second text encoder; absent: prompt.",
+        examples=["a photo of a cat, film grain"],
+    )
+    negative_prompt_2: str | None = Field(
+        None,
+        description=(
+            "SDXL models only: the negative prompt of the second text encoder; absent: "
+            "negative_prompt."
+        ),
+        examples=["blurry"],
+    )
+    original_size: tuple[int, int] | None = Field(
+        None,
+        description=(
+            "SDXL models only: the size conditioning's original image size, height,width "
+            "(the SDXL pipeline's order); absent: the job's resolution."
+        ),
+        examples=["1024,1024"],
+    )
+    crops_coords_top_left: tuple[int, int] | None = Field(
+        None,
+        description="SDXL models only: the size conditioning's crop, top,left; absent: 0,0.",
+        examples=["0,0"],
+    )
+    target_size: tuple[int, int] | None = Field(
+        None,
+        description=(
+            "SDXL models only: the size conditioning's target size, height,width; absent: the "
+            "job's resolution."
+        ),
+        examples=["1024,1024"],
+    )
+
     model: str | None = Field(
         None,
         pattern=MODEL_NAME_PATTERN,
@@ -242,6 +254,18 @@ class InversionParams(BaseModel):
             return None
         try:
             return parse_resolution(value)
+        except InvalidParameter as exc:
+            raise ValueError(exc.message) from None
+
+    @field_validator("original_size", "crops_coords_top_left", "target_size", mode="before")
+    @classmethod
+    def _parse_pair(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None or value == "":
+            return None
+        try:
+            return parse_pair(
+                value, info.field_name or "", allow_zero=info.field_name == "crops_coords_top_left"
+            )
         except InvalidParameter as exc:
             raise ValueError(exc.message) from None
 
@@ -325,6 +349,11 @@ class InversionParams(BaseModel):
     def ddpm_eta(self) -> float:
         """ddpm's eta: the one given, or DDPM sampling's when absent."""
         return DDPM_ETA if self.eta is None else self.eta
+
+    @property
+    def sdxl_parameters(self) -> list[str]:
+        """The SDXL-only parameters given (refused for other models)."""
+        return [name for name in SDXL_PARAMETERS if getattr(self, name) is not None]
 
     @property
     def uses_guidance(self) -> bool:

@@ -28,7 +28,7 @@ def _fail(message: str) -> int:
 def cmd_make_tiny_model(args: argparse.Namespace) -> int:
     from worker.tiny_model import make_tiny_model
 
-    print(make_tiny_model(args.directory))
+    print(make_tiny_model(args.directory, args.family))
     return 0
 
 
@@ -153,8 +153,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddim-invert", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    tiny = sub.add_parser("make-tiny-model", help="write the offline tiny model")
+    tiny = sub.add_parser("make-tiny-model", help="write an offline tiny model")
     tiny.add_argument("directory")
+    tiny.add_argument(
+        "--family",
+        choices=("sd", "sd-v", "sdxl"),
+        default="sd",
+        help="sd: SD 1.x shape (the model 'tiny'); sd-v: v-prediction ('tiny-v'); sdxl: "
+        "SDXL shape ('tiny-xl'). Default: sd.",
+    )
     tiny.set_defaults(func=cmd_make_tiny_model)
 
     local = sub.add_parser("local", help="invert images in-process, without Redis")

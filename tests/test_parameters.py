@@ -56,6 +56,11 @@ PAGE_LEAVES_OUT = frozenset(
         "eta",
         "inverse_scheduler",
         "webhook_url",
+        "prompt_2",
+        "negative_prompt_2",
+        "original_size",
+        "crops_coords_top_left",
+        "target_size",
     }
 )
 """The fields the page's form does not offer (the API and the clients do): a new one is a
@@ -132,6 +137,10 @@ def _sample(name: str) -> tuple[list[str], Any]:
         return [flag, "128x64"], (128, 64)
     if name == "model":
         return [flag, "sd-2-base"], "sd-2-base"
+    if name in ("original_size", "crops_coords_top_left", "target_size"):
+        return [flag, "512,768"], (512, 768)
+    if name in ("prompt_2", "negative_prompt_2"):
+        return [flag, "blurry"], "blurry"
     if name == "scheduler":
         return [flag, "timestep_spacing=trailing", "steps_offset=0"], {
             "timestep_spacing": "trailing",

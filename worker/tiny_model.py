@@ -1,7 +1,10 @@
-"""The built-in offline model `tiny`: a small SD-shaped model with random weights, generated
-deterministically and written as a diffusers folder, so that it is loaded back through the
-same `from_pretrained` calls as a real checkpoint. `write_random_model` writes random
-weights of any SD 1.x shape (bench/sd15.py writes SD 1.5's).
+"""The built-in offline models, one per family: `tiny` (SD 1.x shape), `tiny-v` (the same
+shape, v-prediction, as SD 2.x 768-v) and `tiny-xl` (SDXL shape: two CLIP text encoders,
+the second with projection, a UNet with the `text_time` added embedding). Small models
+with random weights, generated deterministically from a fixed seed each and written as
+diffusers folders, so that they are loaded back through the same `from_pretrained` calls
+as a real checkpoint. `write_random_model` writes random weights of any SD 1.x or SDXL
+shape (bench/sd15.py and bench/real_size.py write real sizes).
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +23,18 @@ import torch
 from worker.libraries import quiet_libraries
 
 TINY_MODEL = "tiny"
-"""The built-in offline model's name."""
+"""The built-in offline SD 1.x-shaped model's name."""
+
+TINY_MODELS: dict[str, str] = {"tiny": "sd", "tiny-v": "sd-v", "tiny-xl": "sdxl"}
+"""The built-in offline models by name, with the family `make-tiny-model --family` names."""
+
+FAMILIES = ("sd", "sd-v", "sdxl")
 
 TINY_SEED = 0
 """Seed of the tiny model's weights: every machine generates bit-identical ones."""
+
+TINY_SEEDS: dict[str, int] = {"sd": TINY_SEED, "sd-v": 10, "sdxl": 20}
+"""Each family's seed (its components take seed, seed + 1, ...)."""
 
 TINY_VERSION = "1"
 """Bumped when the tiny model's shape changes, so that stale caches are not reused."""
@@ -41,7 +52,24 @@ SD15_SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "epsilon",
     "trained_betas": None,
 }
-"""The scheduler config of every generated model: Stable Diffusion 1.5's."""
+"""The scheduler config of generated SD 1.x models: Stable Diffusion 1.5's."""
+
+SD2_V_SCHEDULER_CONFIG: dict[str, Any] = {
+    **SD15_SCHEDULER_CONFIG,
+    "_class_name": "DDIMScheduler",
+    "prediction_type": "v_prediction",
+}
+"""The scheduler config of generated v-prediction models: SD 2.x 768-v's."""
+
+SDXL_SCHEDULER_CONFIG: dict[str, Any] = {
+    **SD15_SCHEDULER_CONFIG,
+    "_class_name": "EulerDiscreteScheduler",
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "sample_max_value": 1.0,
+}
+"""The scheduler config of generated SDXL models: SDXL base 1.0's."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +93,22 @@ class ModelShape:
     unet_norm_groups: int
     vocab_size: int | None = None
     """None: the byte tokenizer's own vocabulary size."""
+    family: str = "sd"
+    """sd, sd-v (v-prediction) or sdxl."""
+    text_2_hidden_size: int = 0
+    """sdxl: the second text encoder's width (its projection too)."""
+    text_2_intermediate_size: int = 0
+    text_2_layers: int = 0
+    text_2_heads: int = 0
+    addition_time_embed_dim: int = 8
+    """sdxl: each time id's embedding width (six of them, then the pooled embedding)."""
+    unet_extra: tuple[tuple[str, Any], ...] = ()
+    """More UNet2DConditionModel arguments (SDXL's transformer_layers_per_block, ...)."""
+    vae_scaling_factor: float = 0.18215
+
+    @property
+    def cross_attention_dim(self) -> int:
+        return self.text_hidden_size + (self.text_2_hidden_size if self.family == "sdxl" else 0)
 
 
 TINY_SHAPE = ModelShape(
@@ -85,6 +129,23 @@ TINY_SHAPE = ModelShape(
     unet_norm_groups=8,
 )
 """The tiny model: 64x64 images, an 8x8 latent, a few thousand parameters per component."""
+
+TINY_V_SHAPE = replace(TINY_SHAPE, family="sd-v")
+"""tiny-v: tiny's shape, predicting v."""
+
+TINY_XL_SHAPE = replace(
+    TINY_SHAPE,
+    family="sdxl",
+    text_2_hidden_size=32,
+    text_2_intermediate_size=64,
+    text_2_layers=2,
+    text_2_heads=4,
+    unet_extra=(("transformer_layers_per_block", (1, 1)), ("use_linear_projection", True)),
+    vae_scaling_factor=0.13025,
+)
+"""tiny-xl: two 32-wide text encoders (cross-attention 64), SDXL's VAE scaling factor."""
+
+TINY_SHAPES: dict[str, ModelShape] = {"sd": TINY_SHAPE, "sd-v": TINY_V_SHAPE, "sdxl": TINY_XL_SHAPE}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -127,37 +188,75 @@ def byte_tokenizer(directory: Path) -> Any:
     return tokenizer
 
 
-def write_random_model(directory: str | Path, shape: ModelShape, seed: int) -> Path:
-    """Write an SD pipeline folder with random weights of `shape` into `directory`.
+def _text_encoder(
+    tokenizer: Any,
+    shape: ModelShape,
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    projection: bool,
+) -> Any:
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    Each component is seeded on its own (seed, seed + 1, seed + 2), so its weights do not
-    depend on the others; each is freed once saved, which keeps SD 1.5 sizes in memory.
+    config = CLIPTextConfig(
+        vocab_size=shape.vocab_size or len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        projection_dim=hidden,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+
+
+def write_random_model(directory: str | Path, shape: ModelShape, seed: int) -> Path:
+    """Write a pipeline folder with random weights of `shape` into `directory`.
+
+    Each component is seeded on its own (seed, seed + 1, seed + 2, and for SDXL's second
+    text encoder seed + 3), so its weights do not depend on the others; each is freed once
+    saved, which keeps real sizes in memory.
     """
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
 
     quiet_libraries()
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    xl = shape.family == "sdxl"
     tokenizer = byte_tokenizer(directory / "tokenizer")
     tokenizer.save_pretrained(directory / "tokenizer")
+    if xl:
+        tokenizer.save_pretrained(directory / "tokenizer_2")
 
     torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=shape.vocab_size or len(tokenizer),
-            hidden_size=shape.text_hidden_size,
-            intermediate_size=shape.text_intermediate_size,
-            num_hidden_layers=shape.text_layers,
-            num_attention_heads=shape.text_heads,
-            max_position_embeddings=77,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+    text_encoder = _text_encoder(
+        tokenizer,
+        shape,
+        shape.text_hidden_size,
+        shape.text_intermediate_size,
+        shape.text_layers,
+        shape.text_heads,
+        projection=False,
     )
     text_encoder.save_pretrained(directory / "text_encoder")
     del text_encoder
+    if xl:
+        torch.manual_seed(seed + 3)
+        text_encoder_2 = _text_encoder(
+            tokenizer,
+            shape,
+            shape.text_2_hidden_size,
+            shape.text_2_intermediate_size,
+            shape.text_2_layers,
+            shape.text_2_heads,
+            projection=True,
+        )
+        text_encoder_2.save_pretrained(directory / "text_encoder_2")
+        del text_encoder_2
     torch.manual_seed(seed + 1)
     vae: Any = AutoencoderKL(
         in_channels=3,
@@ -169,10 +268,20 @@ def write_random_model(directory: str | Path, shape: ModelShape, seed: int) -> P
         layers_per_block=shape.vae_layers_per_block,
         norm_num_groups=shape.vae_norm_groups,
         sample_size=shape.vae_sample_size,
+        scaling_factor=shape.vae_scaling_factor,
+        force_upcast=xl,
     )
     vae.save_pretrained(directory / "vae")
     del vae
     torch.manual_seed(seed + 2)
+    added: dict[str, Any] = {}
+    if xl:
+        added = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": shape.addition_time_embed_dim,
+            "projection_class_embeddings_input_dim": 6 * shape.addition_time_embed_dim
+            + shape.text_2_hidden_size,
+        }
     unet: Any = UNet2DConditionModel(
         sample_size=shape.unet_sample_size,
         in_channels=4,
@@ -181,39 +290,63 @@ def write_random_model(directory: str | Path, shape: ModelShape, seed: int) -> P
         layers_per_block=shape.unet_layers_per_block,
         down_block_types=shape.unet_down_blocks,
         up_block_types=shape.unet_up_blocks,
-        cross_attention_dim=shape.text_hidden_size,
+        cross_attention_dim=shape.cross_attention_dim,
         attention_head_dim=shape.unet_attention_head_dim,
         norm_num_groups=shape.unet_norm_groups,
+        **added,
+        **dict(shape.unet_extra),
     )
     unet.save_pretrained(directory / "unet")
     del unet
-    write_pipeline_index(directory)
+    write_pipeline_index(directory, shape.family)
     return directory
 
 
-def make_tiny_model(directory: str | Path) -> Path:
-    """Write the tiny SD-shaped model as a diffusers folder; deterministic from TINY_SEED."""
-    return write_random_model(directory, TINY_SHAPE, TINY_SEED)
+def make_tiny_model(directory: str | Path, family: str = "sd") -> Path:
+    """Write a tiny model of `family` (sd, sd-v, sdxl) as a diffusers folder; deterministic
+    from the family's seed."""
+    if family not in TINY_SHAPES:
+        raise ValueError(f"family {family!r} is not one of {', '.join(FAMILIES)}")
+    return write_random_model(directory, TINY_SHAPES[family], TINY_SEEDS[family])
 
 
-def write_pipeline_index(directory: Path) -> None:
-    """The scheduler config (SD 1.5's) and model_index.json of an SD pipeline folder."""
+def write_pipeline_index(directory: Path, family: str = "sd") -> None:
+    """The scheduler config and model_index.json of a pipeline folder of `family`."""
+    config = {
+        "sd": SD15_SCHEDULER_CONFIG,
+        "sd-v": SD2_V_SCHEDULER_CONFIG,
+        "sdxl": SDXL_SCHEDULER_CONFIG,
+    }[family]
     scheduler_dir = directory / "scheduler"
     scheduler_dir.mkdir(exist_ok=True)
-    (scheduler_dir / "scheduler_config.json").write_text(
-        json.dumps(SD15_SCHEDULER_CONFIG, indent=2)
-    )
-    model_index = {
-        "_class_name": "StableDiffusionPipeline",
-        "_diffusers_version": "0.30.0",
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "PNDMScheduler"],
-        "safety_checker": [None, None],
-        "feature_extractor": [None, None],
-    }
+    (scheduler_dir / "scheduler_config.json").write_text(json.dumps(config, indent=2))
+    if family == "sdxl":
+        model_index: dict[str, Any] = {
+            "_class_name": "StableDiffusionXLPipeline",
+            "_diffusers_version": "0.30.0",
+            "force_zeros_for_empty_prompt": True,
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "tokenizer_2": ["transformers", "CLIPTokenizer"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "scheduler": ["diffusers", config["_class_name"]],
+            "image_encoder": [None, None],
+            "feature_extractor": [None, None],
+        }
+    else:
+        model_index = {
+            "_class_name": "StableDiffusionPipeline",
+            "_diffusers_version": "0.30.0",
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "scheduler": ["diffusers", config["_class_name"]],
+            "safety_checker": [None, None],
+            "feature_extractor": [None, None],
+        }
     (directory / "model_index.json").write_text(json.dumps(model_index, indent=2))
 
 
@@ -221,15 +354,18 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ddim-inversion"
 
 
-def tiny_model_dir(cache_dir: Path | None = None) -> Path:
-    """The cached tiny model folder, generated on first use (atomically: racing processes agree)."""
-    target = (cache_dir or default_cache_dir()) / f"tiny-v{TINY_VERSION}"
+def tiny_model_dir(cache_dir: Path | None = None, name: str = TINY_MODEL) -> Path:
+    """The cached folder of the tiny model `name`, generated on first use (atomically:
+    racing processes agree)."""
+    family = TINY_MODELS[name]
+    suffix = "" if family == "sd" else f"-{family}"
+    target = (cache_dir or default_cache_dir()) / f"tiny{suffix}-v{TINY_VERSION}"
     if (target / "model_index.json").exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
-        make_tiny_model(staging)
+        make_tiny_model(staging, family)
         # Another process may have won the race; its folder is identical.
         with contextlib.suppress(OSError):
             staging.rename(target)

@@ -122,22 +122,43 @@ def test_refusals_exit_2(local_in_process, tmp_path, args, needles):
     assert not (tmp_path / "o").exists()
 
 
-def test_sdxl_folder_is_refused(local_in_process, tmp_path):
-    folder = tmp_path / "sdxl"
+SD_COMPONENTS = {
+    "tokenizer": ["transformers", "CLIPTokenizer"],
+    "text_encoder": ["transformers", "CLIPTextModel"],
+    "vae": ["diffusers", "AutoencoderKL"],
+    "scheduler": ["diffusers", "PNDMScheduler"],
+}
+
+
+@pytest.mark.parametrize(
+    "index",
+    [
+        {
+            "_class_name": "StableDiffusion3Pipeline",
+            **SD_COMPONENTS,
+            "transformer": ["diffusers", "SD3Transformer2DModel"],
+            "text_encoder_3": ["transformers", "T5EncoderModel"],
+        },
+        {
+            "_class_name": "FluxPipeline",
+            **SD_COMPONENTS,
+            "transformer": ["diffusers", "FluxTransformer2DModel"],
+        },
+        {
+            "_class_name": "StableDiffusionInpaintPipeline",
+            **SD_COMPONENTS,
+            "unet": ["diffusers", "UNet2DConditionModel"],
+        },
+    ],
+    ids=["sd3", "flux", "inpainting"],
+)
+def test_unsupported_families_are_refused_naming_the_supported(local_in_process, tmp_path, index):
+    folder = tmp_path / "model"
     folder.mkdir()
-    index = {
-        "_class_name": "StableDiffusionXLPipeline",
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "tokenizer_2": ["transformers", "CLIPTokenizer"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
-        "vae": ["diffusers", "AutoencoderKL"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
-    }
     (folder / "model_index.json").write_text(json.dumps(index))
     code, stderr = local_in_process("samples/chelsea.png", "--prompt", "x", "--model", str(folder))
     assert code == 2, stderr
-    assert "StableDiffusionXLPipeline" in stderr
+    assert index["_class_name"] in stderr
     assert "not supported" in stderr
     assert "Stable Diffusion 1.x/2.x" in stderr
+    assert "SDXL" in stderr

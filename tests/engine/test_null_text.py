@@ -48,8 +48,8 @@ def guided_reconstruction_error(
 
     scheduler = DDIMScheduler.from_config(result.metadata.scheduler_config)
     scheduler.set_timesteps(result.metadata.num_inference_steps)
-    cond = encode_prompts(model, [result.metadata.prompt])[0]
-    negative = encode_prompts(model, [result.metadata.negative_prompt])[0]
+    cond = encode_prompts(model, [result.metadata.prompt])[0].embeds
+    negative = encode_prompts(model, [result.metadata.negative_prompt])[0].embeds
     z = result.latents.to(model.dtype)
     for i, t in enumerate(scheduler.timesteps):
         uncond = nulls[i : i + 1].to(model.dtype) if nulls is not None else negative

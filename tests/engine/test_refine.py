@@ -48,7 +48,7 @@ def reconstruction_error(model: LoadedModel, result: InversionResult) -> float:
 
     scheduler = DDIMScheduler.from_config(result.metadata.scheduler_config)
     scheduler.set_timesteps(result.metadata.num_inference_steps)
-    text = encode_prompts(model, [result.metadata.prompt])[0]
+    text = encode_prompts(model, [result.metadata.prompt])[0].embeds
     z = result.latents.to(model.dtype)
     for t in scheduler.timesteps:
         eps = model.unet(z, t, encoder_hidden_states=text).sample

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from ddim_inversion.contract import ENGINE_VERSION, ResultMetadata
-from worker.engine.encoding import encode_image, encode_prompts, image_array
+from worker.engine.encoding import encode_image, encode_request_prompts, image_array
 from worker.engine.guidance import predict_noise
 from worker.engine.rows import still_running, take
 from worker.engine.schedulers import inverse_scheduler
@@ -124,8 +124,9 @@ class _Batch:
 
     active: list[int]
     z: torch.Tensor
-    text: list[torch.Tensor]
-    """[cond] or, under guidance, [cond, uncond, scales]: `predict_noise`'s arguments."""
+    text: list[Any]
+    """[cond] or, under guidance, [cond, uncond, scales]: `predict_noise`'s arguments (two
+    TextConditioning and a tensor)."""
     trajectory: list[torch.Tensor]
 
     def keep(self, rows: list[int], *also: torch.Tensor) -> list[torch.Tensor]:
@@ -166,17 +167,17 @@ def _encode_images(
 
 def _encode_text(
     model: LoadedModel, requests: Sequence[InversionRequest], dtype: torch.dtype
-) -> tuple[list[torch.Tensor], _Prompts]:
-    """Per request: [cond] or [cond, uncond, scales], the unconditional embeddings (the
-    negative prompts') encoded in the same batch as the conditional ones."""
+) -> tuple[list[Any], _Prompts]:
+    """Per request: [cond] or [cond, uncond, scales], the unconditional conditioning (the
+    negative prompts') encoded in the same batch as the conditional one."""
     guided = requests[0].params.uses_guidance
-    prompts = [r.params.prompt for r in requests]
-    negatives = [r.params.negative_prompt for r in requests] if guided else []
-    text, token_counts, truncated = encode_prompts(model, negatives + prompts)
-    described = _Prompts(token_counts[len(negatives) :], truncated[len(negatives) :])
-    if not guided:
-        return [text], described
-    uncond, cond = text.chunk(2)
+    size = resolution_of(requests[0].params, model)
+    cond, uncond, token_counts, truncated = encode_request_prompts(
+        model, requests, size, guided=guided
+    )
+    described = _Prompts(token_counts, truncated)
+    if uncond is None:
+        return [cond], described
     scales = torch.tensor(
         [r.params.guidance_scale for r in requests], device=model.device, dtype=dtype
     ).view(-1, 1, 1, 1)

@@ -13,15 +13,18 @@ from typing import Any
 
 import torch
 
+from worker.engine.conditioning import TextConditioning
 from worker.models import LoadedModel
 
 
 def unet_noise(
-    model: LoadedModel, state: torch.Tensor, t: int, text: torch.Tensor, unet: Any = None
+    model: LoadedModel, state: torch.Tensor, t: int, text: TextConditioning, unet: Any = None
 ) -> torch.Tensor:
-    """eps = unet(state, t, text), in the state's dtype; `unet` replaces the model's (eager)."""
+    """eps = unet(state, t, text), in the state's dtype; `unet` replaces the model's (eager).
+    The model's output is in its `prediction_type` (epsilon, v or x0), as the scheduler
+    steps take it."""
     unet = model.unet if unet is None else unet
-    sample = unet(state.to(model.dtype), t, encoder_hidden_states=text.to(model.dtype)).sample
+    sample = unet(state.to(model.dtype), t, **text.unet_kwargs(model.dtype)).sample
     return sample.to(state.dtype)
 
 
@@ -34,8 +37,8 @@ def predict_noise(
     model: LoadedModel,
     state: torch.Tensor,
     t: int,
-    cond: torch.Tensor,
-    uncond: torch.Tensor | None = None,
+    cond: TextConditioning,
+    uncond: TextConditioning | None = None,
     scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """eps for each row of `state`: unguided without `uncond`, else equation (4) with both
@@ -44,6 +47,6 @@ def predict_noise(
         return unet_noise(model, state, t, cond)
     assert scales is not None
     eps_uncond, eps_cond = unet_noise(
-        model, torch.cat([state, state]), t, torch.cat([uncond, cond])
+        model, torch.cat([state, state]), t, TextConditioning.cat([uncond, cond])
     ).chunk(2)
     return guide(eps_uncond, eps_cond, scales)

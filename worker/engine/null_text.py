@@ -11,6 +11,8 @@ for `null_text_inner_steps` iterations (fewer once the MSE is below `null_text_e
 then z = DDIMScheduler.step(eps(u_t), t, z). The result adds `null_embeddings`
 (steps, 77, hidden), in sampling order: a guided diffusers sampling loop that passes
 null_embeddings[i] as the unconditional embedding of its i-th step reconstructs the image.
+For SDXL u_t is the pair (embedding, pooled embedding), both optimised (the time ids are
+sizes, not learnt); the result adds `null_pooled_embeddings` (steps, pooled) too.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Sequence
 import torch
 
 from worker.engine.ddim import invert_batch
-from worker.engine.encoding import encode_prompts, state_dtype
+from worker.engine.encoding import encode_request_prompts, state_dtype
 from worker.engine.guidance import guide, unet_noise
 from worker.engine.schedulers import sampling_scheduler
 from worker.engine.types import (
@@ -30,6 +32,7 @@ from worker.engine.types import (
     InversionResult,
     ProgressCallback,
     progress_total,
+    resolution_of,
     result_dtype,
 )
 from worker.models import LoadedModel
@@ -90,15 +93,16 @@ def null_text_batch(
     unet = getattr(model.unet, "inner", model.unet)
     rows = len(requests)
     embeddings: list[list[torch.Tensor]] = [[] for _ in requests]
+    pooled: list[list[torch.Tensor]] = [[] for _ in requests]
     losses: list[list[float]] = [[] for _ in requests]
     # Outside inference mode: the optimisation needs autograd. Only the embeddings require
     # gradients; the model's parameters stay frozen.
     with torch.inference_mode(False), torch.enable_grad():
         with torch.no_grad():
-            prompts = [r.params.prompt for r in requests]
-            negatives = [r.params.negative_prompt for r in requests]
-            text = encode_prompts(model, negatives + prompts)[0].to(dtype)
-            uncond, cond = text[:rows].clone(), text[rows:].clone()
+            size = resolution_of(first, model)
+            cond, negative = encode_request_prompts(model, requests, size, guided=True)[:2]
+            assert negative is not None
+            cond, uncond = cond.to(dtype=dtype), negative.to(dtype=dtype)
         # (steps+1, B, C, h, w), filled for live rows; rows canceled in the pivot stay zero.
         shape = pivots[alive[0]].trajectory.shape  # type: ignore[union-attr]
         pivot = torch.zeros((shape[0], rows, *shape[2:]), dtype=dtype, device=device)
@@ -111,15 +115,16 @@ def null_text_batch(
         early_stop = first.null_text_early_stop
 
         def guided_step(
-            z: torch.Tensor, t: int, eps_c: torch.Tensor, u: torch.Tensor, picked: torch.Tensor
+            z: torch.Tensor, t: int, eps_c: torch.Tensor, u: _Null, picked: torch.Tensor
         ) -> torch.Tensor:
             """Equation (4), then DDIMScheduler's step, for the rows in `picked`."""
-            eps_u = unet_noise(model, z, t, u, unet)
+            text = uncond.index_select(0, picked).with_embeds(*u)
+            eps_u = unet_noise(model, z, t, text, unet)
             eps = guide(eps_u, eps_c, scales.index_select(0, picked))
             return scheduler.step(eps, t, z).prev_sample
 
         z = pivot[steps].clone()
-        u = uncond.clone()
+        u: _Null = (uncond.embeds.clone(), uncond.pooled)
         for j, i in enumerate(reversed(range(steps))):
             t = timesteps[i]
             target = pivot[i]
@@ -129,8 +134,9 @@ def null_text_batch(
                     model, z.index_select(0, picked), t, cond.index_select(0, picked), unet
                 )
             eps_c_full = torch.zeros_like(z).index_copy(0, picked, eps_c)
-            embedding = {r: u[r : r + 1].detach().clone().requires_grad_(True) for r in alive}
-            optimisers = {r: torch.optim.Adam([embedding[r]], lr=learning_rate) for r in alive}
+            # Per row, its unconditional embedding (and for SDXL its pooled one) as leaves.
+            embedding = {r: _leaves(u, r) for r in alive}
+            optimisers = {r: torch.optim.Adam(list(embedding[r]), lr=learning_rate) for r in alive}
             pending = list(alive)
             for k in range(inner_steps):
                 # Cancellation between inner iterations: a canceled row leaves the batch.
@@ -148,7 +154,7 @@ def null_text_batch(
                     z.index_select(0, picked),
                     t,
                     eps_c_full.index_select(0, picked),
-                    torch.cat([embedding[r] for r in pending]),
+                    _rows([embedding[r] for r in pending]),
                     picked,
                 )
                 per_row = (prev - target.index_select(0, picked)).pow(2).flatten(1).mean(1)
@@ -156,29 +162,51 @@ def null_text_batch(
                 still = [n for n, value in enumerate(values) if not value < early_stop]
                 if still:
                     loss = per_row.index_select(0, torch.tensor(still, device=device)).sum()
-                    grads = torch.autograd.grad(loss, [embedding[pending[n]] for n in still])
-                    for n, grad in zip(still, grads, strict=True):
-                        embedding[pending[n]].grad = grad
+                    leaves = [leaf for n in still for leaf in embedding[pending[n]]]
+                    grads = iter(torch.autograd.grad(loss, leaves))
+                    for n in still:
+                        for leaf in embedding[pending[n]]:
+                            leaf.grad = next(grads)
                         optimisers[pending[n]].step()
                 pending = [pending[n] for n in still]
                 report(j * inner_steps + k + 1)
             # The step itself, with the optimised embeddings (no gradient).
             with torch.no_grad():
                 picked = torch.tensor(alive, device=device)
-                u_rows = torch.cat([embedding[r].detach() for r in alive])
+                u_rows = _rows([tuple(x.detach() for x in embedding[r]) for r in alive])
                 z_new = guided_step(
                     z.index_select(0, picked), t, eps_c_full.index_select(0, picked), u_rows, picked
                 )
                 final = (z_new - target.index_select(0, picked)).pow(2).flatten(1).mean(1).tolist()
                 z = z.index_copy(0, picked, z_new)
-                u = u.index_copy(0, picked, u_rows)
+                u = (
+                    u[0].index_copy(0, picked, u_rows[0]),
+                    None if u[1] is None else u[1].index_copy(0, picked, u_rows[1]),
+                )
             for n, r in enumerate(alive):
-                embeddings[r].append(u_rows[n].detach().cpu())
+                embeddings[r].append(u_rows[0][n].detach().cpu())
+                if u_rows[1] is not None:
+                    pooled[r].append(u_rows[1][n].detach().cpu())
                 losses[r].append(float(final[n]))
             report((j + 1) * inner_steps)
     done = time.perf_counter()
     timings = {"pivot_s": pivoted - started, "null_text_s": done - pivoted}
-    return _results(model, requests, pivots, alive, embeddings, losses, timings, started)
+    return _results(model, requests, pivots, alive, (embeddings, pooled), losses, timings, started)
+
+
+_Null = tuple[torch.Tensor, torch.Tensor | None]
+"""Unconditional embeddings being optimised: (B, 77, hidden) and for SDXL pooled (B, P)."""
+
+
+def _leaves(u: _Null, row: int) -> tuple[torch.Tensor, ...]:
+    """Row `row`'s embeddings as fresh leaves that require gradients (the pooled one too)."""
+    return tuple(x[row : row + 1].detach().clone().requires_grad_(True) for x in u if x is not None)
+
+
+def _rows(leaves: list[tuple[torch.Tensor, ...]]) -> _Null:
+    """Rows' leaves stacked back into (embeddings, pooled or None)."""
+    embeds = torch.cat([row[0] for row in leaves])
+    return embeds, torch.cat([row[1] for row in leaves]) if len(leaves[0]) > 1 else None
 
 
 def _results(
@@ -186,7 +214,7 @@ def _results(
     requests: Sequence[InversionRequest],
     pivots: list[InversionResult | None],
     alive: list[int],
-    embeddings: list[list[torch.Tensor]],
+    embeddings: tuple[list[list[torch.Tensor]], list[list[torch.Tensor]]],
     losses: list[list[float]],
     timings: dict[str, float],
     started: float,
@@ -204,7 +232,10 @@ def _results(
         out_dtype = result_dtype(params, model)
         latents = pivot_result.latents.to(out_dtype)
         path = pivot_result.trajectory.to(out_dtype) if params.return_trajectory else None  # type: ignore[union-attr]
-        nulls = torch.stack(embeddings[index]).to(out_dtype)
+        nulls = torch.stack(embeddings[0][index]).to(out_dtype)
+        null_pooled = (
+            torch.stack(embeddings[1][index]).to(out_dtype) if embeddings[1][index] else None
+        )
         metadata = pivot_result.metadata.model_copy(
             update={
                 "guidance_scale": params.guidance_scale,
@@ -227,6 +258,7 @@ def _results(
                     "total_s": time.perf_counter() - started,
                 },
                 null_embeddings=nulls,
+                null_pooled_embeddings=null_pooled,
                 clean=pivot_result.clean,
             )
         )

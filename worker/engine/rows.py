@@ -7,6 +7,8 @@ row leaves every row tensor and the others are untouched.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from worker.engine.types import CancelCheck
@@ -22,7 +24,7 @@ def still_running(check_canceled: CancelCheck | None, active: list[int]) -> list
     return [row for row, index in enumerate(active) if index not in canceled]
 
 
-def take(tensors: list[torch.Tensor], rows: list[int]) -> list[torch.Tensor]:
-    """Each tensor's rows `rows` (along dim 0), in that order."""
+def take(tensors: list[Any], rows: list[int]) -> list[Any]:
+    """Each tensor's (or TextConditioning's) rows `rows` (along dim 0), in that order."""
     index = torch.tensor(rows, dtype=torch.long)
     return [tensor.index_select(0, index.to(tensor.device)) for tensor in tensors]

@@ -45,6 +45,8 @@ class InversionResult:
     timings: dict[str, float] = field(default_factory=dict)
     null_embeddings: torch.Tensor | None = None
     """null_text: (steps, 77, hidden), index 0 the first sampling step (highest t)."""
+    null_pooled_embeddings: torch.Tensor | None = None
+    """null_text on SDXL: the pooled embeddings (steps, pooled), in the same order."""
     reconstruction_png: bytes | None = None
     """verify: the decoded reconstruction, PNG at the job's resolution."""
     clean: torch.Tensor | None = field(default=None, repr=False)
@@ -56,6 +58,8 @@ class InversionResult:
             out["trajectory"] = self.trajectory.contiguous()
         if self.null_embeddings is not None:
             out["null_embeddings"] = self.null_embeddings.contiguous()
+        if self.null_pooled_embeddings is not None:
+            out["null_pooled_embeddings"] = self.null_pooled_embeddings.contiguous()
         return out
 
     def to_safetensors(self) -> bytes:

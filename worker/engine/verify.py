@@ -16,7 +16,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from worker.engine.encoding import decode_latents, encode_prompts, image_array, state_dtype
+from worker.engine.encoding import (
+    decode_latents,
+    encode_request_prompts,
+    image_array,
+    state_dtype,
+)
 from worker.engine.guidance import predict_noise
 from worker.engine.rows import still_running, take
 from worker.engine.schedulers import sampling_scheduler
@@ -65,22 +70,26 @@ def verify_batch(
     scheduler = sampling_scheduler(first.metadata.scheduler_config, timesteps)
     params = requests[live[0]].params
     guided = params.uses_guidance
-    prompts = [requests[i].params.prompt for i in live]
-    negatives = [requests[i].params.negative_prompt for i in live] if guided else []
-    text = encode_prompts(model, negatives + prompts)[0]
-    # Per row: the conditional text, the guidance scale, and the unconditional text (or for
-    # null_text the per-step null embeddings, steps along dim 1).
-    rows: list[torch.Tensor] = [
-        text[len(negatives) :],
+    size = (first.metadata.width, first.metadata.height)
+    cond, negative = encode_request_prompts(
+        model, [requests[i] for i in live], size, guided=guided
+    )[:2]
+    # Per row: the conditional text, the guidance scale, and the unconditional text (for
+    # null_text its time ids, then the per-step null embeddings and for SDXL the pooled
+    # ones, steps along dim 1).
+    rows: list[Any] = [
+        cond,
         torch.tensor(
             [requests[i].params.guidance_scale for i in live], dtype=dtype, device=model.device
         ).view(-1, 1, 1, 1),
     ]
+    if guided:
+        rows.append(negative)
     if params.method == "null_text":
-        nulls = [results[i].null_embeddings for i in live]  # type: ignore[union-attr]
-        rows.append(torch.stack(nulls).to(model.device, model.dtype))  # type: ignore[arg-type]
-    elif guided:
-        rows.append(text[: len(negatives)])
+        for name in ("null_embeddings", "null_pooled_embeddings"):
+            nulls = [getattr(results[i], name) for i in live]
+            if nulls[0] is not None:
+                rows.append(torch.stack(nulls).to(model.device, model.dtype))
     z = torch.cat([results[i].latents for i in live]).to(model.device, dtype)  # type: ignore[union-attr]
 
     def stop(check_at: list[int]) -> list[int] | None:
@@ -101,9 +110,9 @@ def verify_batch(
                 return
             z, *rows = take([z, *rows], keep)
         t = int(t)
-        uncond = None
-        if guided:
-            uncond = rows[2][:, j] if params.method == "null_text" else rows[2]
+        uncond = rows[2] if guided else None
+        if params.method == "null_text":
+            uncond = rows[2].with_embeds(*(nulls[:, j] for nulls in rows[3:]))
         eps = predict_noise(model, z, t, rows[0], uncond, rows[1])
         z = scheduler.step(eps, t, z).prev_sample
         if progress is not None:
@@ -115,7 +124,6 @@ def verify_batch(
         if index is not None and index in live:
             images[index] = decode_latents(model, sampled[index].unsqueeze(0))[0]
     seconds = time.perf_counter() - started
-    size = (first.metadata.width, first.metadata.height)
     for i in live:
         result = results[i]
         assert result is not None
