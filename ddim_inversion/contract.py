@@ -95,6 +95,13 @@ class ResultMetadata(BaseModel):
             "sampling step with the optimised null embedding and the pivot latent."
         ),
     )
+    sdxl_conditioning: dict[str, Any] | None = Field(
+        None,
+        description=(
+            "SDXL models: the conditioning beside the prompts, as the SDXL pipeline takes it: "
+            "prompt_2, negative_prompt_2, original_size, crops_coords_top_left, target_size."
+        ),
+    )
     reconstruction_latent_error: float | None = Field(
         None, description="verify: ||x_rec - x0|| / ||x0|| of the latent sampled back."
     )

@@ -150,6 +150,9 @@ FAMILY_BY_TEXT_WIDTH: Mapping[int, str] = {768: "sd1", 1024: "sd2"}
 
 
 def family_of(info: ModelInfo | None) -> str:
+    """sdxl as the worker announced it; sd1 or sd2 by the text encoder's width; else other."""
+    if info is not None and info.family == "sdxl":
+        return "sdxl"
     width = info.text_hidden_size if info is not None else None
     return FAMILY_BY_TEXT_WIDTH.get(width or 0, "other")
 

@@ -1,5 +1,6 @@
 """Per-job bounds from a job's parameters, before anything is stored: 422 naming the field.
 
+- SDXL-only parameters (prompt_2, size conditioning) for a model of another family;
 - `resolution`: at most INVERSION_MAX_RESOLUTION_SCALE x the job's model's native size per
   side, and never above INVERSION_MAX_RESOLUTION_SIDE (also for a model no worker announced yet);
 - the bytes the job may keep in Redis (its input plus its worst-case result,
@@ -55,6 +56,18 @@ def check_resolution(
     if max(width, height) > limit:
         raise _invalid(
             "resolution", f"{width}x{height}: a side may be at most {limit} pixels ({why})"
+        )
+
+
+def check_model_parameters(params: InversionParams, model: ModelInfo | None) -> None:
+    """422 naming the first SDXL-only parameter given for a model known not to be SDXL
+    (it has no second text encoder and no size conditioning to take it)."""
+    given = params.sdxl_parameters
+    if given and model is not None and model.family != "sdxl":
+        raise _invalid(
+            given[0],
+            f"{', '.join(given)} apply to SDXL models only; model {model.name!r} is of "
+            f"family {model.family!r}",
         )
 
 

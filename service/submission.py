@@ -96,6 +96,7 @@ def accept(
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
         quotas.check_resolution(params, settings, model)
+        quotas.check_model_parameters(params, model)
         decoded = uploads.decode_image(data, settings)
         if model is not None and settings.prompt_overflow == "reject":
             uploads.check_prompt_tokens(redis, params, model)

@@ -102,6 +102,9 @@ def compile_unet(model: Any, mode: str, max_rows: int) -> None:
         raise ValueError(f"compile mode {mode!r} is not one of {', '.join(COMPILE_MODES)}")
     if mode == "none":
         return
+    if getattr(model, "family", "sd") != "sd":
+        # The bucketed UNet pads encoder_hidden_states only, not SDXL's added conditioning.
+        raise ValueError(f"compile mode {mode!r} is for SD 1.x/2.x models; use none for SDXL")
     options: dict[str, Any] = {"fullgraph": False, "dynamic": False}
     if mode == "torch-cudagraphs":
         options["mode"] = "reduce-overhead"

@@ -33,7 +33,7 @@ FAMILIES = ("sd", "sd-v", "sdxl")
 TINY_SEED = 0
 """Seed of the tiny model's weights: every machine generates bit-identical ones."""
 
-TINY_SEEDS: dict[str, int] = {"sd": TINY_SEED, "sd-v": 10, "sdxl": 20}
+TINY_SEEDS: dict[str, int] = {"sd": TINY_SEED, "sd-v": TINY_SEED, "sdxl": 20}
 """Each family's seed (its components take seed, seed + 1, ...)."""
 
 TINY_VERSION = "1"
@@ -131,7 +131,7 @@ TINY_SHAPE = ModelShape(
 """The tiny model: 64x64 images, an 8x8 latent, a few thousand parameters per component."""
 
 TINY_V_SHAPE = replace(TINY_SHAPE, family="sd-v")
-"""tiny-v: tiny's shape, predicting v."""
+"""tiny-v: tiny's shape and weights (the same seed), its scheduler predicting v."""
 
 TINY_XL_SHAPE = replace(
     TINY_SHAPE,

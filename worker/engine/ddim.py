@@ -20,8 +20,9 @@ z_next back to z_t evaluates eps = unet(z_next, t_next), not unet(z_t, t_next). 
 until ||dz_next|| / ||z_next|| < refine_tolerance. At the fixed point, diffusers'
 `DDIMScheduler.step(unet(z_next, t_next), t_next, z_next)` (same config, eta 0) gives z_t
 back exactly: the sampler's step from t_next goes to t_next - T/steps, the inverse step's
-source, with the same alphas and the same eps. Exact for `prediction_type` epsilon without
-clipping or thresholding.
+source, with the same alphas and the same eps. Exact without clipping or thresholding; a
+v_prediction (or sample) model's output at z_next is converted to the eps it implies at
+z_next (z = sqrt(a) x0 + sqrt(1 - a) eps) before equation (3).
 """
 
 from __future__ import annotations
@@ -35,7 +36,12 @@ import numpy as np
 import torch
 
 from ddim_inversion.contract import ENGINE_VERSION, ResultMetadata
-from worker.engine.encoding import encode_image, encode_request_prompts, image_array
+from worker.engine.encoding import (
+    encode_image,
+    encode_request_prompts,
+    image_array,
+    sdxl_conditioning,
+)
 from worker.engine.guidance import predict_noise
 from worker.engine.rows import still_running, take
 from worker.engine.schedulers import inverse_scheduler
@@ -49,6 +55,7 @@ from worker.engine.types import (
     result_dtype,
     scheduler_config_for,
 )
+from worker.methods.common import to_epsilon
 from worker.models import LoadedModel
 
 
@@ -90,7 +97,7 @@ def invert_batch(
     batch = _Batch(active, z, take(text, active), [z.clone()] if want_trajectory else [])
     # 4. Scheduler: the model's config with the job's overrides.
     scheduler, timesteps = inverse_scheduler(config, steps)
-    refined = _Refinement(requests) if first.refine_iterations else None
+    refined = _Refinement(requests, config, steps) if first.refine_iterations else None
 
     # 5. The loop, for ascending t. `DDIMInverseScheduler.step(eps, t, z)` computes x0 by
     # equation (1) and z_next by equation (2).
@@ -205,10 +212,21 @@ class _Refinement:
     """Equation (3), step by step, and per request what it took: for each step the
     iterations run and the final relative change."""
 
-    def __init__(self, requests: Sequence[InversionRequest]) -> None:
+    def __init__(
+        self, requests: Sequence[InversionRequest], config: dict[str, Any], steps: int
+    ) -> None:
         first = requests[0].params
         self.iterations = first.refine_iterations
         self.tolerance = first.refine_tolerance
+        # Equation (3) needs e = eps(z_next). A v (or x0) prediction made at z_next converts to
+        # eps with z_next; the scheduler's step would convert it with its source z_t, so the
+        # refinement steps an epsilon-configured twin with the converted eps.
+        self.prediction_type = str(config.get("prediction_type", "epsilon"))
+        self.epsilon_scheduler = (
+            inverse_scheduler({**config, "prediction_type": "epsilon"}, steps)[0]
+            if self.prediction_type != "epsilon"
+            else None
+        )
         self.counts: list[list[int]] = [[] for _ in requests]
         self.residuals: list[list[float]] = [[] for _ in requests]
 
@@ -246,7 +264,13 @@ class _Refinement:
             source = batch.z.index_select(0, rows)
             guess = z_next.index_select(0, rows)
             text = [x.index_select(0, rows) for x in batch.text]
-            refined = scheduler.step(predict_noise(model, guess, t, *text), t, source).prev_sample
+            output = predict_noise(model, guess, t, *text)
+            stepper = scheduler
+            if self.epsilon_scheduler is not None:
+                alpha_bar = float(scheduler.alphas_cumprod[t])
+                output = to_epsilon(output, guess, alpha_bar, self.prediction_type)
+                stepper = self.epsilon_scheduler
+            refined = stepper.step(output, t, source).prev_sample
             change = relative_change(refined, guess).tolist()
             z_next = z_next.index_copy(0, rows, refined)
             still = []
@@ -316,6 +340,9 @@ def _results(
             engine_version=ENGINE_VERSION,
             refine_iterations=refined.counts[index] if refined is not None else None,
             refine_residuals=refined.residuals[index] if refined is not None else None,
+            sdxl_conditioning=sdxl_conditioning(params, (width, height))
+            if model.family == "sdxl"
+            else None,
         )
         results.append(
             InversionResult(

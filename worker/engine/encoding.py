@@ -132,6 +132,19 @@ def size_conditioning(params: InversionParams, size: tuple[int, int]) -> SizeTri
     )
 
 
+def sdxl_conditioning(params: InversionParams, size: tuple[int, int]) -> dict[str, Any]:
+    """What an SDXL result's metadata records beside the prompts: the SDXL pipeline's
+    arguments that reproduce the conditioning, defaults filled in."""
+    original, crop, target = size_conditioning(params, size)
+    return {
+        "prompt_2": _or(params.prompt_2, params.prompt),
+        "negative_prompt_2": _or(params.negative_prompt_2, params.negative_prompt),
+        "original_size": list(original),
+        "crops_coords_top_left": list(crop),
+        "target_size": list(target),
+    }
+
+
 def encode_request_prompts(
     model: LoadedModel,
     requests: Sequence[InversionRequest],

@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from ddim_inversion.contract import ResultMetadata
+from ddim_inversion.errors import InvalidParameter
 from ddim_inversion.params import InversionParams
 from ddim_inversion.scheduler_config import resolve_scheduler_config
 from worker.models import LoadedModel
@@ -102,7 +103,17 @@ def scheduler_config_for(params: InversionParams, model: LoadedModel) -> dict[st
 
 
 def batch_key(params: InversionParams, model: LoadedModel) -> str:
-    """Requests with equal keys can share UNet calls: same size, steps, schedule, guidance mode."""
+    """Requests with equal keys can share UNet calls: same size, steps, schedule, guidance mode.
+
+    SDXL's size conditioning and second prompts are per row, so they do not split batches;
+    given to a model of another family they are refused (InvalidParameter)."""
+    given = params.sdxl_parameters
+    if given and model.family != "sdxl":
+        raise InvalidParameter(
+            given[0],
+            f"{', '.join(given)} apply to SDXL models only; model {model.name!r} is of "
+            f"family {model.family!r}",
+        )
     width, height = resolution_of(params, model)
     config = scheduler_config_for(params, model)
     return json.dumps(

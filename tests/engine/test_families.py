@@ -1,0 +1,329 @@
+"""Each model family's engine output equals DDIM inversion written here from the equations:
+tiny-v (v-prediction, SD 2.x 768-v) and tiny-xl (SDXL: two text encoders, the pooled
+embedding and the size conditioning), as tests/engine/test_engine_reference.py does for
+tiny; refinement of a v-prediction model reconstructs exactly with diffusers' sampler;
+null-text and verify on SDXL; the fp16 path keeps SDXL's VAE in float32."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddim_inversion.errors import InvalidParameter
+from ddim_inversion.params import InversionParams
+from tests.engine.conftest import Reference
+from worker.engine.dispatch import invert
+from worker.engine.types import InversionRequest, InversionResult
+from worker.models import LoadedModel, load_model
+
+
+@pytest.fixture(scope="module")
+def tiny_v(model_cache_dir: Path) -> LoadedModel:
+    return load_model("tiny-v", device="cpu", dtype="float32", cache_dir=model_cache_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_v64(model_cache_dir: Path) -> LoadedModel:
+    return load_model("tiny-v", device="cpu", dtype="float64", cache_dir=model_cache_dir)
+
+
+@pytest.fixture(scope="module")
+def tiny_xl(model_cache_dir: Path) -> LoadedModel:
+    return load_model("tiny-xl", device="cpu", dtype="float32", cache_dir=model_cache_dir)
+
+
+class XlReference(Reference):
+    """SDXL's conditioning from its definition (diffusers' StableDiffusionXLPipeline):
+    each encoder's penultimate hidden states side by side, the second's projected pooled
+    embedding, and the time ids original_size + crop + target_size."""
+
+    @torch.no_grad()
+    def conditioning(
+        self, prompt: str, prompt_2: str, sizes: tuple[int, ...]
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        def ids(tokenizer: object, text: str) -> torch.Tensor:
+            return tokenizer(  # type: ignore[operator]
+                text, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+            ).input_ids
+
+        first = self.model.text_encoder(
+            ids(self.model.tokenizer, prompt), output_hidden_states=True
+        )
+        second = self.model.text_encoder_2(
+            ids(self.model.tokenizer_2, prompt_2), output_hidden_states=True
+        )
+        embeds = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+        added = {"text_embeds": second.text_embeds, "time_ids": torch.tensor([list(sizes)]).float()}
+        return embeds, added
+
+    @torch.no_grad()
+    def invert_xl(
+        self,
+        array: np.ndarray,
+        steps: int,
+        guidance: float,
+        cond: tuple[str, str],
+        uncond: tuple[str, str],
+        sizes: tuple[int, ...],
+    ) -> torch.Tensor:
+        alphas_cumprod = self.sd_alphas_cumprod()
+        ratio = 1000 // steps
+        z = self.encode_image(array)
+        c, c_added = self.conditioning(*cond, sizes)
+        u, u_added = self.conditioning(*uncond, sizes)
+        for t_next in [i * ratio + 1 for i in range(steps)]:
+            t_cur = t_next - ratio
+            a_cur = alphas_cumprod[t_cur] if t_cur >= 0 else alphas_cumprod[0]
+            a_next = alphas_cumprod[t_next]
+            added = {k: torch.cat([u_added[k], c_added[k]]) for k in c_added}
+            eps_u, eps_c = self.model.unet(
+                torch.cat([z, z]),
+                t_next,
+                encoder_hidden_states=torch.cat([u, c]),
+                added_cond_kwargs=added,
+            ).sample.chunk(2)
+            eps = eps_u + guidance * (eps_c - eps_u)
+            x0 = (z - (1 - a_cur).sqrt() * eps) / a_cur.sqrt()
+            z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        return z
+
+
+def run(model: LoadedModel, array: np.ndarray, **kw: object) -> InversionResult:
+    (result,) = invert(model, [InversionRequest(array, InversionParams(**kw))])  # type: ignore[arg-type]
+    assert result is not None
+    return result
+
+
+# -- v-prediction ---------------------------------------------------------------------------
+
+
+def test_v_prediction_trajectory_matches_equations(tiny_v, sample_arrays, diff):
+    """With v = unet(z_t, t_next): x0 = sqrt(a) z - sqrt(1-a) v, eps = sqrt(a) v + sqrt(1-a) z
+    (a the source's alpha-bar), then equation (2)."""
+    assert tiny_v.scheduler_config["prediction_type"] == "v_prediction"
+    array = sample_arrays["chelsea"]
+    steps = 10
+    result = run(tiny_v, array, prompt="a cat", num_inference_steps=steps, return_trajectory=True)
+    ref = Reference(tiny_v)
+    alphas_cumprod = ref.sd_alphas_cumprod()
+    ratio = 1000 // steps
+    z = ref.encode_image(array)
+    text = ref.encode_text("a cat")
+    for i, t_next in enumerate([i * ratio + 1 for i in range(steps)]):
+        t_cur = t_next - ratio
+        a = alphas_cumprod[t_cur] if t_cur >= 0 else alphas_cumprod[0]
+        a_next = alphas_cumprod[t_next]
+        with torch.no_grad():
+            v = tiny_v.unet(z, t_next, encoder_hidden_states=text).sample
+        x0 = a.sqrt() * z - (1 - a).sqrt() * v
+        eps = a.sqrt() * v + (1 - a).sqrt() * z
+        z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
+        assert diff(result.trajectory[i + 1], z) <= 1e-5, f"step {i}"
+    assert diff(result.latents, z) <= 1e-5
+    assert diff(z, result.trajectory[0]) > 0.1
+
+
+@torch.no_grad()
+def sampled_back(model: LoadedModel, result: InversionResult) -> float:
+    """||z_0' - z_0|| / ||z_0||, z_0' from diffusers' DDIMScheduler loop (the model's v)."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(result.metadata.scheduler_config)
+    scheduler.set_timesteps(result.metadata.num_inference_steps)
+    text = Reference(model).encode_text(result.metadata.prompt).to(model.dtype)
+    z = result.latents.to(model.dtype)
+    for t in scheduler.timesteps:
+        z = scheduler.step(model.unet(z, t, encoder_hidden_states=text).sample, t, z).prev_sample
+    clean = result.trajectory[0].to(model.dtype)
+    return float((z - clean).norm() / clean.norm())
+
+
+def test_refined_v_prediction_inversion_reconstructs_exactly(tiny_v64, sample_arrays):
+    """As tests/engine/test_refine.py for epsilon: sampled back by diffusers' DDIMScheduler
+    (which converts v with the sample it steps from), the refined latents give z_0 back to
+    the refinement's tolerance; the plain ones are far off."""
+    array = sample_arrays["chelsea"]
+    common = {"prompt": "a cat on a sofa", "num_inference_steps": 50, "return_trajectory": True}
+    plain = run(tiny_v64, array, **common)
+    refined = run(tiny_v64, array, **common, refine_iterations=50, refine_tolerance=1e-12)
+    plain_error, refined_error = sampled_back(tiny_v64, plain), sampled_back(tiny_v64, refined)
+    assert plain_error > 0.1, plain_error
+    assert refined_error < 1e-5, (plain_error, refined_error)
+    assert max(refined.metadata.refine_residuals) < 1e-9
+
+
+# -- SDXL -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("guidance", "extra", "sizes"),
+    [
+        (1.0, {}, (64, 64, 0, 0, 64, 64)),
+        (
+            3.0,
+            {
+                "prompt_2": "film grain",
+                "negative_prompt": "blurry",
+                "original_size": (512, 384),
+                "crops_coords_top_left": (16, 8),
+                "target_size": (128, 64),
+            },
+            (512, 384, 16, 8, 128, 64),
+        ),
+        (3.0, {"negative_prompt": "blurry", "negative_prompt_2": "noisy"}, (64, 64, 0, 0, 64, 64)),
+    ],
+    ids=["unguided-defaults", "guided-conditioning", "negative-prompt-2"],
+)
+def test_sdxl_trajectory_matches_equations(tiny_xl, sample_arrays, diff, guidance, extra, sizes):
+    array = sample_arrays["coffee"]
+    result = run(
+        tiny_xl,
+        array,
+        prompt="a cup of coffee",
+        num_inference_steps=10,
+        guidance_scale=guidance,
+        **extra,
+    )
+    negative = str(extra.get("negative_prompt", ""))
+    expected = XlReference(tiny_xl).invert_xl(
+        array,
+        10,
+        guidance,
+        ("a cup of coffee", str(extra.get("prompt_2", "a cup of coffee"))),
+        (negative, str(extra.get("negative_prompt_2", negative))),
+        sizes,
+    )
+    assert diff(result.latents, expected) <= 1e-5
+    assert result.metadata.sdxl_conditioning == {
+        "prompt_2": extra.get("prompt_2", "a cup of coffee"),
+        "negative_prompt_2": extra.get("negative_prompt_2", negative),
+        "original_size": list(sizes[:2]),
+        "crops_coords_top_left": list(sizes[2:4]),
+        "target_size": list(sizes[4:]),
+    }
+
+
+def test_sdxl_rows_with_different_conditioning_batch_as_they_run_alone(
+    tiny_xl, sample_arrays, diff
+):
+    params = [
+        InversionParams(prompt="a cat", num_inference_steps=5, guidance_scale=2.0),
+        InversionParams(
+            prompt="a dog",
+            prompt_2="a wolf",
+            num_inference_steps=5,
+            guidance_scale=3.0,
+            original_size=(1024, 1024),
+            crops_coords_top_left=(32, 0),
+        ),
+    ]
+    arrays = [sample_arrays["chelsea"], sample_arrays["astronaut"]]
+    batched = invert(tiny_xl, [InversionRequest(a, p) for a, p in zip(arrays, params, strict=True)])
+    for array, p, together in zip(arrays, params, batched, strict=True):
+        (alone,) = invert(tiny_xl, [InversionRequest(array, p)])
+        assert diff(together.latents, alone.latents) <= 1e-5
+    assert diff(batched[0].latents, batched[1].latents) > 1e-3
+
+
+def test_sdxl_parameters_are_refused_for_other_families(tiny_v, sample_arrays):
+    with pytest.raises(InvalidParameter) as caught:
+        run(
+            tiny_v,
+            sample_arrays["chelsea"],
+            prompt="x",
+            num_inference_steps=2,
+            target_size=(64, 64),
+        )
+    assert caught.value.field == "target_size"
+    assert "SDXL" in str(caught.value)
+
+
+@torch.no_grad()
+def xl_guided_error(
+    model: LoadedModel, result: InversionResult, nulls: tuple[torch.Tensor, torch.Tensor] | None
+) -> float:
+    """||z_0' - z_0|| / ||z_0|| sampled back by diffusers' DDIMScheduler at guidance 3, the
+    unconditional embedding and pooled embedding nulls[i] at step i, else the negative's."""
+    from diffusers import DDIMScheduler
+
+    scheduler = DDIMScheduler.from_config(result.metadata.scheduler_config)
+    scheduler.set_timesteps(result.metadata.num_inference_steps)
+    ref = XlReference(model)
+    sizes = (64, 64, 0, 0, 64, 64)
+    c, c_added = ref.conditioning(result.metadata.prompt, result.metadata.prompt, sizes)
+    u, u_added = ref.conditioning("", "", sizes)
+    z = result.latents.float()
+    for i, t in enumerate(scheduler.timesteps):
+        if nulls is not None:
+            u = nulls[0][i : i + 1].float()
+            u_added = {**u_added, "text_embeds": nulls[1][i : i + 1].float()}
+        added = {k: torch.cat([u_added[k], c_added[k]]) for k in c_added}
+        eps_u, eps_c = model.unet(
+            torch.cat([z, z]), t, encoder_hidden_states=torch.cat([u, c]), added_cond_kwargs=added
+        ).sample.chunk(2)
+        z = scheduler.step(eps_u + 3.0 * (eps_c - eps_u), t, z).prev_sample
+    clean = result.clean.float()
+    return float((z - clean).norm() / clean.norm())
+
+
+def test_sdxl_null_text_optimises_both_embeddings_and_verify_samples_back_with_them(
+    tiny_xl, sample_arrays
+):
+    array = sample_arrays["chelsea"]
+    result = run(
+        tiny_xl,
+        array,
+        prompt="a cat",
+        num_inference_steps=5,
+        guidance_scale=3.0,
+        method="null_text",
+        null_text_inner_steps=10,
+        null_text_learning_rate=0.05,
+        verify=True,
+    )
+    assert result.null_embeddings.shape == (5, 77, 64)
+    assert result.null_pooled_embeddings.shape == (5, 32)
+    assert set(result.tensors()) >= {"null_embeddings", "null_pooled_embeddings"}
+    # The optimised pooled embeddings moved away from the negative prompt's.
+    _, negative = XlReference(tiny_xl).conditioning("", "", (64, 64, 0, 0, 64, 64))
+    assert (
+        float((result.null_pooled_embeddings[-1] - negative["text_embeds"][0]).abs().max()) > 1e-3
+    )
+    with_nulls = xl_guided_error(
+        tiny_xl, result, (result.null_embeddings, result.null_pooled_embeddings)
+    )
+    with_negative = xl_guided_error(tiny_xl, result, None)
+    assert with_nulls < 0.8 * with_negative, (with_nulls, with_negative)
+    # verify sampled back the same way, with the same added conditioning.
+    assert result.metadata.reconstruction_latent_error == pytest.approx(with_nulls, rel=1e-4)
+    assert result.reconstruction_png is not None
+
+
+def test_sdxl_verify_of_a_guided_inversion_is_the_independent_sampling_loop(tiny_xl, sample_arrays):
+    result = run(
+        tiny_xl,
+        sample_arrays["chelsea"],
+        prompt="a cat",
+        num_inference_steps=5,
+        guidance_scale=3.0,
+        verify=True,
+    )
+    assert result.metadata.reconstruction_latent_error == pytest.approx(
+        xl_guided_error(tiny_xl, result, None), rel=1e-4
+    )
+
+
+def test_sdxl_fp16_keeps_the_vae_in_float32_and_gives_no_nan(model_cache_dir, sample_arrays):
+    model = load_model("tiny-xl", device="cpu", dtype="float16", cache_dir=model_cache_dir)
+    assert model.vae.config.force_upcast
+    assert model.vae.dtype == torch.float32
+    assert model.unet.dtype == torch.float16
+    result = run(
+        model, sample_arrays["chelsea"], prompt="a cat", num_inference_steps=3, verify=True
+    )
+    assert torch.isfinite(result.latents).all()
+    assert torch.isfinite(result.clean).all()
+    assert np.isfinite(result.metadata.reconstruction_psnr)
