@@ -148,7 +148,10 @@ class ModelView(ModelCapacity):
     down), as its workers announced it: what jobs naming it are validated against."""
 
     family: str = Field(
-        description="sd1 (CLIP ViT-L text encoder), sd2 (OpenCLIP ViT-H), or other."
+        description=(
+            "sd1 (CLIP ViT-L text encoder), sd2 (OpenCLIP ViT-H), sdxl (two text encoders, "
+            "pooled embedding and size conditioning), or other."
+        )
     )
     native_resolution: tuple[int, int] | None = Field(
         None, description="(width, height) a job without `resolution` runs at."

@@ -22,7 +22,11 @@ class WorkerSettings(BaseSettings):
         QUEUE_NAME,
         description="Prefix of the RQ queues: the worker drains `<queue_name>:<model_name>`.",
     )
-    model: str = Field("tiny", description="A diffusers SD 1.x/2.x folder, a hub id, or 'tiny'.")
+    model: str = Field(
+        "tiny",
+        description="A diffusers SD 1.x/2.x or SDXL folder, a hub id, or an offline tiny model: "
+        "tiny, tiny-v (v-prediction), tiny-xl (SDXL).",
+    )
     model_name: str = Field(
         "",
         pattern=r"^$|" + MODEL_NAME_PATTERN,
