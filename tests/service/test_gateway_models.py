@@ -140,3 +140,43 @@ def test_per_model_metrics_only_for_known_models(make_client, redis, worker_reco
     )
     assert "made-up" not in text
     assert 'inversion_model_live_workers{model="stable-diffusion-v1-5"} 1.0' in text
+
+
+def test_sdxl_parameters_are_for_sdxl_models_only(
+    make_client, redis, worker_record, submit, small_png
+):
+    client = make_client(default_model="")
+    announce(redis, worker_record("gpu-a"))
+    announce(
+        redis,
+        serving(
+            worker_record("gpu-xl"),
+            "sdxl",
+            family="sdxl",
+            native_resolution=(1024, 1024),
+            text_hidden_size=2048,
+            text_pooled_size=1280,
+        ),
+    )
+    sdxl_fields = {
+        "prompt_2": "film grain",
+        "original_size": "1024,1024",
+        "target_size": "1024,768",
+    }
+    for name, value in sdxl_fields.items():
+        refused = submit(client, small_png, model="stable-diffusion-v1-5", **{name: value})
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["field"] == name
+        assert "SDXL" in refused.json()["detail"] and "'sd'" in refused.json()["detail"]
+    bad_pair = submit(client, small_png, model="sdxl", crops_coords_top_left="0,0,0")
+    assert bad_pair.status_code == 422 and bad_pair.json()["field"] == "crops_coords_top_left"
+    assert submit(client, small_png, model="sdxl", **sdxl_fields).status_code == 202
+    queued = queued_payload(redis, "sdxl").params
+    assert (queued.prompt_2, queued.original_size, queued.target_size) == (
+        "film grain",
+        (1024, 1024),
+        (1024, 768),
+    )
+    assert {m["name"]: m["family"] for m in client.get("/v1/models").json()["models"]}["sdxl"] == (
+        "sdxl"
+    )
