@@ -89,7 +89,7 @@ class ModelShape:
     unet_layers_per_block: int
     unet_down_blocks: tuple[str, ...]
     unet_up_blocks: tuple[str, ...]
-    unet_attention_head_dim: int
+    unet_attention_head_dim: int | tuple[int, ...]
     unet_norm_groups: int
     vocab_size: int | None = None
     """None: the byte tokenizer's own vocabulary size."""

@@ -179,9 +179,12 @@ def null_text_batch(
                 )
                 final = (z_new - target.index_select(0, picked)).pow(2).flatten(1).mean(1).tolist()
                 z = z.index_copy(0, picked, z_new)
+                new_embeds, new_pooled = u_rows
                 u = (
-                    u[0].index_copy(0, picked, u_rows[0]),
-                    None if u[1] is None else u[1].index_copy(0, picked, u_rows[1]),
+                    u[0].index_copy(0, picked, new_embeds),
+                    None
+                    if u[1] is None or new_pooled is None
+                    else u[1].index_copy(0, picked, new_pooled),
                 )
             for n, r in enumerate(alive):
                 embeddings[r].append(u_rows[0][n].detach().cpu())
