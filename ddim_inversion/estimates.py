@@ -110,6 +110,7 @@ def stored_bytes(
     factor = model.vae_scale_factor if model else FALLBACK_VAE_SCALE_FACTOR
     hidden = (model.text_hidden_size if model else None) or FALLBACK_TEXT_HIDDEN_SIZE
     tokens = model.tokenizer_max_length if model else FALLBACK_TOKENS
+    pooled = (model.text_pooled_size if model else None) or 0  # SDXL's null_pooled_embeddings
     element = result_element_bytes(params, model)
     steps = params.num_inference_steps
     latent = channels * (size[0] // factor) * (size[1] // factor) * element
@@ -117,6 +118,7 @@ def stored_bytes(
     if model is not None:
         scheduler_text += len(json.dumps(model.scheduler_config))
     prompts = len(params.prompt) + len(params.negative_prompt)
+    prompts += len(params.prompt_2 or "") + len(params.negative_prompt_2 or "")
     # The scheduler config is JSON inside the header's JSON: each quote escaped, twice as long.
     metadata = METADATA_BYTES_PER_STEP * steps + METADATA_BYTES_PER_CHAR * prompts
     metadata += 2 * scheduler_text
@@ -124,7 +126,9 @@ def stored_bytes(
         input=input_size[0] * input_size[1] * 3,
         latents=latent + 8 * steps,  # timesteps: int64
         trajectory=(steps + 1) * latent if params.return_trajectory else 0,
-        null_embeddings=steps * tokens * hidden * element if params.method in NULL_METHODS else 0,
+        null_embeddings=steps * (tokens * hidden + pooled) * element
+        if params.method in NULL_METHODS
+        else 0,
         method_latents={"edict": latent, "ddpm": (2 * steps + 1) * latent}.get(params.method, 0),
         reconstruction=png_bytes_bound(*size) if params.verify else 0,
         records=RECORD_BYTES + METADATA_COPIES * metadata + len(params.model_dump_json()),

@@ -32,6 +32,12 @@ def tiny64(model_cache_dir: Path) -> LoadedModel:
     return load_model("tiny", device="cpu", dtype="float64", cache_dir=model_cache_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_xl(model_cache_dir: Path) -> LoadedModel:
+    """The float32 tiny SDXL-shaped model."""
+    return load_model("tiny-xl", device="cpu", dtype="float32", cache_dir=model_cache_dir)
+
+
 @pytest.fixture
 def count_unet_calls() -> Iterator[Any]:
     """count_unet_calls(model) -> a list that gets each UNet forward's batch size appended."""

@@ -30,11 +30,6 @@ def tiny_v64(model_cache_dir: Path) -> LoadedModel:
     return load_model("tiny-v", device="cpu", dtype="float64", cache_dir=model_cache_dir)
 
 
-@pytest.fixture(scope="module")
-def tiny_xl(model_cache_dir: Path) -> LoadedModel:
-    return load_model("tiny-xl", device="cpu", dtype="float32", cache_dir=model_cache_dir)
-
-
 class XlReference(Reference):
     """SDXL's conditioning from its definition (diffusers' StableDiffusionXLPipeline):
     each encoder's penultimate hidden states side by side, the second's projected pooled

@@ -39,6 +39,13 @@ CASES = {
         "return_trajectory": True,
     },
     "long prompt": {"prompt": "🐱 a cat\n" * 40, "negative_prompt": "blurry \u0000" * 20},
+    "sdxl conditioning": {
+        "prompt_2": "film grain " * 30,
+        "negative_prompt_2": "noisy",
+        "original_size": (4096, 4096),
+        "crops_coords_top_left": (0, 0),
+        "target_size": (1024, 1024),
+    },
 }
 
 
@@ -52,7 +59,9 @@ def actual_bytes(image: np.ndarray, result) -> int:
 
 @pytest.mark.parametrize(
     ("case", "model_name"),
-    [(case, "tiny") for case in CASES] + [("trajectory", "tiny64"), ("null_text", "tiny64")],
+    [(case, "tiny") for case in CASES]
+    + [("trajectory", "tiny64"), ("null_text", "tiny64"), ("null_text", "tiny_xl")]
+    + [("sdxl conditioning", "tiny_xl")],
 )
 def test_stored_bytes_bound_the_real_result_closely(case, model_name, request, sample_bytes):
     model = request.getfixturevalue(model_name)
@@ -72,7 +81,9 @@ def test_stored_bytes_bound_the_real_result_closely(case, model_name, request, s
     if params.return_trajectory:
         assert estimate.trajectory == tensors["trajectory"].nbytes
     if params.method == "null_text":
-        assert estimate.null_embeddings == tensors["null_embeddings"].nbytes
+        pooled = tensors.get("null_pooled_embeddings")  # SDXL's
+        pooled_bytes = pooled.nbytes if pooled is not None else 0
+        assert estimate.null_embeddings == tensors["null_embeddings"].nbytes + pooled_bytes
     if params.verify:
         assert len(result.reconstruction_png) <= estimate.reconstruction
 
