@@ -62,7 +62,10 @@ class TextConditioning:
         return TextConditioning(embeds, pooled, time_ids)
 
     def to(self, device: Any = None, dtype: torch.dtype | None = None) -> TextConditioning:
-        """Moved and cast; time ids are sizes and keep their values exactly in any float."""
+        """Moved and cast (`to(dtype)` casts, as a tensor's does); time ids are sizes and
+        keep their values exactly in any float."""
+        if isinstance(device, torch.dtype):
+            device, dtype = None, device
         embeds, pooled, time_ids = (
             None if p is None else p.to(device=device, dtype=dtype) for p in self._parts()
         )
@@ -79,6 +82,14 @@ class TextConditioning:
     ) -> TextConditioning:
         """The same rows' time ids with other embeddings (null-text's optimised ones)."""
         return replace(self, embeds=embeds, pooled=self.pooled if pooled is None else pooled)
+
+    def chunk(self, chunks: int) -> tuple[TextConditioning, ...]:
+        """Split into `chunks` equal runs of rows (as the unconditional and conditional
+        halves of a guided batch)."""
+        if len(self) % chunks:
+            raise ValueError(f"{len(self)} rows do not split into {chunks} equal chunks")
+        size = len(self) // chunks
+        return tuple(self[i * size : (i + 1) * size] for i in range(chunks))
 
     @staticmethod
     def cat(parts: Sequence[TextConditioning]) -> TextConditioning:
