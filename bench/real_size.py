@@ -7,8 +7,9 @@ as diffusers folders, loaded by `worker.models.load_model` (the `from_pretrained
 real checkpoint takes), then 2 steps of DDIM inversion under guidance through
 `worker.engine.dispatch.invert`, the function the worker runs (not through the HTTP
 gateway and Redis: at these sizes the queue adds nothing measurable). Each family runs in
-its own process, which prints its peak resident memory and seconds per step, then a final
-`RESULT {json}` line. Not part of the test suite: minutes of CPU and ~20 GB of memory.
+its own process (the weights are written by another), which prints its peak resident
+memory (loading and inverting) and seconds per step, then a final `RESULT {json}` line.
+Not part of the test suite: minutes of CPU and ~20 GB of memory.
 
     python bench/real_size.py                 # both families
     python bench/real_size.py --family sdxl   # one
@@ -63,13 +64,15 @@ def run_family(family: str, threads: int) -> dict[str, float | str]:
     from worker.engine.dispatch import invert
     from worker.engine.types import InversionRequest
     from worker.models import load_model
-    from worker.tiny_model import write_random_model
 
     torch.set_num_threads(threads)
-    shape, size = SHAPES[family]
+    size = SHAPES[family][1]
     with tempfile.TemporaryDirectory(prefix=f"real-{family}-") as folder:
         started = time.perf_counter()
-        write_random_model(folder, shape, 0)
+        # Written by another process: this one's peak memory is loading and inverting only.
+        subprocess.run(
+            [sys.executable, __file__, "--write-to", folder, "--family", family], check=True
+        )
         written = time.perf_counter()
         model = load_model(folder, device="cpu", dtype="float32")
         loaded = time.perf_counter()
@@ -97,8 +100,14 @@ def main() -> int:
     parser.add_argument("--family", choices=sorted(SHAPES), action="append")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--write-to", help=argparse.SUPPRESS)
     args = parser.parse_args()
     families = args.family or sorted(SHAPES)
+    if args.write_to:
+        from worker.tiny_model import write_random_model
+
+        write_random_model(args.write_to, SHAPES[families[0]][0], 0)
+        return 0
     if args.child:
         print("RESULT " + json.dumps(run_family(families[0], args.threads)), flush=True)
         return 0
