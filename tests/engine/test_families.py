@@ -322,3 +322,54 @@ def test_sdxl_fp16_keeps_the_vae_in_float32_and_gives_no_nan(model_cache_dir, sa
     assert torch.isfinite(result.latents).all()
     assert torch.isfinite(result.clean).all()
     assert np.isfinite(result.metadata.reconstruction_psnr)
+
+
+def test_sdxl_refined_result_goes_back_through_diffusers_sdxl_pipeline(
+    tiny_xl, model_cache_dir, sample_arrays
+):
+    """The README's recipe: the result file's latents, scheduler config and
+    sdxl_conditioning given to StableDiffusionXLPipeline (its own prompt encoding and time
+    ids) sample back to the clean latent."""
+    import json
+
+    from diffusers import DDIMScheduler, StableDiffusionXLPipeline
+    from safetensors import safe_open
+
+    from worker.tiny_model import tiny_model_dir
+
+    params = InversionParams(
+        prompt="a cat",
+        prompt_2="film grain",
+        num_inference_steps=50,
+        refine_iterations=50,
+        refine_tolerance=1e-7,
+        original_size=(512, 512),
+        crops_coords_top_left=(0, 16),
+    )
+    (result,) = invert(tiny_xl, [InversionRequest(sample_arrays["chelsea"], params)])
+    path = model_cache_dir / "xl-result.safetensors"
+    path.write_bytes(result.to_safetensors())
+    with safe_open(str(path), "pt") as saved:
+        latents = saved.get_tensor("latents")
+        meta = saved.metadata()
+    xl = json.loads(meta["sdxl_conditioning"])
+    pipe = StableDiffusionXLPipeline.from_pretrained(
+        tiny_model_dir(model_cache_dir, "tiny-xl"), torch_dtype=torch.float32
+    )
+    pipe.set_progress_bar_config(disable=True)
+    pipe.scheduler = DDIMScheduler.from_config(json.loads(meta["scheduler_config"]))
+    sampled = pipe(
+        prompt=meta["prompt"],
+        negative_prompt=meta["negative_prompt"],
+        prompt_2=xl["prompt_2"],
+        negative_prompt_2=xl["negative_prompt_2"],
+        original_size=tuple(xl["original_size"]),
+        crops_coords_top_left=tuple(xl["crops_coords_top_left"]),
+        target_size=tuple(xl["target_size"]),
+        num_inference_steps=json.loads(meta["num_inference_steps"]),
+        guidance_scale=json.loads(meta["guidance_scale"]),
+        latents=latents,
+        output_type="latent",
+    ).images
+    error = float((sampled - result.clean).norm() / result.clean.norm())
+    assert error < 5e-3, error
