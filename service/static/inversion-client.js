@@ -30,6 +30,11 @@
  * @property {number|null} [null_text_learning_rate] null_text: Adam learning rate.
  * @property {number|null} [null_text_early_stop] null_text: MSE that ends a step.
  * @property {boolean|null} [verify] Sample back and decode: error, PSNR, reconstruction.
+ * @property {string|null} [prompt_2] SDXL: the second text encoder's prompt.
+ * @property {string|null} [negative_prompt_2] SDXL: the second text encoder's negative prompt.
+ * @property {string|Array<number>|null} [original_size] SDXL: height,width.
+ * @property {string|Array<number>|null} [crops_coords_top_left] SDXL: top,left.
+ * @property {string|Array<number>|null} [target_size] SDXL: height,width.
  * @property {string|null} [model] The model the job runs on (models() lists them).
  * @property {string|null} [webhook_url] POSTed the job's end (allowed hosts only).
  */
@@ -95,6 +100,11 @@
  * @property {number} [null_text_learning_rate]
  * @property {number} [null_text_early_stop]
  * @property {boolean} [verify]
+ * @property {string|null} [prompt_2]
+ * @property {string|null} [negative_prompt_2]
+ * @property {Array<number>|null} [original_size] [height, width]
+ * @property {Array<number>|null} [crops_coords_top_left] [top, left]
+ * @property {Array<number>|null} [target_size] [height, width]
  * @property {string|null} [model] The model the job ran on.
  * @property {Array<number>|null} [resolved_resolution] [width, height]
  * @property {Object<string, *>|null} [resolved_scheduler_config]
@@ -124,6 +134,8 @@
  * @property {Array<number>|null} [refine_residuals]
  * @property {string} [method]
  * @property {Array<number>|null} [null_text_losses]
+ * @property {Object<string, *>|null} [sdxl_conditioning] SDXL: prompt_2, negative_prompt_2,
+ *   original_size, crops_coords_top_left, target_size as the SDXL pipeline takes them.
  * @property {number|null} [reconstruction_latent_error] verify: ||x_rec - x0|| / ||x0||.
  * @property {number|null} [reconstruction_psnr] verify: PSNR (dB) against the input.
  */

@@ -59,7 +59,7 @@ def actual_bytes(image: np.ndarray, result) -> int:
 
 @pytest.mark.parametrize(
     ("case", "model_name"),
-    [(case, "tiny") for case in CASES]
+    [(case, "tiny") for case in CASES if case != "sdxl conditioning"]
     + [("trajectory", "tiny64"), ("null_text", "tiny64"), ("null_text", "tiny_xl")]
     + [("sdxl conditioning", "tiny_xl")],
 )
