@@ -1,4 +1,4 @@
-"""The tiny model is bit-identical wherever and however often it is generated."""
+"""The tiny models are bit-identical wherever and however often they are generated."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
+
+from worker.tiny_model import tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -32,11 +35,21 @@ def _digest(folder: Path) -> dict[str, str]:
     return out
 
 
-def test_tiny_model_is_identical_across_processes(cli, cli_env, tmp_path, model_cache_dir):
+@pytest.mark.parametrize(
+    ("family", "name", "component"),
+    [
+        ("sd", "tiny", "text_encoder"),
+        ("sd-v", "tiny-v", "text_encoder"),
+        ("sdxl", "tiny-xl", "text_encoder_2"),
+    ],
+)
+def test_tiny_model_is_identical_across_processes(
+    cli, cli_env, tmp_path, model_cache_dir, family, name, component
+):
     folders = [tmp_path / "a", tmp_path / "b"]
     procs = [
         subprocess.Popen(
-            [*cli, "make-tiny-model", str(f)],
+            [*cli, "make-tiny-model", str(f), "--family", family],
             env=cli_env,
             cwd=REPO,
             stdout=subprocess.PIPE,
@@ -50,6 +63,7 @@ def test_tiny_model_is_identical_across_processes(cli, cli_env, tmp_path, model_
         assert proc.returncode == 0, err
     first, second = (_digest(f) for f in folders)
     assert any(k.startswith("unet/") and ":" in k for k in first)
+    assert any(k.startswith(f"{component}/") and ":" in k for k in first)
     assert first == second
-    # ... and equal to the one this session generated in-process.
-    assert _digest(model_cache_dir / "tiny-v1") == first
+    # ... and equal to the one the model's name resolves to, generated in-process.
+    assert _digest(tiny_model_dir(model_cache_dir, name)) == first
