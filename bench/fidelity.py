@@ -266,7 +266,7 @@ def main() -> int:
             f"{verify['reconstruction_latent_error']:.3e}, "
             f"PSNR {verify['reconstruction_psnr']:.2f} dB"
         )
-    methods: list[dict[str, Any]] = []
+    side_by_side: list[dict[str, Any]] = []
     header = f"{'image':<12} {'method':<16} {'g':>4} {'dtype':<8} {'steps':>5}"
     print(f"{header} {'rel. error':>12} {'UNet calls':>11}")
     models = {"float32": fp32, "float64": fp64}
@@ -275,7 +275,7 @@ def main() -> int:
         for steps in args.method_steps:
             prompt = PROMPTS.get(path.stem, path.stem)
             for row in measure_methods(models, image, prompt, steps, args.guidance):
-                methods.append({"image": path.stem, **row})
+                side_by_side.append({"image": path.stem, **row})
                 print(
                     f"{path.stem:<12} {row['method']:<16} {row['guidance']:>4g} "
                     f"{row['dtype']:<8} {steps:>5} {row['error']:>12.3e} {row['unet_calls']:>11}",
@@ -288,7 +288,9 @@ def main() -> int:
         "null_text_inner_steps": args.null_text_inner_steps,
         "null_text_learning_rate": args.null_text_learning_rate,
     }
-    print("RESULT " + json.dumps(config | {"rows": rows, "verify": verify, "methods": methods}))
+    print(
+        "RESULT " + json.dumps(config | {"rows": rows, "verify": verify, "methods": side_by_side})
+    )
     return 0
 
 

@@ -176,7 +176,7 @@ def method_batch(
     # 3. The method's loop, lowest t first.
     if first.method == "edict":
         mixing = [requests[i].params.mixing for i in start_rows]
-        out = edict_invert(
+        edict = edict_invert(
             rows.predict,
             encoded.z,
             config,
@@ -185,11 +185,16 @@ def method_batch(
             between_steps=rows.between,
             keep_trajectory=trajectory,
         )
-        latents, path, timesteps = out.latents, out.trajectory, out.timesteps
-        extra["latents_pair"] = out.latents_pair
+        latents, path, timesteps, kept = (
+            edict.latents,
+            edict.trajectory,
+            edict.timesteps,
+            edict.rows,
+        )
+        extra["latents_pair"] = edict.latents_pair
     elif first.method == "ddpm":
         seeds = [_ddpm_seed(requests[i]) for i in start_rows]
-        out = ddpm_invert(
+        ddpm = ddpm_invert(
             rows.predict,
             encoded.z,
             config,
@@ -198,11 +203,11 @@ def method_batch(
             eta=first.ddpm_eta,
             between_steps=rows.between,
         )
-        latents, path, timesteps = out.latents, out.noisy_latents, out.timesteps
-        extra["noise_maps"], extra["noisy_latents"] = out.noise_maps, out.noisy_latents
+        latents, path, timesteps, kept = ddpm.latents, ddpm.noisy_latents, ddpm.timesteps, ddpm.rows
+        extra["noise_maps"], extra["noisy_latents"] = ddpm.noise_maps, ddpm.noisy_latents
         update["eta"] = first.ddpm_eta
     else:  # method ddim, inverse_scheduler dpmsolver
-        out = dpmsolver_invert(
+        dpm = dpmsolver_invert(
             rows.predict,
             encoded.z,
             config,
@@ -210,8 +215,8 @@ def method_batch(
             between_steps=rows.between,
             keep_trajectory=trajectory,
         )
-        latents, path, timesteps = out.latents, out.trajectory, out.timesteps
-    finished = [start_rows[row] for row in out.rows]
+        latents, path, timesteps, kept = dpm.latents, dpm.trajectory, dpm.timesteps, dpm.rows
+    finished = [start_rows[row] for row in kept]
     done = time.perf_counter()
     timings = {"encode_s": loop_started - started, "loop_s": done - loop_started}
     # 4. Results: per row, on the CPU at its dtype.

@@ -63,7 +63,7 @@ def verify_method_batch(
     # then the first step's cancel check.
     text, _ = encode_text(model, [requests[i] for i in live], dtype)
     if params.method == "negative_prompt" and params.uses_guidance:
-        nulls = torch.stack([results[i].null_embeddings for i in live])  # type: ignore[misc]
+        nulls = torch.stack([results[i].null_embeddings for i in live])  # type: ignore[union-attr,misc]
     else:
         nulls = None
     rows = Rows(model, list(live), text, steps, progress, check_canceled, nulls)
@@ -90,7 +90,7 @@ def verify_method_batch(
         sampled, kept = back.latents, back.rows
     elif params.method == "ddpm":
         # (B, steps, C, h, w): each row's maps, step j at [:, j].
-        maps = torch.stack([results[i].noise_maps[:, 0] for i in live])  # type: ignore[index]
+        maps = torch.stack([results[i].noise_maps[:, 0] for i in live])  # type: ignore[union-attr,index]
         sampled, kept = ddpm_sample(
             rows.predict,
             z,
@@ -101,11 +101,11 @@ def verify_method_batch(
             between_steps=rows.between,
         )
     else:
-        back = dpmsolver_sample(rows.predict, z, config, steps, between_steps=rows.between)
-        sampled, kept = back.latents, back.rows
-    for row, index in enumerate(live):
+        dpm = dpmsolver_sample(rows.predict, z, config, steps, between_steps=rows.between)
+        sampled, kept = dpm.latents, dpm.rows
+    for row, gone in enumerate(live):
         if row not in kept:
-            results[index] = None
+            results[gone] = None
     live = [live[row] for row in kept]
     # 3. Decoded one row per VAE call, with a cancel check before each and after the last.
     images: dict[int, np.ndarray] = {}
