@@ -234,10 +234,21 @@ def test_a_cancel_drops_its_row_only(name, phase, tiny64, sample_arrays, count_u
         )
 
 
-@pytest.mark.parametrize("guidance", [1.0, 3.0])
+@pytest.mark.parametrize(
+    ("guidance", "scheduler"),
+    [(1.0, {}), (3.0, {}), (3.0, {"prediction_type": "v_prediction"})],  # SD 2.x's v too
+)
 @pytest.mark.parametrize("method", ["edict", "ddpm"])
-def test_edict_and_ddpm_sample_back_exactly_in_float64(method, guidance, tiny64, sample_arrays):
-    p = params(method=method, guidance_scale=guidance, verify=True, num_inference_steps=10)
+def test_edict_and_ddpm_sample_back_exactly_in_float64(
+    method, guidance, scheduler, tiny64, sample_arrays
+):
+    p = params(
+        method=method,
+        guidance_scale=guidance,
+        scheduler=scheduler,
+        verify=True,
+        num_inference_steps=10,
+    )
     (result,) = invert(tiny64, [InversionRequest(sample_arrays["astronaut"], p)])
     assert result.metadata.reconstruction_latent_error < 1e-9
     assert result.reconstruction_png is not None
