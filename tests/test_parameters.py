@@ -52,9 +52,6 @@ PAGE_LEAVES_OUT = frozenset(
         "null_text_inner_steps",
         "null_text_learning_rate",
         "null_text_early_stop",
-        "edict_mixing",
-        "eta",
-        "inverse_scheduler",
         "webhook_url",
     }
 )

@@ -1,8 +1,9 @@
 """Verification of an inversion by sampling it back.
 
 With `verify`, each result is sampled back (DDIMScheduler, same prompt and guidance, the
-null embeddings for null_text) and decoded: the relative latent error, the PSNR against the
-input and a PNG of the reconstruction are reported.
+null embeddings for null_text and negative_prompt) and decoded: the relative latent error,
+the PSNR against the input and a PNG of the reconstruction are reported. The methods with
+their own samplers are verified by `method_verify`.
 """
 
 from __future__ import annotations
@@ -49,9 +50,9 @@ def verify_batch(
 
     DDIMScheduler from the result's scheduler config, the request's prompt embedding and
     guidance scale; the unconditional embedding is the negative prompt's, or for null_text
-    the step's optimised one. Rows share the UNet calls; each row is decoded alone. A row
-    stopped by a cancel check (before each step and each decode, and after the last)
-    becomes None in `results`.
+    and negative_prompt the step's null embedding. Rows share the UNet calls; each row is
+    decoded alone. A row stopped by a cancel check (before each step and each decode, and
+    after the last) becomes None in `results`.
     """
     live = [i for i, result in enumerate(results) if result is not None]
     if not live:
@@ -76,7 +77,8 @@ def verify_batch(
             [requests[i].params.guidance_scale for i in live], dtype=dtype, device=model.device
         ).view(-1, 1, 1, 1),
     ]
-    if params.method == "null_text":
+    per_step = params.method in ("null_text", "negative_prompt")
+    if per_step:
         nulls = [results[i].null_embeddings for i in live]  # type: ignore[union-attr]
         rows.append(torch.stack(nulls).to(model.device, model.dtype))  # type: ignore[arg-type]
     elif guided:
@@ -103,7 +105,7 @@ def verify_batch(
         t = int(t)
         uncond = None
         if guided:
-            uncond = rows[2][:, j] if params.method == "null_text" else rows[2]
+            uncond = rows[2][:, j] if per_step else rows[2]
         eps = predict_noise(model, z, t, rows[0], uncond, rows[1])
         z = scheduler.step(eps, t, z).prev_sample
         if progress is not None:
