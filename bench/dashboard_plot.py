@@ -227,6 +227,8 @@ def main() -> int:
         INVERSION_THREADS="1",
         INVERSION_MAX_RETRIES="0",
         INVERSION_JOB_TIMEOUT_S=str(JOB_TIMEOUT_S),
+        # The long jobs run at 256x256, four times the tiny model's 64x64 side.
+        INVERSION_MAX_RESOLUTION_SCALE="4",
         INVERSION_LOST_AFTER_S="4",
         INVERSION_HEARTBEAT_S="1",
         HF_HUB_OFFLINE="1",

@@ -1,4 +1,4 @@
-"""Reconstruction fidelity of plain, refined (exact) and null-text inversion, and the cost.
+"""Reconstruction fidelity of every inversion method, and the cost.
 
 For each image in samples/ and each method, the image is inverted, then sampled back by
 diffusers' own DDIMScheduler (configured from the result's scheduler config, same prompt)
@@ -8,9 +8,19 @@ one, and for comparison for the plain latents with the negative prompt's embeddi
 (`plain@gN`, what null-text inversion repairs). Prints the relative error
 ||x_rec - x0|| / ||x0|| against the clean latent x0 and the number of UNet calls the
 inversion made (counted by a forward pre-hook), then the cost of `verify` (its extra UNet
-calls and seconds on a plain inversion), then a final `RESULT {json}`.
+calls and seconds on a plain inversion).
+
+Then every method side by side (`--method-steps`, default 10): ddim, inverse_scheduler
+dpmsolver, negative_prompt, edict and ddpm, at guidance 1 and `--guidance` where the
+method applies (negative_prompt inverts at guidance 1 and is sampled back guided: at
+guidance 1 it is ddim), float32, and edict and ddpm in float64 too. Each is sampled back
+by the engine's `verify` with the method's own sampler (DDIMScheduler; the null
+embeddings for negative_prompt; DPMSolverMultistepScheduler; EDICT's; DDPM's with the
+saved noise maps): its relative latent error, and the UNet calls of the inversion alone.
+A final `RESULT {json}` holds every row.
 
     python bench/fidelity.py                       # tiny model, CPU
+    python bench/fidelity.py --methods-only --method-steps 10 25
     python bench/fidelity.py --steps 50 --refine-iterations 20 --iterations64 50
     python bench/fidelity.py --null-text-inner-steps 10 --null-text-learning-rate 0.01
 """
@@ -29,8 +39,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import imaging  # noqa: E402
-
+from ddim_inversion import imaging  # noqa: E402
 from ddim_inversion.params import InversionParams  # noqa: E402
 from worker.engine.dispatch import invert  # noqa: E402
 from worker.engine.encoding import encode_prompts  # noqa: E402
@@ -153,6 +162,45 @@ def measure_verify(model: LoadedModel, image: Any, prompt: str, steps: int) -> d
     }
 
 
+METHODS: list[tuple[str, dict[str, Any], bool]] = [
+    ("ddim", {}, True),
+    ("dpmsolver", {"inverse_scheduler": "dpmsolver"}, True),
+    ("negative_prompt", {"method": "negative_prompt"}, False),
+    ("edict", {"method": "edict"}, True),
+    ("ddpm", {"method": "ddpm", "seed": 0}, True),
+]
+"""(name, parameters, whether it is measured at guidance 1 too)."""
+
+
+def measure_methods(
+    models: dict[str, LoadedModel], image: Any, prompt: str, steps: int, guidance: float
+) -> list[dict[str, Any]]:
+    """Each method's latent error sampled back by verify, and its inversion's UNet calls."""
+    rows = []
+    for name, fields, unguided in METHODS:
+        for scale in [1.0, guidance] if unguided else [guidance]:
+            for dtype, model in models.items():
+                if dtype == "float64" and name not in ("edict", "ddpm"):
+                    continue
+                params = InversionParams(
+                    prompt=prompt, num_inference_steps=steps, guidance_scale=scale, **fields
+                )
+                _, calls, seconds = timed(model, image, params)
+                verified, _, _ = timed(model, image, params.model_copy(update={"verify": True}))
+                rows.append(
+                    {
+                        "method": name,
+                        "guidance": scale,
+                        "dtype": dtype,
+                        "steps": steps,
+                        "error": verified.metadata.reconstruction_latent_error,
+                        "unet_calls": calls,
+                        "seconds": round(seconds, 3),
+                    }
+                )
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default="tiny")
@@ -167,6 +215,8 @@ def main() -> int:
     parser.add_argument("--null-text-early-stop", type=float, default=1e-5)
     parser.add_argument("--no-null-text", action="store_true", help="skip null-text inversion")
     parser.add_argument("--images", nargs="*", default=None, help="default: every samples/*.png")
+    parser.add_argument("--method-steps", type=int, nargs="*", default=[10])
+    parser.add_argument("--methods-only", action="store_true", help="only the methods side by side")
     args = parser.parse_args()
 
     paths = [Path(p) for p in args.images] if args.images else sorted(ROOT.glob("samples/*.png"))
@@ -178,8 +228,12 @@ def main() -> int:
         ("refined_fp64", fp64, args.iterations64, args.tolerance64),
     ]
     rows: list[dict[str, Any]] = []
-    print(f"{'image':<12} {'method':<14} {'rel. error':>12} {'UNet calls':>11} {'seconds':>8}")
-    for path in paths:
+    if args.methods_only:
+        paths_done: list[Path] = []
+    else:
+        print(f"{'image':<12} {'method':<14} {'rel. error':>12} {'UNet calls':>11} {'seconds':>8}")
+        paths_done = paths
+    for path in paths_done:
         image = imaging.open_image(path.read_bytes())
         prompt = PROMPTS.get(path.stem, path.stem)
         for name, model, iterations, tolerance in methods:
@@ -202,13 +256,31 @@ def main() -> int:
                 f"{row['unet_calls']:>11} {seconds}",
                 flush=True,
             )
-    image = imaging.open_image(paths[0].read_bytes())
-    verify = measure_verify(fp32, image, PROMPTS.get(paths[0].stem, paths[0].stem), args.steps)
-    print(
-        f"verify ({paths[0].stem}, plain): +{verify['extra_unet_calls']} UNet calls, "
-        f"+{verify['extra_seconds']:.2f} s, latent error "
-        f"{verify['reconstruction_latent_error']:.3e}, PSNR {verify['reconstruction_psnr']:.2f} dB"
-    )
+    verify: dict[str, Any] = {}
+    if not args.methods_only:
+        image = imaging.open_image(paths[0].read_bytes())
+        verify = measure_verify(fp32, image, PROMPTS.get(paths[0].stem, paths[0].stem), args.steps)
+        print(
+            f"verify ({paths[0].stem}, plain): +{verify['extra_unet_calls']} UNet calls, "
+            f"+{verify['extra_seconds']:.2f} s, latent error "
+            f"{verify['reconstruction_latent_error']:.3e}, "
+            f"PSNR {verify['reconstruction_psnr']:.2f} dB"
+        )
+    side_by_side: list[dict[str, Any]] = []
+    header = f"{'image':<12} {'method':<16} {'g':>4} {'dtype':<8} {'steps':>5}"
+    print(f"{header} {'rel. error':>12} {'UNet calls':>11}")
+    models = {"float32": fp32, "float64": fp64}
+    for path in paths:
+        image = imaging.open_image(path.read_bytes())
+        for steps in args.method_steps:
+            prompt = PROMPTS.get(path.stem, path.stem)
+            for row in measure_methods(models, image, prompt, steps, args.guidance):
+                side_by_side.append({"image": path.stem, **row})
+                print(
+                    f"{path.stem:<12} {row['method']:<16} {row['guidance']:>4g} "
+                    f"{row['dtype']:<8} {steps:>5} {row['error']:>12.3e} {row['unet_calls']:>11}",
+                    flush=True,
+                )
     config = {
         "model": args.model,
         "steps": args.steps,
@@ -216,7 +288,9 @@ def main() -> int:
         "null_text_inner_steps": args.null_text_inner_steps,
         "null_text_learning_rate": args.null_text_learning_rate,
     }
-    print("RESULT " + json.dumps(config | {"rows": rows, "verify": verify}))
+    print(
+        "RESULT " + json.dumps(config | {"rows": rows, "verify": verify, "methods": side_by_side})
+    )
     return 0
 
 

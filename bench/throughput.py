@@ -29,8 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-import imaging  # noqa: E402
-
+from ddim_inversion import imaging  # noqa: E402
 from ddim_inversion.contract import JOB_FUNCTION, JobPayload  # noqa: E402
 from ddim_inversion.keys import input_key, queue_name_for  # noqa: E402
 from ddim_inversion.params import InversionParams  # noqa: E402

@@ -87,7 +87,16 @@ class ResultMetadata(BaseModel):
     refine_residuals: list[float] | None = Field(
         None, description="Per step, the refinement's final relative change ||dz|| / ||z||."
     )
-    method: str = Field("ddim", description="ddim or null_text.")
+    method: str = Field("ddim", description="ddim, null_text, negative_prompt, edict or ddpm.")
+    inverse_scheduler: str = Field(
+        "ddim", description="ddim or dpmsolver: the solver the inversion stepped with."
+    )
+    edict_mixing: float | None = Field(
+        None, description="edict: the mixing coefficient p that sampling back must use."
+    )
+    eta: float | None = Field(
+        None, description="ddpm: the sampler's eta that the noise maps were made for."
+    )
     null_text_losses: list[float] | None = Field(
         None,
         description=(

@@ -196,10 +196,12 @@ class InversionParams(BaseModel):
     verify: bool = Field(
         False,
         description=(
-            "Sample back from the latents (DDIMScheduler, same prompt and guidance, the null "
-            "embeddings for null_text) and decode: reports reconstruction_latent_error and "
-            "reconstruction_psnr and stores a reconstruction PNG. Costs one more pass of "
-            "num_inference_steps UNet calls and a VAE decode."
+            "Sample back from the latents with the method's sampler (DDIMScheduler, same "
+            "prompt and guidance, the null embeddings for null_text and negative_prompt; "
+            "EDICT's; DDPM's with the noise maps; DPMSolverMultistepScheduler for dpmsolver) "
+            "and decode: reports reconstruction_latent_error and reconstruction_psnr and "
+            "stores a reconstruction PNG. Costs one more pass of num_inference_steps UNet "
+            "calls (two per step for edict) and a VAE decode."
         ),
     )
 

@@ -191,7 +191,8 @@ class AsyncJob:
         return (await self.tensors(format))["latents"]
 
     async def tensors(self, format: TensorFormat = "torch") -> dict[str, Any]:
-        """Every tensor of the result: latents, timesteps and, when asked, trajectory."""
+        """Every tensor of the result: latents, timesteps, when asked trajectory, and what the
+        method adds (null_embeddings, latents_pair, noise_maps, noisy_latents)."""
         return _common.decode_tensors(await self.safetensors(), format)
 
     async def result(self, format: TensorFormat = "torch") -> dict[str, Any]:

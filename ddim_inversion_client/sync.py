@@ -188,7 +188,8 @@ class Job:
         return self.tensors(format)["latents"]
 
     def tensors(self, format: TensorFormat = "torch") -> dict[str, Any]:
-        """Every tensor of the result: latents, timesteps and, when asked, trajectory."""
+        """Every tensor of the result: latents, timesteps, when asked trajectory, and what the
+        method adds (null_embeddings, latents_pair, noise_maps, noisy_latents)."""
         return _common.decode_tensors(self.safetensors(), format)
 
     def result(self, format: TensorFormat = "torch") -> dict[str, Any]:

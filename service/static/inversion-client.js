@@ -18,14 +18,18 @@
  * @property {string|null} [resolution] N or WxH, multiples of 64.
  * @property {string|null} [resize_mode] center_crop or stretch.
  * @property {string|null} [encode_mode] mean, or sample (needs seed).
- * @property {number|null} [seed] Seed for encode_mode=sample.
+ * @property {number|null} [seed] Seed of encode_mode=sample and of method ddpm's noise.
  * @property {boolean|null} [return_trajectory] Also keep every step's latent.
  * @property {string|null} [result_dtype] float32 or float16.
- * @property {string|Object<string, *>|null} [scheduler] DDIMInverseScheduler overrides:
+ * @property {string|null} [inverse_scheduler] ddim, or dpmsolver (DPM-Solver++ multistep).
+ * @property {string|Object<string, *>|null} [scheduler] Inverse scheduler overrides:
  *   an object (the form body sends its JSON text; a string goes to the form body only).
  * @property {number|null} [refine_iterations] Fixed-point refinement iterations per step.
  * @property {number|null} [refine_tolerance] Relative change that ends a step's refinement.
- * @property {string|null} [method] ddim, or null_text (needs guidance_scale > 1).
+ * @property {string|null} [method] ddim, null_text (needs guidance_scale > 1),
+ *   negative_prompt, edict or ddpm.
+ * @property {number|null} [edict_mixing] edict: the mixing coefficient p (absent: 0.93).
+ * @property {number|null} [eta] ddpm: the sampler's eta (absent: 1.0).
  * @property {number|null} [null_text_inner_steps] null_text: Adam iterations per step.
  * @property {number|null} [null_text_learning_rate] null_text: Adam learning rate.
  * @property {number|null} [null_text_early_stop] null_text: MSE that ends a step.
@@ -92,10 +96,13 @@
  * @property {number|null} [seed]
  * @property {boolean} [return_trajectory]
  * @property {string} [result_dtype]
+ * @property {string} [inverse_scheduler]
  * @property {Object<string, *>} [scheduler]
  * @property {number} [refine_iterations]
  * @property {number} [refine_tolerance]
  * @property {string} [method]
+ * @property {number|null} [edict_mixing]
+ * @property {number|null} [eta]
  * @property {number} [null_text_inner_steps]
  * @property {number} [null_text_learning_rate]
  * @property {number} [null_text_early_stop]
@@ -133,6 +140,9 @@
  * @property {Array<number>|null} [refine_iterations]
  * @property {Array<number>|null} [refine_residuals]
  * @property {string} [method]
+ * @property {string} [inverse_scheduler]
+ * @property {number|null} [edict_mixing] edict: the p that sampling back must use.
+ * @property {number|null} [eta] ddpm: the eta the noise maps were made for.
  * @property {Array<number>|null} [null_text_losses]
  * @property {Object<string, *>|null} [sdxl_conditioning] SDXL: prompt_2, negative_prompt_2,
  *   original_size, crops_coords_top_left, target_size as the SDXL pipeline takes them.

@@ -177,6 +177,16 @@ function setProgress({ step, total }) {
   $("progress-text").textContent = `step ${step} of ${total}`;
 }
 
+// A method's own fields show with it only: a hidden field is not sent (see params()).
+function showMethodFields() {
+  const method = $("method").value;
+  for (const field of form.querySelectorAll("[data-methods]")) {
+    field.hidden = !field.dataset.methods.split(" ").includes(method);
+  }
+}
+$("method").addEventListener("change", showMethodFields);
+showMethodFields();
+
 form.addEventListener("submit", async (event) => {
   event.preventDefault();
   clearErrors();

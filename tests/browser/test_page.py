@@ -34,7 +34,11 @@ def channel_grays(latents: np.ndarray) -> np.ndarray:
 def test_drop_submit_watch_see_and_download(shared_service, tab, tmp_path: Path):
     base, page = shared_service.url, tab.page
     page.goto(base + "/")
-    assert page.is_hidden("#model")  # this gateway lists no models (no GET /v1/models)
+    # The gateway lists the pool's models (GET /v1/models): the model field offers them.
+    page.wait_for_selector("#model", state="visible")
+    offered = page.eval_on_selector_all("#models option", "os => os.map(o => o.value)")
+    served = [m["name"] for m in httpx.get(f"{base}/v1/models").json()["models"]]
+    assert offered == served and "tiny" in offered
     tab.drop("#drop-zone", SAMPLES / "chelsea.png")
     page.wait_for_selector("#input-preview:not([hidden])")
     page.fill("#prompt", "a photo of a cat")

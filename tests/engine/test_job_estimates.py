@@ -39,6 +39,11 @@ CASES = {
         "return_trajectory": True,
     },
     "long prompt": {"prompt": "🐱 a cat\n" * 40, "negative_prompt": "blurry \u0000" * 20},
+    "negative_prompt": {"method": "negative_prompt", "guidance_scale": 7.5, "verify": True},
+    "edict": {"method": "edict", "return_trajectory": True, "verify": True},
+    "ddpm": {"method": "ddpm", "return_trajectory": True, "verify": True},
+    "ddpm float16": {"method": "ddpm", "result_dtype": "float16"},
+    "dpmsolver": {"inverse_scheduler": "dpmsolver", "return_trajectory": True},
     "sdxl conditioning": {
         "prompt_2": "film grain " * 30,
         "negative_prompt_2": "noisy",
@@ -60,8 +65,8 @@ def actual_bytes(image: np.ndarray, result) -> int:
 @pytest.mark.parametrize(
     ("case", "model_name"),
     [(case, "tiny") for case in CASES if case != "sdxl conditioning"]
-    + [("trajectory", "tiny64"), ("null_text", "tiny64"), ("null_text", "tiny_xl")]
-    + [("sdxl conditioning", "tiny_xl")],
+    + [(case, "tiny64") for case in ("trajectory", "null_text", "edict", "ddpm")]
+    + [(case, "tiny_xl") for case in ("null_text", "negative_prompt", "sdxl conditioning")],
 )
 def test_stored_bytes_bound_the_real_result_closely(case, model_name, request, sample_bytes):
     model = request.getfixturevalue(model_name)
@@ -80,10 +85,12 @@ def test_stored_bytes_bound_the_real_result_closely(case, model_name, request, s
     assert estimate.latents == tensors["latents"].nbytes + tensors["timesteps"].nbytes
     if params.return_trajectory:
         assert estimate.trajectory == tensors["trajectory"].nbytes
-    if params.method == "null_text":
+    if params.method in ("null_text", "negative_prompt"):
         pooled = tensors.get("null_pooled_embeddings")  # SDXL's
         pooled_bytes = pooled.nbytes if pooled is not None else 0
         assert estimate.null_embeddings == tensors["null_embeddings"].nbytes + pooled_bytes
+    added = ("latents_pair", "noise_maps", "noisy_latents")
+    assert estimate.method_latents == sum(tensors[n].nbytes for n in added if n in tensors)
     if params.verify:
         assert len(result.reconstruction_png) <= estimate.reconstruction
 
@@ -117,6 +124,13 @@ def test_without_a_live_worker_the_widest_model_is_assumed(tiny, sample_arrays):
             "null_text_early_stop": 0.0,
             "verify": True,
         },
+        {"method": "negative_prompt", "guidance_scale": 7.5, "verify": True},
+        {"method": "negative_prompt", "refine_iterations": 2, "refine_tolerance": 1e-300},
+        {"method": "edict", "verify": True},
+        {"method": "edict", "guidance_scale": 3.0, "verify": True},
+        {"method": "ddpm", "guidance_scale": 3.0, "verify": True},
+        {"inverse_scheduler": "dpmsolver", "guidance_scale": 3.0, "verify": True},
+        {"method": "negative_prompt", "inverse_scheduler": "dpmsolver", "verify": True},
     ],
 )
 def test_unet_calls_count_the_engines_calls(fields, tiny, unet_calls, sample_arrays):

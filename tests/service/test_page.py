@@ -147,7 +147,8 @@ def form_controls() -> dict[str, dict[str, Any]]:
 def test_the_form_sends_the_api_field_names_with_their_defaults(client):
     """The page's fields are submit fields of the OpenAPI schema (the model field is the
     hook for a pool that lists its models, shown only where it does); each placeholder is
-    the contract's default; the method choices are the contract's."""
+    the contract's default (for a field absent by default, its example: the method's
+    default); the method and inverse scheduler choices are the contract's."""
     schema = client.get("/openapi.json").json()
     components = schema["components"]["schemas"]
     body = schema["paths"]["/v1/inversions"]["post"]["requestBody"]["content"]
@@ -159,9 +160,16 @@ def test_the_form_sends_the_api_field_names_with_their_defaults(client):
     numbers = {n: c for n, c in controls.items() if c.get("type") == "number"}
     assert numbers
     for name, control in numbers.items():
-        assert float(control["placeholder"]) == defaults[name]["default"], name
+        # Absent by default (a method's own default applies): the contract's example is it.
+        default = defaults[name].get("default")
+        if default is None:
+            default = defaults[name]["examples"][0]
+        assert float(control["placeholder"]) == default, name
     tags = page_elements().tags
     start = next(i for i, (_, attrs) in enumerate(tags) if attrs.get("name") == "method")
     options = itertools.takewhile(lambda t: t[0] == "option", tags[start + 1 :])
     choices = [attrs["value"] for _, attrs in options]
     assert choices == defaults["method"]["enum"]
+    start = next(i for i, (_, a) in enumerate(tags) if a.get("name") == "inverse_scheduler")
+    options = itertools.takewhile(lambda t: t[0] == "option", tags[start + 1 :])
+    assert [attrs["value"] for _, attrs in options] == defaults["inverse_scheduler"]["enum"]

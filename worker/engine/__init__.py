@@ -8,6 +8,8 @@ importing only those below it:
   prompts in, latents out and back), `guidance` (the one noise prediction, owning the
   dtype casts), `schedulers`, `rows` (rows across cancel checks);
 - `ddim`: plain DDIM inversion with refinement, the numbered steps of the method;
-- `null_text` (on top of `ddim`'s pivot) and `verify` (sampling a result back);
+- `null_text` (on top of `ddim`'s pivot), `method_runs` (EDICT, DDPM, negative-prompt and
+  DPM-Solver++ runs of `worker.methods`' equations), and `verify` / `method_verify`
+  (sampling a result back with its method's sampler);
 - `dispatch`: `invert`, grouping compatible requests and running their phases.
 """

@@ -85,14 +85,14 @@ def invert_batch(
     # 1. Images: decoded, oriented, RGB, resized, scaled to [-1, 1].
     arrays = [image_array(r, resolution_of(first, model)) for r in requests]
     # 2. VAE encode: z_0 = (E(x) - shift) * scaling_factor, one image per call.
-    active, clean = _encode_images(model, requests, arrays, check_canceled)
+    active, clean = encode_images(model, requests, arrays, check_canceled)
     if not active:
         return [None] * len(requests)
     z = torch.cat([clean[index] for index in active])
     encoded = time.perf_counter()
     # 3. Prompts: the conditional embeddings, and under guidance the unconditional ones and
     # the scales.
-    text, prompts = _encode_text(model, requests, z.dtype)
+    text, prompts = encode_text(model, requests, z.dtype)
     want_trajectory = any(r.params.return_trajectory for r in requests)
     batch = _Batch(active, z, take(text, active), [z.clone()] if want_trajectory else [])
     # 4. Scheduler: the model's config with the job's overrides.
@@ -152,7 +152,7 @@ class _Prompts:
     truncated: list[bool]
 
 
-def _encode_images(
+def encode_images(
     model: LoadedModel,
     requests: Sequence[InversionRequest],
     arrays: list[np.ndarray],
@@ -172,7 +172,7 @@ def _encode_images(
     return active, clean
 
 
-def _encode_text(
+def encode_text(
     model: LoadedModel, requests: Sequence[InversionRequest], dtype: torch.dtype
 ) -> tuple[list[Any], _Prompts]:
     """Per request: [cond] or [cond, uncond, scales], the unconditional conditioning (the

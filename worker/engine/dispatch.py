@@ -1,12 +1,16 @@
 """`invert`: the engine's entry point. Groups the requests that can share UNet calls and runs
-each group through its method (plain DDIM or null-text), then through verification where
-asked, with one progress count and one cancel check across the phases."""
+each group through its method (plain DDIM, null-text, or one of `method_runs`': EDICT, DDPM,
+negative-prompt, DPM-Solver++), then through verification where asked (DDIM sampling, or
+the method's own sampler), with one progress count and one cancel check across the
+phases."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
 from worker.engine.ddim import invert_batch
+from worker.engine.method_runs import method_batch, runs_here
+from worker.engine.method_verify import needs_own_sampler, verify_method_batch
 from worker.engine.null_text import null_text_batch
 from worker.engine.types import (
     CancelCheck,
@@ -48,10 +52,13 @@ def invert(
             group_results = null_text_batch(
                 model, group, progress=report, check_canceled=group_cancel, total=total
             )
+        elif runs_here(group[0]):
+            group_results = method_batch(model, group, progress=report, check_canceled=group_cancel)
         else:
             group_results = invert_batch(model, group, progress=report, check_canceled=group_cancel)
         if group[0].params.verify:
-            verify_batch(
+            verifier = verify_method_batch if needs_own_sampler(group[0]) else verify_batch
+            verifier(
                 model,
                 group,
                 group_results,

@@ -45,9 +45,18 @@ class InversionResult:
     trajectory: torch.Tensor | None = None
     timings: dict[str, float] = field(default_factory=dict)
     null_embeddings: torch.Tensor | None = None
-    """null_text: (steps, 77, hidden), index 0 the first sampling step (highest t)."""
+    """null_text, negative_prompt: (steps, 77, hidden), index 0 the first sampling step
+    (highest t)."""
     null_pooled_embeddings: torch.Tensor | None = None
     """null_text on SDXL: the pooled embeddings (steps, pooled), in the same order."""
+    latents_pair: torch.Tensor | None = None
+    """edict: y_T (1, C, h, w), the partner of `latents` that EDICT sampling needs."""
+    noise_maps: torch.Tensor | None = None
+    """ddpm: (steps, 1, C, h, w), index j the noise the j-th sampling step (highest t first)
+    adds: `DDIMScheduler.step(..., eta=eta, variance_noise=noise_maps[j])`."""
+    noisy_latents: torch.Tensor | None = None
+    """ddpm: (steps + 1, 1, C, h, w), index 0 the clean latent, index i the latent drawn at
+    the i-th timestep (ascending), laid out as a trajectory."""
     reconstruction_png: bytes | None = None
     """verify: the decoded reconstruction, PNG at the job's resolution."""
     clean: torch.Tensor | None = field(default=None, repr=False)
@@ -57,10 +66,14 @@ class InversionResult:
         out = {"latents": self.latents.contiguous(), "timesteps": self.timesteps.contiguous()}
         if self.trajectory is not None:
             out["trajectory"] = self.trajectory.contiguous()
-        if self.null_embeddings is not None:
-            out["null_embeddings"] = self.null_embeddings.contiguous()
-        if self.null_pooled_embeddings is not None:
-            out["null_pooled_embeddings"] = self.null_pooled_embeddings.contiguous()
+        extra = {
+            "null_embeddings": self.null_embeddings,
+            "null_pooled_embeddings": self.null_pooled_embeddings,
+            "latents_pair": self.latents_pair,
+            "noise_maps": self.noise_maps,
+            "noisy_latents": self.noisy_latents,
+        }
+        out.update({name: t.contiguous() for name, t in extra.items() if t is not None})
         return out
 
     def to_safetensors(self) -> bytes:
@@ -98,15 +111,19 @@ def resolution_of(params: InversionParams, model: LoadedModel) -> tuple[int, int
 def scheduler_config_for(params: InversionParams, model: LoadedModel) -> dict[str, Any]:
     """The full scheduler config the request runs with (the model's, then its overrides)."""
     return resolve_scheduler_config(
-        model.scheduler_config, dict(params.scheduler), params.num_inference_steps
+        model.scheduler_config,
+        dict(params.scheduler),
+        params.num_inference_steps,
+        params.inverse_scheduler,
     )
 
 
 def batch_key(params: InversionParams, model: LoadedModel) -> str:
-    """Requests with equal keys can share UNet calls: same size, steps, schedule, guidance mode.
-
-    SDXL's size conditioning and second prompts are per row, so they do not split batches;
-    given to a model of another family they are refused (InvalidParameter)."""
+    """Requests with equal keys can share UNet calls: same size, steps, schedule, guidance
+    mode and method settings. What a method takes per row (edict's mixing, ddpm's seed, the
+    prompts and guidance scales, SDXL's second prompts and size conditioning) stays out of
+    the key: a row's result does not depend on its batch-mates'. SDXL-only parameters given
+    to a model of another family are refused (InvalidParameter)."""
     given = params.sdxl_parameters
     if given and model.family != "sdxl":
         raise InvalidParameter(
@@ -126,7 +143,9 @@ def batch_key(params: InversionParams, model: LoadedModel) -> str:
             params.refine_iterations,
             params.refine_tolerance,
             params.method,
+            params.inverse_scheduler,
             params.verify,
+            *([params.ddpm_eta] if params.method == "ddpm" else []),
             *(
                 [
                     params.null_text_inner_steps,
@@ -142,8 +161,9 @@ def batch_key(params: InversionParams, model: LoadedModel) -> str:
 
 
 def progress_total(params: InversionParams) -> int:
-    """The units `progress` counts up to: the inversion's steps, then for null_text each
-    step's inner iterations, then for verify the sampling steps back."""
+    """The units `progress` counts up to: the inversion's steps (an EDICT step, with its two
+    UNet calls, is one unit), then for null_text each step's inner iterations, then for
+    verify the sampling steps back."""
     steps = params.num_inference_steps
     total = steps
     if params.method == "null_text":

@@ -1,8 +1,9 @@
 """Verification of an inversion by sampling it back.
 
 With `verify`, each result is sampled back (DDIMScheduler, same prompt and guidance, the
-null embeddings for null_text) and decoded: the relative latent error, the PSNR against the
-input and a PNG of the reconstruction are reported.
+null embeddings for null_text and negative_prompt) and decoded: the relative latent error,
+the PSNR against the input and a PNG of the reconstruction are reported. The methods with
+their own samplers are verified by `method_verify`.
 """
 
 from __future__ import annotations
@@ -54,9 +55,9 @@ def verify_batch(
 
     DDIMScheduler from the result's scheduler config, the request's prompt embedding and
     guidance scale; the unconditional embedding is the negative prompt's, or for null_text
-    the step's optimised one. Rows share the UNet calls; each row is decoded alone. A row
-    stopped by a cancel check (before each step and each decode, and after the last)
-    becomes None in `results`.
+    and negative_prompt the step's null embedding. Rows share the UNet calls; each row is
+    decoded alone. A row stopped by a cancel check (before each step and each decode, and
+    after the last) becomes None in `results`.
     """
     live = [i for i, result in enumerate(results) if result is not None]
     if not live:
@@ -83,9 +84,10 @@ def verify_batch(
             [requests[i].params.guidance_scale for i in live], dtype=dtype, device=model.device
         ).view(-1, 1, 1, 1),
     ]
+    per_step = params.method in ("null_text", "negative_prompt")
     if guided:
         rows.append(negative)
-    if params.method == "null_text":
+    if per_step:
         for name in ("null_embeddings", "null_pooled_embeddings"):
             nulls = [getattr(results[i], name) for i in live]
             if nulls[0] is not None:
@@ -111,7 +113,8 @@ def verify_batch(
             z, *rows = take([z, *rows], keep)
         t = int(t)
         uncond = rows[2] if guided else None
-        if params.method == "null_text":
+        if guided and per_step:
+            # The step's own unconditional embedding (and SDXL pooled one); the time ids stay.
             uncond = rows[2].with_embeds(*(nulls[:, j] for nulls in rows[3:]))
         eps = predict_noise(model, z, t, rows[0], uncond, rows[1])
         z = scheduler.step(eps, t, z).prev_sample
