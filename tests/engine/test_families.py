@@ -373,3 +373,37 @@ def test_sdxl_refined_result_goes_back_through_diffusers_sdxl_pipeline(
     ).images
     error = float((sampled - result.clean).norm() / result.clean.norm())
     assert error < 5e-3, error
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"method": "negative_prompt", "guidance_scale": 3.0},
+        {"method": "edict", "guidance_scale": 2.0},
+        {"method": "ddpm", "seed": 3},
+        {"inverse_scheduler": "dpmsolver", "guidance_scale": 2.0},
+    ],
+    ids=["negative_prompt", "edict", "ddpm", "dpmsolver"],
+)
+def test_every_method_runs_and_verifies_on_sdxl(tiny_xl, sample_arrays, fields):
+    result = run(
+        tiny_xl,
+        sample_arrays["chelsea"],
+        prompt="a cat",
+        prompt_2="film grain",
+        original_size=(512, 512),
+        num_inference_steps=4,
+        verify=True,
+        **fields,
+    )
+    assert torch.isfinite(result.latents).all()
+    assert result.metadata.sdxl_conditioning["prompt_2"] == "film grain"
+    assert np.isfinite(result.metadata.reconstruction_latent_error)
+    if fields.get("method") == "negative_prompt":
+        # The prompt's own conditioning at every step, its pooled embedding too.
+        cond, added = XlReference(tiny_xl).conditioning(
+            "a cat", "film grain", (512, 512, 0, 0, 64, 64)
+        )
+        assert result.null_pooled_embeddings.shape == (4, 32)
+        assert float((result.null_pooled_embeddings - added["text_embeds"]).abs().max()) < 1e-5
+        assert float((result.null_embeddings - cond).abs().max()) < 1e-5

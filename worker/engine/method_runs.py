@@ -27,7 +27,7 @@ import torch
 
 from ddim_inversion.contract import ENGINE_VERSION, ResultMetadata
 from worker.engine.ddim import encode_images, encode_text, invert_batch
-from worker.engine.encoding import encode_request_prompts, image_array
+from worker.engine.encoding import encode_request_prompts, image_array, sdxl_conditioning
 from worker.engine.guidance import predict_noise
 from worker.engine.rows import still_running, take
 from worker.engine.types import (
@@ -309,6 +309,9 @@ def _result(
         trajectory_shape=list(path.shape) if path is not None else None,
         dtype=str(dtype).removeprefix("torch."),
         engine_version=ENGINE_VERSION,
+        sdxl_conditioning=sdxl_conditioning(params, (width, height))
+        if model.family == "sdxl"
+        else None,
     )
     return InversionResult(
         latents=latents,
