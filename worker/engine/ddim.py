@@ -35,14 +35,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from ddim_inversion.contract import ENGINE_VERSION, ResultMetadata
 from worker.engine.encoding import (
     encode_image,
     encode_request_prompts,
     image_array,
-    sdxl_conditioning,
 )
 from worker.engine.guidance import predict_noise
+from worker.engine.metadata import result_metadata
 from worker.engine.rows import still_running, take
 from worker.engine.schedulers import inverse_scheduler
 from worker.engine.types import (
@@ -308,7 +307,6 @@ def _results(
     finished = {index: batch.z[row] for row, index in enumerate(batch.active)}
     stacked = torch.stack(batch.trajectory).cpu() if batch.trajectory and finished else None
     timesteps_tensor = torch.tensor(timesteps, dtype=torch.int64)
-    width, height = resolution_of(requests[0].params, model)
     results: list[InversionResult | None] = []
     for index, request in enumerate(requests):
         if index not in finished:
@@ -320,29 +318,16 @@ def _results(
         path = None
         if params.return_trajectory and stacked is not None:
             path = stacked[:, batch.active.index(index)].unsqueeze(1).to(out_dtype)
-        metadata = ResultMetadata(
-            model=model.name,
-            width=width,
-            height=height,
-            prompt=params.prompt,
-            negative_prompt=params.negative_prompt,
-            guidance_scale=params.guidance_scale,
-            token_count=prompts.token_counts[index],
-            truncated=prompts.truncated[index],
-            encode_mode=params.encode_mode,
-            seed=params.seed,
-            num_inference_steps=params.num_inference_steps,
+        metadata = result_metadata(
+            model,
+            params,
+            latents=latents,
+            trajectory=path,
             timesteps=timesteps,
-            scheduler_config=config,
-            latents_shape=list(latents.shape),
-            trajectory_shape=list(path.shape) if path is not None else None,
-            dtype=str(out_dtype).removeprefix("torch."),
-            engine_version=ENGINE_VERSION,
+            config=config,
+            prompt=(prompts.token_counts[index], prompts.truncated[index]),
             refine_iterations=refined.counts[index] if refined is not None else None,
             refine_residuals=refined.residuals[index] if refined is not None else None,
-            sdxl_conditioning=sdxl_conditioning(params, (width, height))
-            if model.family == "sdxl"
-            else None,
         )
         results.append(
             InversionResult(

@@ -25,10 +25,10 @@ from typing import Any
 
 import torch
 
-from ddim_inversion.contract import ENGINE_VERSION, ResultMetadata
 from worker.engine.ddim import encode_images, encode_text, invert_batch
-from worker.engine.encoding import encode_request_prompts, image_array, sdxl_conditioning
+from worker.engine.encoding import encode_request_prompts, image_array
 from worker.engine.guidance import predict_noise
+from worker.engine.metadata import result_metadata
 from worker.engine.rows import still_running, take
 from worker.engine.types import (
     CancelCheck,
@@ -290,28 +290,14 @@ def _result(
     dtype = result_dtype(params, model)
     latents = latents.to("cpu", dtype, copy=True)
     path = path.to("cpu", dtype, copy=True) if path is not None else None
-    width, height = resolution_of(params, model)
-    metadata = ResultMetadata(
-        model=model.name,
-        width=width,
-        height=height,
-        prompt=params.prompt,
-        negative_prompt=params.negative_prompt,
-        guidance_scale=params.guidance_scale,
-        token_count=prompt[0],
-        truncated=prompt[1],
-        encode_mode=params.encode_mode,
-        seed=params.seed,
-        num_inference_steps=params.num_inference_steps,
+    metadata = result_metadata(
+        model,
+        params,
+        latents=latents,
+        trajectory=path,
         timesteps=timesteps,
-        scheduler_config=config,
-        latents_shape=list(latents.shape),
-        trajectory_shape=list(path.shape) if path is not None else None,
-        dtype=str(dtype).removeprefix("torch."),
-        engine_version=ENGINE_VERSION,
-        sdxl_conditioning=sdxl_conditioning(params, (width, height))
-        if model.family == "sdxl"
-        else None,
+        config=config,
+        prompt=prompt,
     )
     return InversionResult(
         latents=latents,
