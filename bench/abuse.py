@@ -39,6 +39,7 @@ from bench.abuse_stack import (  # noqa: E402
     MemorySampler,
     Prober,
     Receiver,
+    SocketTrap,
     start_stack,
     submit,
     wait_terminal,
@@ -120,12 +121,18 @@ def main() -> int:
     extra = dict(item.split("=", 1) for item in args.env)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="abuse-") as tmp:
-        stack = start_stack(Path(tmp), args.maxmemory_mb, args.waiters + args.streams, extra)
+        receiver, slow = Receiver(), SocketTrap(drip_s=args.slow_s)
+        stack = start_stack(
+            Path(tmp),
+            args.maxmemory_mb,
+            args.waiters + args.streams,
+            extra,
+            webhook_ports=(receiver.port, slow.port),
+        )
         print(f"- started: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
-        receiver = Receiver()
         sampler = MemorySampler(stack.redis)
         sampler.start()
-        ctx = Ctx(args, stack, receiver, sampler)
+        ctx = Ctx(args, stack, receiver, sampler, slow)
         probe_job = submit(stack.main, KEY_B).json()["id"]
         wait_terminal(stack.main, KEY_B, probe_job, 60)
         prober = Prober(f"{stack.main}/v1/inversions/{probe_job}", KEY_B)
@@ -139,6 +146,7 @@ def main() -> int:
             prober.finish()
             sampler.running = False
             receiver.close()
+            slow.close()
             with contextlib.suppress(Exception):
                 stack.stop()
     print(table(rows, prober))

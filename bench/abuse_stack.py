@@ -118,7 +118,16 @@ class Stack:
         self.server.stop()
 
 
-def start_stack(tmp: Path, maxmemory_mb: int, waiters_cap: int, extra_env: dict[str, str]) -> Stack:
+def start_stack(
+    tmp: Path,
+    maxmemory_mb: int,
+    waiters_cap: int,
+    extra_env: dict[str, str],
+    webhook_ports: tuple[int, ...],
+) -> Stack:
+    """Redis, a worker and three gateways. Webhooks may go to 127.0.0.1 on `webhook_ports`
+    only (the bench's receivers): loopback is private, so private targets are allowed, and
+    `localhost` stays off the host allow-list (the private target attack 5 aims at)."""
     server = RedisServer(
         tmp, ["--maxmemory", f"{maxmemory_mb}mb", "--maxmemory-policy", "noeviction"]
     )
@@ -127,7 +136,9 @@ def start_stack(tmp: Path, maxmemory_mb: int, waiters_cap: int, extra_env: dict[
     env = subprocess_env(server.url, Path(cache))
     env["INVERSION_AUTH_DISABLED"] = "false"
     env["INVERSION_API_KEY_HASHES"] = ",".join(key_hash(k) for k in ALL_KEYS)
-    env["INVERSION_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1,localhost"
+    env["INVERSION_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1"
+    env["INVERSION_WEBHOOK_ALLOWED_PORTS"] = ",".join(map(str, webhook_ports))
+    env["INVERSION_WEBHOOK_ALLOW_PRIVATE"] = "true"
     procs = Processes(env | extra_env, tmp)
     try:
         worker = procs.worker(wait=False)  # its model loads while the gateways start
@@ -237,7 +248,8 @@ class Receiver:
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.port = int(self.server.server_address[1])
+        self.url = f"http://127.0.0.1:{self.port}/hook"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     def close(self) -> None:
