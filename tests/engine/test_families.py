@@ -6,18 +6,23 @@ null-text and verify on SDXL; the fp16 path keeps SDXL's VAE in float32."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from ddim_inversion.errors import InvalidParameter
 from ddim_inversion.params import InversionParams
 from tests.engine.conftest import Reference
 from worker.engine.dispatch import invert
+from worker.engine.encoding import encode_image
 from worker.engine.types import InversionRequest, InversionResult
 from worker.models import LoadedModel, load_model
+from worker.tiny_model import tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -324,18 +329,50 @@ def test_sdxl_fp16_keeps_the_vae_in_float32_and_gives_no_nan(model_cache_dir, sa
     assert np.isfinite(result.metadata.reconstruction_psnr)
 
 
+def overflowing_xl_vae(source: Path, folder: Path, *, force_upcast: bool) -> Path:
+    """A copy of tiny-xl whose VAE encoder's first activations exceed float16's range
+    (65504), as SDXL's VAE does on real images: the known NaN failure, reproduced on a
+    CPU. `force_upcast` as the VAE's config says it."""
+    shutil.copytree(source, folder)
+    config_path = folder / "vae" / "config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps(config | {"force_upcast": force_upcast}))
+    weights_path = folder / "vae" / "diffusion_pytorch_model.safetensors"
+    weights = load_file(weights_path)
+    weights["encoder.conv_in.weight"] = weights["encoder.conv_in.weight"] * 1e7
+    save_file(weights, weights_path)
+    return folder
+
+
+def test_an_overflowing_sdxl_vae_gives_nan_in_float16_and_none_through_float32(
+    tiny_xl, model_cache_dir, sample_arrays, tmp_path
+):
+    """The fp16 path on the CPU: a VAE that overflows float16 makes NaN latents when it runs
+    in float16 (force_upcast off), and finite ones, equal to a float32 model's, when its
+    config's force_upcast keeps it in float32 under a float16 UNet."""
+    source = tiny_model_dir(model_cache_dir, "tiny-xl")  # written by the tiny_xl fixture
+    image = sample_arrays["chelsea"]
+    params = InversionParams(prompt="a cat")
+    latents = {}
+    for upcast in (False, True):
+        folder = overflowing_xl_vae(source, tmp_path / f"upcast-{upcast}", force_upcast=upcast)
+        model = load_model(str(folder), device="cpu", dtype="float16")
+        assert model.vae.dtype == (torch.float32 if upcast else torch.float16)
+        latents[upcast] = encode_image(model, image, params)
+    reference = load_model(str(tmp_path / "upcast-True"), device="cpu", dtype="float32")
+    assert torch.isnan(latents[False]).any()
+    assert torch.isfinite(latents[True]).all()
+    torch.testing.assert_close(latents[True], encode_image(reference, image, params))
+
+
 def test_sdxl_refined_result_goes_back_through_diffusers_sdxl_pipeline(
     tiny_xl, model_cache_dir, sample_arrays
 ):
     """The README's recipe: the result file's latents, scheduler config and
     sdxl_conditioning given to StableDiffusionXLPipeline (its own prompt encoding and time
     ids) sample back to the clean latent."""
-    import json
-
     from diffusers import DDIMScheduler, StableDiffusionXLPipeline
     from safetensors import safe_open
-
-    from worker.tiny_model import tiny_model_dir
 
     params = InversionParams(
         prompt="a cat",
