@@ -11,6 +11,7 @@ gateway's routes and metrics, docker/redis.conf.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
@@ -19,8 +20,10 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import redis as redis_lib
+from PIL import Image
 
 from ddim_inversion.keys import queue_name_for
 from tests.conftest import free_port, wait_for
@@ -440,19 +443,13 @@ def test_keda_triggers_follow_each_model_queue(rendered) -> None:
             assert minimum == (0 if overlay == "scale-to-zero" else 1), overlay
 
 
-def test_a_pool_at_zero_keeps_gateways_ready_and_a_new_job_wakes_it(rendered) -> None:
+def test_a_pool_at_zero_keeps_gateways_ready_and_a_new_job_wakes_it(
+    rendered, processes, redis_client
+) -> None:
     """What components/scale-to-zero needs of the gateway: with no worker alive, the
     readiness probe answers 200 (gateways stay in the Service), and a job submitted then
-    lands in the list the ScaledObject's Redis trigger reads, which starts a worker."""
-    import io
-
-    import fakeredis
-    from fastapi.testclient import TestClient
-    from PIL import Image
-
-    from service.app import create_app
-    from service.settings import GatewaySettings
-
+    lands in the list the ScaledObject's Redis trigger reads, which starts a worker. A real
+    gateway process with the manifest's model settings, on a real Redis, no worker."""
     resources = rendered["scale-to-zero"]
     scaled_objects = by_kind(resources, "ScaledObject")
     assert len(scaled_objects) >= 2, "one per model"
@@ -466,26 +463,21 @@ def test_a_pool_at_zero_keeps_gateways_ready_and_a_new_job_wakes_it(rendered) ->
         if scaled["metadata"]["labels"][MODEL_LABEL] == env["INVERSION_DEFAULT_MODEL"]["value"]
     ]
     (trigger,) = [t["metadata"] for t in scaled["spec"]["triggers"] if t["type"] == "redis"]
-    queue = env.get("INVERSION_QUEUE_NAME", {}).get("value")
-    settings = GatewaySettings(
-        redis_url="redis://unused.invalid:6379/0",
-        auth_disabled=True,
-        default_model=env["INVERSION_DEFAULT_MODEL"]["value"],
-        **({"queue_name": queue} if queue else {}),
-    )
-    server = fakeredis.FakeServer()
-    connection = fakeredis.FakeRedis(server=server)
-    app = create_app(settings, connection, fakeredis.FakeAsyncRedis(server=server))
+    from_manifest = {
+        name: env[name]["value"]
+        for name in ("INVERSION_DEFAULT_MODEL", "INVERSION_QUEUE_NAME")
+        if name in env
+    }
+    base = processes.gateway(**from_manifest)
+    probe = httpx.get(base + gateway["readinessProbe"]["httpGet"]["path"])
+    assert probe.status_code == 200, probe.text
     image = io.BytesIO()
     Image.new("RGB", (64, 64)).save(image, format="PNG")
-    with TestClient(app) as client:
-        probe = client.get(gateway["readinessProbe"]["httpGet"]["path"])
-        assert probe.status_code == 200, probe.text
-        files = {"image": ("a.png", image.getvalue())}
-        answer = client.post("/v1/inversions", data={"prompt": "a cat"}, files=files)
-        assert answer.status_code == 202, answer.text
+    files = {"image": ("a.png", image.getvalue())}
+    answer = httpx.post(base + "/v1/inversions", data={"prompt": "a cat"}, files=files)
+    assert answer.status_code == 202, answer.text
     activation = int(trigger.get("activationListLength", "0"))
-    assert connection.llen(trigger["listName"]) > activation
+    assert redis_client.llen(trigger["listName"]) > activation
 
 
 def selectors(expr: Any) -> list[Any]:
