@@ -188,17 +188,26 @@ def byte_tokenizer(directory: Path) -> Any:
     return tokenizer
 
 
-def _text_encoder(
-    tokenizer: Any,
-    shape: ModelShape,
-    hidden: int,
-    intermediate: int,
-    layers: int,
-    heads: int,
-    projection: bool,
-) -> Any:
+def _text_encoder(tokenizer: Any, shape: ModelShape, second: bool) -> Any:
+    """A random CLIP text encoder of `shape`: the first, or SDXL's second (its own sizes,
+    and the projection that makes the pooled embedding)."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
+    hidden, intermediate, layers, heads = (
+        (
+            shape.text_2_hidden_size,
+            shape.text_2_intermediate_size,
+            shape.text_2_layers,
+            shape.text_2_heads,
+        )
+        if second
+        else (
+            shape.text_hidden_size,
+            shape.text_intermediate_size,
+            shape.text_layers,
+            shape.text_heads,
+        )
+    )
     config = CLIPTextConfig(
         vocab_size=shape.vocab_size or len(tokenizer),
         hidden_size=hidden,
@@ -211,7 +220,7 @@ def _text_encoder(
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
+    return CLIPTextModelWithProjection(config) if second else CLIPTextModel(config)
 
 
 def write_random_model(directory: str | Path, shape: ModelShape, seed: int) -> Path:
@@ -232,31 +241,12 @@ def write_random_model(directory: str | Path, shape: ModelShape, seed: int) -> P
     if xl:
         tokenizer.save_pretrained(directory / "tokenizer_2")
 
-    torch.manual_seed(seed)
-    text_encoder = _text_encoder(
-        tokenizer,
-        shape,
-        shape.text_hidden_size,
-        shape.text_intermediate_size,
-        shape.text_layers,
-        shape.text_heads,
-        projection=False,
-    )
-    text_encoder.save_pretrained(directory / "text_encoder")
-    del text_encoder
-    if xl:
-        torch.manual_seed(seed + 3)
-        text_encoder_2 = _text_encoder(
-            tokenizer,
-            shape,
-            shape.text_2_hidden_size,
-            shape.text_2_intermediate_size,
-            shape.text_2_layers,
-            shape.text_2_heads,
-            projection=True,
-        )
-        text_encoder_2.save_pretrained(directory / "text_encoder_2")
-        del text_encoder_2
+    encoders = [("text_encoder", seed, False), ("text_encoder_2", seed + 3, True)]
+    for folder, encoder_seed, second in encoders[: 2 if xl else 1]:
+        torch.manual_seed(encoder_seed)
+        encoder = _text_encoder(tokenizer, shape, second)
+        encoder.save_pretrained(directory / folder)
+        del encoder
     torch.manual_seed(seed + 1)
     vae: Any = AutoencoderKL(
         in_channels=3,
