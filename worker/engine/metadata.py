@@ -27,9 +27,10 @@ def result_metadata(
 ) -> ResultMetadata:
     """The metadata of one result: its request, the model, the timesteps and scheduler
     config it ran with, its prompt's (token count, truncated), the shapes and dtype of
-    its tensors as stored, and what its method adds (`method_fields`)."""
+    its tensors as stored, and what its method adds or settles (`method_fields`, e.g.
+    ddpm's seed when none was given)."""
     width, height = resolution_of(params, model)
-    return ResultMetadata(
+    fields: dict[str, Any] = dict(
         model=model.name,
         width=width,
         height=height,
@@ -50,5 +51,5 @@ def result_metadata(
         sdxl_conditioning=(
             sdxl_conditioning(params, (width, height)) if model.family == "sdxl" else None
         ),
-        **method_fields,
     )
+    return ResultMetadata(**(fields | method_fields))

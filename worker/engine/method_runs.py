@@ -256,8 +256,8 @@ def method_batch(
             config,
             (encoded.prompts.token_counts[index], encoded.prompts.truncated[index]),
             encoded.clean[index],
+            **per_row,
         )
-        result.metadata = result.metadata.model_copy(update=per_row)
         result.latents_pair = tensors.get("latents_pair")
         result.noise_maps = tensors.get("noise_maps")
         result.noisy_latents = tensors.get("noisy_latents")
@@ -284,8 +284,10 @@ def _result(
     config: dict[str, Any],
     prompt: tuple[int, bool],
     clean: torch.Tensor,
+    **method_fields: Any,
 ) -> InversionResult:
-    """One row's result at its dtype, with the metadata every result carries."""
+    """One row's result at its dtype, with the metadata every result carries and what its
+    method adds (`method_fields`)."""
     params = request.params
     dtype = result_dtype(params, model)
     latents = latents.to("cpu", dtype, copy=True)
@@ -298,6 +300,7 @@ def _result(
         timesteps=timesteps,
         config=config,
         prompt=prompt,
+        **method_fields,
     )
     return InversionResult(
         latents=latents,
