@@ -24,6 +24,7 @@ from service.routes import (
     status,
 )
 from service.settings import GatewaySettings, get_settings
+from service.upload_budget import UploadBudget, UploadBudgetMiddleware
 
 CORS_REQUEST_HEADERS = ("Idempotency-Key", "Prefer", "Last-Event-ID")
 """Protocol headers a browser front end sends (see service/protocol.py)."""
@@ -78,6 +79,11 @@ def create_app(
         registry=app.state.metrics.registry,
     ).set_function(lambda: _open_waits(app))
     install_error_handlers(app)
+    app.state.upload_budget = UploadBudget(
+        app_settings.max_uploads_per_key, app_settings.max_upload_bytes_in_progress
+    )
+    # Inside the body limit: a declared length it refuses reserves nothing.
+    app.add_middleware(UploadBudgetMiddleware, budget=app.state.upload_budget)
     app.add_middleware(
         BodyLimitMiddleware, max_body_bytes=app_settings.max_upload_bytes + FORM_OVERHEAD_BYTES
     )

@@ -198,7 +198,36 @@ class GatewaySettings(BaseSettings):
     http_max_header_bytes: int = Field(
         default=32 * 1024,
         ge=1024,
-        description="Largest request line plus headers, in bytes (400 and closed above).",
+        description="Largest request line plus headers, in bytes (431 and closed above).",
+    )
+    http_body_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A request's whole body must arrive within this many seconds of its "
+        "headers; else 408 and the connection is closed (its upload discarded).",
+    )
+    http_body_min_rate: int = Field(
+        default=8 * 1024,
+        ge=1,
+        description="Slowest average rate, in bytes per second, at which a request body may "
+        "arrive once its grace time has passed (408 and closed below).",
+    )
+    http_body_rate_grace_s: float = Field(
+        default=10.0,
+        ge=0,
+        description="Seconds a request body may take before http_body_min_rate applies.",
+    )
+    max_uploads_per_key: int = Field(
+        default=10,
+        ge=1,
+        description="Request bodies one API key may be sending at once to one gateway "
+        "process (429 above).",
+    )
+    max_upload_bytes_in_progress: int = Field(
+        default=1024 * 1024 * 1024,
+        ge=1,
+        description="Bytes of request bodies one gateway process takes in at once, each "
+        "counted at its declared length (503 with Retry-After above).",
     )
     http_max_concurrency: int = Field(
         default=1000,
@@ -280,6 +309,16 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(
                     f"{job} is above {key}: a job allowed alone could never be admitted"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _one_body_fits_the_upload_budget(self) -> GatewaySettings:
+        # The largest body is a JSON one: the image's base64 (4/3) plus the fields, under 2x.
+        if self.max_upload_bytes_in_progress < 2 * self.max_upload_bytes:
+            raise ValueError(
+                "max_upload_bytes_in_progress is below twice max_upload_bytes: the largest "
+                "body allowed alone (a JSON one, base64) could never be admitted"
+            )
         return self
 
     @property

@@ -117,6 +117,16 @@ def test_an_oversized_request_head_is_refused(gateway):
         assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
 
 
+def test_an_oversized_head_arriving_whole_is_refused(gateway):
+    # 40 KB of Authorization and the head's end in one write: the parser takes the whole
+    # head in one read, so a bound that counts only incomplete heads never sees it.
+    head = b"GET /v1/capacity HTTP/1.1\r\nHost: gateway\r\nAuthorization: Bearer "
+    with connect(gateway) as sock:
+        sock.sendall(head + b"k" * 40_000 + b"\r\n\r\n")
+        code, body = status_and_body(read_all(sock))
+    assert code == 431 and json.loads(body)["code"] == "payload_too_large"
+
+
 def test_an_idle_keep_alive_connection_is_closed_without_an_answer(gateway):
     with connect(gateway) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
