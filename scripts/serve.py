@@ -93,8 +93,8 @@ def main() -> int:
     signal.signal(signal.SIGTERM, stop)
     for _ in range(1200):
         try:
-            with urllib.request.urlopen(base + "/readyz", timeout=1) as answer:
-                # Ready with a live worker: readiness alone needs none (jobs would queue).
+            with urllib.request.urlopen(base + "/v1/capacity", timeout=1) as answer:
+                # A live worker: readiness alone needs none (jobs would queue).
                 if answer.status == 200 and json.loads(answer.read())["workers"]:
                     break
         except Exception:

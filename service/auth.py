@@ -51,3 +51,13 @@ def authenticate(key: str | None, accepted: tuple[str, ...]) -> str:
     if not match:
         raise unauthorized("the API key is not valid")
     return presented.decode("ascii")
+
+
+def check_metrics_token(authorization: str | None, token_hash: str) -> None:
+    """A 401 problem unless `Authorization: Bearer <token>` presents the metrics token
+    (`token_hash` empty: no token opens it)."""
+    key = presented_key(authorization, None)
+    if key is None or not token_hash:
+        raise unauthorized("/metrics needs the metrics token: `Authorization: Bearer <token>`")
+    if not hmac.compare_digest(key_hash(key).encode(), token_hash.lower().encode()):
+        raise unauthorized("the metrics token is not valid")

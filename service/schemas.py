@@ -110,10 +110,10 @@ class WorkerView(BaseModel):
 
 
 class Readiness(BaseModel):
-    """The gateway can serve (Redis answers); `workers` may be empty: jobs then queue."""
+    """The gateway can serve (Redis answers). Only a status word: the workers and queues
+    are behind the API key (`GET /v1/capacity`) or the metrics token (`/metrics`)."""
 
     status: str = "ready"
-    workers: list[WorkerView] = Field(description="Live workers, the most recent first.")
 
 
 class WorkerCapacity(WorkerView):

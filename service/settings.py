@@ -109,6 +109,13 @@ class GatewaySettings(BaseSettings):
             "Without it, the gateway refuses to start when no api_key_hashes are set."
         ),
     )
+    metrics_token_hash: str = Field(
+        default="",
+        pattern=r"^$|^[0-9a-fA-F]{64}$",
+        description="Hex SHA-256 of the token a scraper presents to `GET /metrics` as "
+        "`Authorization: Bearer <token>`; empty: /metrics answers 401 (unless auth is "
+        "disabled). API keys do not open it: it shows every tenant's queues.",
+    )
     max_queued_per_key: int = Field(
         default=100,
         ge=1,

@@ -67,11 +67,30 @@ def test_401_comes_before_validation(authed):
 def test_probes_and_docs_need_no_key(authed):
     assert authed.get("/healthz").status_code == 200
     assert authed.get("/readyz").status_code == 200
-    assert authed.get("/metrics").status_code == 200
     assert authed.get("/docs").status_code == 200
     spec = authed.get("/openapi.json").json()
     assert "401" in spec["paths"]["/v1/inversions"]["post"]["responses"]
     assert spec["components"]["securitySchemes"]
+
+
+METRICS_TOKEN = "scraper-token"
+
+
+@pytest.mark.parametrize("token_hash", ["", hashlib.sha256(METRICS_TOKEN.encode()).hexdigest()])
+def test_metrics_need_the_metrics_token_not_an_api_key(make_client, token_hash):
+    # The queues and workers of every tenant: neither an anonymous caller nor a tenant's
+    # key reads them, only the scraper's token (none opens /metrics while it is unset).
+    client = make_client(
+        auth_disabled=False, api_key_hashes=(HASH_A,), metrics_token_hash=token_hash
+    )
+    for headers in ({}, bearer(KEY_A), {"X-API-Key": KEY_A}, bearer("wrong")):
+        assert_401(client.get("/metrics", headers=headers))
+    scraped = client.get("/metrics", headers=bearer(METRICS_TOKEN))
+    if token_hash:
+        assert scraped.status_code == 200
+        assert "inversion_queue_depth" in scraped.text
+    else:
+        assert_401(scraped)
 
 
 @pytest.mark.parametrize("headers", [bearer(KEY_A), {"X-API-Key": KEY_A}])
