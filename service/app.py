@@ -12,6 +12,7 @@ from service.auth_middleware import ApiKeyMiddleware
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import GatewayMetrics, RequestMetricsMiddleware
+from service.redirects import RelativeSlashRedirectMiddleware
 from service.redis_conn import lifespan
 from service.routes import (
     capacity,
@@ -93,6 +94,7 @@ def create_app(
         api_key_hashes=app_settings.api_key_hashes,
         disabled=app_settings.auth_disabled,
     )
+    app.add_middleware(RelativeSlashRedirectMiddleware)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
     if app_settings.cors_origins:
         # Outermost: preflights are answered before the body limit, metrics or auth.

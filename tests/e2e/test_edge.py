@@ -127,6 +127,20 @@ def test_an_oversized_head_arriving_whole_is_refused(gateway):
     assert code == 431 and json.loads(body)["code"] == "payload_too_large"
 
 
+def test_a_trailing_slash_redirects_to_a_path_not_to_the_host_asked_for(gateway):
+    # The gateway trusts X-Forwarded-Proto from loopback (uvicorn's proxy_headers), as
+    # from a load balancer: an absolute Location would carry both forged values.
+    with connect(gateway) as sock:
+        sock.sendall(
+            b"GET /v1/capacity/?x=1 HTTP/1.1\r\nHost: evil.example\r\n"
+            b"X-Forwarded-Proto: https\r\nX-API-Key: " + KEY.encode() + b"\r\n"
+            b"Connection: close\r\n\r\n"
+        )
+        head = read_all(sock).partition(b"\r\n\r\n")[0].decode().lower().split("\r\n")
+    assert head[0].startswith("http/1.1 307 ")
+    assert "location: /v1/capacity?x=1" in head
+
+
 def test_an_idle_keep_alive_connection_is_closed_without_an_answer(gateway):
     with connect(gateway) as sock:
         sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n")
