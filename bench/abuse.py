@@ -7,8 +7,10 @@ under a 5/min rate limit; 30 concurrent submits under a per-key limit of 3; a ba
 20 jobs from A before one of B (fairness); a cancel during `verify` and a `verify` job
 over its timeout; a slow webhook receiver and a webhook to a private address; canceled
 jobs' TTLs; forged jobs written straight into Redis; big resolutions filling Redis; a
-result over Redis's `proto-max-bulk-len`. During each, key B GETs one of its jobs every
-20 ms (from a process of its own) and submits one job with a webhook.
+result over Redis's `proto-max-bulk-len`; then the edge's (bench/abuse_edge.py): held and
+dripped request bodies, a 40 KB header arriving whole, what a caller without a key reads.
+During each, key B GETs one of its jobs every 20 ms (from a process of its own) and
+submits one job with a webhook (its submit's latency is in the job column).
 
 Prints a markdown table: the attack, key A's answers, what came of it, key B's GET
 p50/p95 during the attack against idle, B's job and webhook delay, Redis's peak used
@@ -34,6 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.abuse_attacks import ATTACKS, Ctx, KeyB  # noqa: E402
+from bench.abuse_edge import EDGE_ATTACKS  # noqa: E402
 from bench.abuse_stack import (  # noqa: E402
     KEY_B,
     MemorySampler,
@@ -68,6 +71,8 @@ def run(ctx: Ctx, name: str, attack: Callable[[Ctx], tuple[str, str]]) -> Row:
     end = time.time()
     row = Row(name, answers, outcome, ctx.window or (start, end))
     row.b_job, row.b_hook_s = ctx.b.finish(ctx.args.grace_s)
+    if ctx.b.submit_ms is not None:
+        row.b_job += f", submit {ctx.b.submit_ms:.0f} ms"
     row.redis_mb = ctx.sampler.peak_mb(start, time.time())
     row.workers = ctx.stack.workers()
     if ctx.stack.ensure_worker():
@@ -139,7 +144,7 @@ def main() -> int:
         time.sleep(1.0)  # the prober's process starts
         rows = []
         try:
-            for name, attack in ATTACKS:
+            for name, attack in ATTACKS + EDGE_ATTACKS:
                 if name == "idle" or not args.only or name.split(":")[0] in args.only:
                     rows.append(run(ctx, name, attack))
         finally:

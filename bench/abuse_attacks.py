@@ -27,6 +27,7 @@ from bench.abuse_stack import (
     KEY_A_REPLAYS,
     KEY_A_TIMEOUT,
     KEY_B,
+    METRICS_AUTH,
     PARKED_QUEUE,
     PNG,
     STRICT,
@@ -60,10 +61,13 @@ class KeyB:
         self.job: str | None = None
         self.code: int | None = None
         self.summary: tuple[str, float | None] | None = None
+        self.submit_ms: float | None = None
 
     def start(self) -> None:
         try:
+            started = time.perf_counter()
             answer = submit(self.ctx.stack.main, KEY_B, webhook_url=self.ctx.receiver.url)
+            self.submit_ms = (time.perf_counter() - started) * 1000
             self.code = answer.status_code
             self.job = answer.json().get("id") if answer.status_code == 202 else None
         except httpx.HTTPError as exc:
@@ -158,7 +162,7 @@ def waiters_and_streams(ctx: Ctx) -> tuple[str, str]:
                     state["opened"] += 1
 
     async def open_waits() -> float:
-        text = (await http.get("/metrics")).text
+        text = (await http.get("/metrics", headers=METRICS_AUTH)).text
         for line in text.splitlines():
             if line.startswith("inversion_open_waits "):
                 return float(line.split()[1])

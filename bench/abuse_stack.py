@@ -45,6 +45,12 @@ PARKED_QUEUE = "abuse-parked"
 """The parked gateway's queue prefix: no worker drains `abuse-parked:<model>`."""
 STRICT = {"max_queued_per_key": 3, "rate_limit_per_minute": 5, "job_timeout_s": 2}
 """The strict gateway's limits (INVERSION_*)."""
+BODY_TIMEOUT_S = 5
+"""The main gateway's whole-body deadline (INVERSION_HTTP_BODY_TIMEOUT_S): short, so that
+the held-bodies attack sees it act; every other attack's bodies arrive at once."""
+METRICS_TOKEN = "abuse-metrics-token"
+"""The token /metrics answers (INVERSION_METRICS_TOKEN_HASH is its hash)."""
+METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
 
 
 def tiny_png(size: int = 64) -> bytes:
@@ -139,10 +145,14 @@ def start_stack(
     env["INVERSION_WEBHOOK_ALLOWED_HOSTS"] = "127.0.0.1"
     env["INVERSION_WEBHOOK_ALLOWED_PORTS"] = ",".join(map(str, webhook_ports))
     env["INVERSION_WEBHOOK_ALLOW_PRIVATE"] = "true"
+    env["INVERSION_METRICS_TOKEN_HASH"] = key_hash(METRICS_TOKEN)
     procs = Processes(env | extra_env, tmp)
     try:
         worker = procs.worker(wait=False)  # its model loads while the gateways start
-        main = procs.gateway(INVERSION_MAX_WAITERS_PER_KEY=str(waiters_cap))
+        main = procs.gateway(
+            INVERSION_MAX_WAITERS_PER_KEY=str(waiters_cap),
+            INVERSION_HTTP_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
+        )
         strict = procs.gateway(**{f"INVERSION_{k.upper()}": str(v) for k, v in STRICT.items()})
         parked = procs.gateway(INVERSION_QUEUE_NAME=PARKED_QUEUE)
         client = redis.Redis.from_url(server.url)
