@@ -65,13 +65,13 @@ def _upload_head(path: str, key: str, length: int) -> bytes:
 
 
 def held_bodies(ctx: Ctx) -> tuple[str, str]:
-    """Point 1: 40 keyless POSTs to /healthz declaring 1 MB and sending 10 bytes; then 15
-    uploads of key A sending 2 MB of a declared 4 MB, then silence."""
+    """Point 1: 40 keyless POSTs to /healthz declaring 1 MB and sending 10 bytes; then 20
+    uploads of key A (over its bound of 16) sending 2 MB of a declared 4 MB, then silence."""
     main = ctx.stack.main
     keyless = [_open(main, _upload_head("/healthz", "", 1_000_000) + b"x" * 10) for _ in range(40)]
     uploads = [
         _open(main, _upload_head("/v1/inversions", KEY_A, 4_000_000) + b"\x89" * 2_000_000)
-        for _ in range(15)
+        for _ in range(20)
     ]
     assert ctx.b is not None
     ctx.b.start()  # while A's uploads are held (until the body deadline)

@@ -225,7 +225,7 @@ class GatewaySettings(BaseSettings):
         description="Seconds a request body may take before http_body_min_rate applies.",
     )
     max_uploads_per_key: int = Field(
-        default=10,
+        default=16,
         ge=1,
         description="Request bodies one API key may be sending at once to one gateway "
         "process (429 above).",

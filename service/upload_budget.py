@@ -1,9 +1,9 @@
 """Bound the request bodies in progress: per API key, and in bytes per gateway process.
 
 A body being received holds a connection and, for a multipart upload, a temporary file
-(memory for a JSON one) until its request is answered. Without a bound, one key opening
+(memory for a JSON one). Without a bound, one key opening
 many slow uploads, or many keys at once, fill the disk and the connection limit. So each
-request with a body, before its first byte is read:
+request with a body, when its route starts reading it (before its first byte is taken):
 
 - counts against its key's uploads in progress (`INVERSION_MAX_UPLOADS_PER_KEY`; 429
   above; none for the anonymous owner, like every per-key limit);
@@ -11,7 +11,8 @@ request with a body, before its first byte is read:
   (`INVERSION_MAX_UPLOAD_BYTES_IN_PROGRESS`; 503 with Retry-After when it does not fit);
   a chunked body reserves as its bytes come, and is stopped with 503 when they do not fit.
 
-Both are given back when the request is answered (its temporary file is removed then).
+Both are given back once the body has arrived (or the request is answered, or the client
+is gone, whichever comes first): a `Prefer: wait` submission holds neither while it waits.
 The connection of a refused request is closed by the HTTP protocol (service/http_protocol),
 its body unread.
 """
@@ -22,13 +23,12 @@ from collections import Counter
 
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ddim_inversion.errors import ErrorCode
 from service import auth
 from service.auth_middleware import owner_of
-from service.errors import RETRY_AFTER_S, ProblemError, problem_response
+from service.errors import RETRY_AFTER_S, ProblemError
 
 _BUSY = "this gateway is taking in all the uploads it can; try again shortly"
 
@@ -92,7 +92,8 @@ def declared_body(headers: Headers) -> int | None:
 
 class UploadBudgetMiddleware:
     """Inside the API key check (the owner is known) and the body's size limit (a
-    declared length is within it), outside the routes that read the body."""
+    declared length is within it). A request is admitted when its app first reads the
+    body: one answered without reading it (404, 405, ...) holds nothing."""
 
     def __init__(self, app: ASGIApp, budget: UploadBudget) -> None:
         self.app = app
@@ -104,31 +105,44 @@ class UploadBudgetMiddleware:
             await self.app(scope, receive, send)
             return
         owner = owner_of(scope)
-        try:
-            self.budget.admit(owner, declared)
-        except ProblemError as exc:
-            response = problem_response(
-                Request(scope), exc.status, exc.code, exc.detail, headers=exc.headers
-            )
-            await response(scope, receive, send)
-            return
-        reserved, received = declared, 0
+        admitted, ended = False, False
+        reserved = received = declared or 0
+
+        def end() -> None:
+            nonlocal ended
+            if admitted and not ended:
+                self.budget.leave(owner, reserved)
+            ended = True
+
+        def refuse(exc: ProblemError) -> HTTPException:
+            end()
+            # An HTTPException passes through the body parsing to the handler.
+            return HTTPException(exc.status, exc.detail, exc.headers)
 
         async def counting_receive() -> Message:
-            nonlocal reserved, received
+            nonlocal admitted, reserved, received
+            if not admitted and not ended:
+                try:
+                    self.budget.admit(owner, reserved)
+                except ProblemError as exc:
+                    raise refuse(exc) from None
+                admitted, received = True, 0
             message = await receive()
-            if message["type"] == "http.request":
+            if message["type"] != "http.request":
+                end()  # the client is gone
+            elif not ended:
                 received += len(message.get("body", b""))
                 if received > reserved:
                     try:
                         self.budget.grow(received - reserved)
                     except ProblemError as exc:
-                        # An HTTPException passes through the body parsing to the handler.
-                        raise HTTPException(exc.status, exc.detail, exc.headers) from None
+                        raise refuse(exc) from None
                     reserved = received
+                if not message.get("more_body", False):
+                    end()
             return message
 
         try:
             await self.app(scope, counting_receive, send)
         finally:
-            self.budget.leave(owner, reserved)
+            end()

@@ -82,6 +82,8 @@ async def submit_inversion(
         body,
         idempotency_key,
     )
+    if not isinstance(body.image, str):
+        body.image.close()  # its bytes are stored: its temporary file goes before any wait
     headers = {"Location": JobUrls.for_job(job_id).self}
     if replayed:
         headers["Idempotent-Replayed"] = "true"

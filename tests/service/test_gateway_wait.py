@@ -154,12 +154,14 @@ def test_closing_ends_the_listener_even_when_its_cancellation_is_swallowed(redis
 # -- through the routes, on a real server ------------------------------------------------
 
 KEY_A, KEY_B = "key-a", "key-b"
+METRICS_TOKEN = "scraper"
 
 
 def _settings(redis_url: str, **overrides: Any) -> GatewaySettings:
     fields: dict[str, Any] = {
         "redis_url": redis_url,
         "api_key_hashes": (auth.key_hash(KEY_A), auth.key_hash(KEY_B)),
+        "metrics_token_hash": auth.key_hash(METRICS_TOKEN),
         "default_model": "tiny",  # no worker announces one: the jobs queue for it
     }
     return GatewaySettings(**(fields | overrides))
@@ -215,7 +217,8 @@ def _submit(base: str, key: str, headers: dict[str, str] | None = None) -> httpx
 def test_waits_and_streams_hold_no_thread(redis_url):
     """80 waits and streams on a queued job, a threadpool of 4: while they are all open,
     none of the 4 threads is busy, and another request answers."""
-    settings = _settings(redis_url, max_waiters_per_key=500)
+    # 40 uploads of one key at once: over its bound of bodies in progress, lifted here.
+    settings = _settings(redis_url, max_waiters_per_key=500, max_uploads_per_key=500)
     with serve(settings, reread_s=NEVER_S) as base:
         httpx.get(base + "/_threads", params={"limit": 4})
         job = _submit(base, KEY_A).json()["id"]  # no worker: it stays queued
@@ -323,7 +326,8 @@ def test_each_key_holds_at_most_its_limit_of_waits_and_streams(redis_url):
             # Another key is not affected.
             with events(job_b, KEY_B) as other:
                 assert other.status_code == 200
-                metrics = httpx.get(base + "/metrics").text
+                scrape = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+                metrics = httpx.get(base + "/metrics", headers=scrape).text
                 assert "\ninversion_open_waits 3.0\n" in metrics
         # Both places are given back when the streams close.
         wait_for(lambda: httpx.get(base + "/_threads").json()["open"] == 0, 10, "the release")
