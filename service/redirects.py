@@ -9,7 +9,7 @@ URL it asked for.
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -18,7 +18,7 @@ def _relative(location: bytes, request_path: str) -> bytes | None:
     """The Location as a path, when it is the router's redirect of this request's path
     (the same path but for one trailing slash); None otherwise."""
     url = urlsplit(location.decode("latin-1"))
-    if url.path.rstrip("/") != request_path.rstrip("/"):
+    if unquote(url.path).rstrip("/") != request_path.rstrip("/"):
         return None
     return (url.path + (f"?{url.query}" if url.query else "")).encode("latin-1")
 
