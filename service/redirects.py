@@ -20,7 +20,9 @@ def _relative(location: bytes, request_path: str) -> bytes | None:
     url = urlsplit(location.decode("latin-1"))
     if unquote(url.path).rstrip("/") != request_path.rstrip("/"):
         return None
-    return (url.path + (f"?{url.query}" if url.query else "")).encode("latin-1")
+    # One leading slash: `//host/...` would be a network-path reference to another host.
+    path = "/" + url.path.lstrip("/")
+    return (path + (f"?{url.query}" if url.query else "")).encode("latin-1")
 
 
 class RelativeSlashRedirectMiddleware:
