@@ -193,3 +193,17 @@ def test_gateway_never_imports_the_gpu_stack():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_trailing_slash_redirects_to_a_relative_path(client):
+    answer = client.get(
+        "/v1/capacity/?a=1", headers={"Host": "evil.example"}, follow_redirects=False
+    )
+    assert answer.status_code == 307 and answer.headers["location"] == "/v1/capacity?a=1"
+
+
+def test_a_redirect_location_never_names_another_host():
+    from service.redirects import _relative
+
+    assert _relative(b"http://evil.example//x.example/a", "//x.example/a/") == b"/x.example/a"
+    assert _relative(b"https://elsewhere.example/other", "/v1/capacity/") is None
