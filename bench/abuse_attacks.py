@@ -143,16 +143,22 @@ def waiters_and_streams(ctx: Ctx) -> tuple[str, str]:
 
     async def wait() -> None:
         headers = key | {"Idempotency-Key": idem, "Prefer": "wait=60"}
-        for _ in range(100):  # past the key's bound of bodies in progress: try again
-            answer = await http.post(
-                "/v1/inversions",
-                data={"prompt": "a cat", "num_inference_steps": "3", "resolution": "64"},
-                files={"image": ("tiny.png", PNG, "image/png")},
-                headers=headers,
-            )
-            if answer.status_code != 429 or "request bodies" not in answer.text:
+        for _ in range(100):
+            try:
+                answer = await http.post(
+                    "/v1/inversions",
+                    data={"prompt": "a cat", "num_inference_steps": "3", "resolution": "64"},
+                    files={"image": ("tiny.png", PNG, "image/png")},
+                    headers=headers,
+                )
+            except httpx.TransportError:
+                answer = None  # refused and closed while its body was still being sent
+            # Past the key's bound of bodies in progress (a 429 or a closed connection):
+            # try again, as a client would.
+            if answer is not None and "request bodies" not in answer.text:
                 break
             await asyncio.sleep(0.1)
+        assert answer is not None
         state["waits"].append(answer.status_code)
         state["ended"] += answer.status_code == 200
 
