@@ -59,6 +59,21 @@ def _refusal(status: int, code: ErrorCode, detail: str) -> bytes:
     return head.encode("ascii") + body
 
 
+class _ClosingAfterBody:
+    """The transport as one request's cycle sees it: uvicorn closes it after an answer
+    that is not kept alive, and here that close lingers while the body is unfinished."""
+
+    def __init__(self, transport: asyncio.Transport, close: Any) -> None:
+        self._transport = transport
+        self._close = close
+
+    def close(self) -> None:
+        self._close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
 class _HeadTooLarge(Exception):
     """Raised from a parser callback to stop parsing a head over the limit."""
 
@@ -79,6 +94,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self.body_timeout_s = settings.http_body_timeout_s
         self.body_min_rate = settings.http_body_min_rate
         self.body_grace_s = settings.http_body_rate_grace_s
+        self.linger_s = settings.http_linger_s
+        self._lingering = False
         self._head_bytes = 0
         self._parsed_head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
@@ -96,6 +113,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._start_head()
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # the rest of an answered request's body: read, and dropped
         in_head = self._head_timer is not None
         super().data_received(data)
         # Still in the head after this data: all of it was head (a body only follows one).
@@ -191,6 +210,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         """
         self._keep_alive = self.cycle.keep_alive
         self.cycle.keep_alive = False
+        self.cycle.transport = _ClosingAfterBody(self.transport, self._close_after_answer)  # type: ignore[assignment]
         self._body_bytes = 0
         self._body_started = asyncio.get_running_loop().time()
         self._check_body_at(min(self.body_timeout_s, self.body_grace_s))
@@ -229,6 +249,21 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 self._socket.close()
         else:
             self._refuse(408, ErrorCode.VALIDATION_ERROR, detail)
+
+    def _close_after_answer(self) -> None:
+        """Close; but while the request's body is still coming, first end the answer
+        (FIN), then read and drop what the client still sends for `linger_s`: a client
+        still sending gets to read the answer instead of a reset (as nginx's lingering
+        close). Bounded in time, like the body itself."""
+        if self._body_timer is None or self._socket is None or self._socket.is_closing():
+            self.transport.close()
+            return
+        self._stop_body()
+        self._lingering = True
+        if self._socket.can_write_eof():
+            self._socket.write_eof()
+        self.flow.resume_reading()
+        asyncio.get_running_loop().call_later(self.linger_s, self._socket.close)
 
     def _refuse(self, status: int, code: ErrorCode, detail: str) -> None:
         self._stop_head()

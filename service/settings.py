@@ -224,6 +224,13 @@ class GatewaySettings(BaseSettings):
         ge=0,
         description="Seconds a request body may take before http_body_min_rate applies.",
     )
+    http_linger_s: float = Field(
+        default=2.0,
+        gt=0,
+        description="After an answer sent before its request's body ended (401, 404, 413, "
+        "429...), the rest of the body is read and dropped for at most this many seconds "
+        "before the connection is closed, so that a client still sending reads the answer.",
+    )
     max_uploads_per_key: int = Field(
         default=16,
         ge=1,

@@ -1,9 +1,9 @@
 """Bound the request bodies in progress: per API key, and in bytes per gateway process.
 
 A body being received holds a connection and, for a multipart upload, a temporary file
-(memory for a JSON one). Without a bound, one key opening
-many slow uploads, or many keys at once, fill the disk and the connection limit. So each
-request with a body, when its route starts reading it (before its first byte is taken):
+(memory for a JSON one). Without a bound, one key opening many slow uploads, or many keys
+at once, fill the disk and the connection limit. So each request whose body does not
+arrive at once, when its route starts reading it:
 
 - counts against its key's uploads in progress (`INVERSION_MAX_UPLOADS_PER_KEY`; 429
   above; none for the anonymous owner, like every per-key limit);
@@ -92,8 +92,10 @@ def declared_body(headers: Headers) -> int | None:
 
 class UploadBudgetMiddleware:
     """Inside the API key check (the owner is known) and the body's size limit (a
-    declared length is within it). A request is admitted when its app first reads the
-    body: one answered without reading it (404, 405, ...) holds nothing."""
+    declared length is within it). A request is admitted at the first part of its body
+    its route reads, unless that part is the whole body: one answered without reading
+    it (404, 405, ...), or whose body arrived at once (uvicorn takes at most 64 KiB before
+    the app reads), holds nothing."""
 
     def __init__(self, app: ASGIApp, budget: UploadBudget) -> None:
         self.app = app
@@ -106,7 +108,7 @@ class UploadBudgetMiddleware:
             return
         owner = owner_of(scope)
         admitted, ended = False, False
-        reserved = received = declared or 0
+        reserved, received = declared or 0, 0
 
         def end() -> None:
             nonlocal ended
@@ -121,25 +123,31 @@ class UploadBudgetMiddleware:
 
         async def counting_receive() -> Message:
             nonlocal admitted, reserved, received
-            if not admitted and not ended:
+            message = await receive()
+            if ended:
+                return message
+            if message["type"] != "http.request":
+                end()  # the client is gone
+                return message
+            more = message.get("more_body", False)
+            if not admitted:
+                if not more:
+                    end()  # the whole body came at once: nothing is held for it
+                    return message
                 try:
                     self.budget.admit(owner, reserved)
                 except ProblemError as exc:
                     raise refuse(exc) from None
-                admitted, received = True, 0
-            message = await receive()
-            if message["type"] != "http.request":
-                end()  # the client is gone
-            elif not ended:
-                received += len(message.get("body", b""))
-                if received > reserved:
-                    try:
-                        self.budget.grow(received - reserved)
-                    except ProblemError as exc:
-                        raise refuse(exc) from None
-                    reserved = received
-                if not message.get("more_body", False):
-                    end()
+                admitted = True
+            received += len(message.get("body", b""))
+            if received > reserved:
+                try:
+                    self.budget.grow(received - reserved)
+                except ProblemError as exc:
+                    raise refuse(exc) from None
+                reserved = received
+            if not more:
+                end()
             return message
 
         try:

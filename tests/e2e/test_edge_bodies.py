@@ -6,6 +6,7 @@ connection, and the bodies in progress are bounded per key and in bytes per proc
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -256,3 +257,29 @@ def test_upload_bytes_in_progress_are_bounded_per_process(bounded):
         for sock in held:
             sock.close()
     wait_for(lambda: refusal(bounded, KEYS[2]) is None, READ_S, "the bytes given back")
+
+
+def test_a_chunked_body_reserves_the_process_budget_as_it_comes(bounded):
+    # Two declared uploads reserve 2 x MAX_UPLOAD of the budget, leaving MAX_UPLOAD / 2:
+    # a chunked upload, which declares nothing, is stopped once its bytes pass that.
+    held = [hold(bounded, KEYS[0]), hold(bounded, KEYS[1])]
+    try:
+        wait_for(lambda: refusal(bounded, KEYS[2]), READ_S, "the two uploads' reservations")
+        with connect(bounded) as sock:
+            head = upload_head(KEYS[2], 0).replace(
+                b"Content-Length: 0", b"Transfer-Encoding: chunked"
+            )
+            first = part(100)
+            sock.sendall(head + b"%x\r\n" % len(first) + first + b"\r\n")
+            chunk = b"\x89" * 10_000
+            # Refused mid-body, the rest is still being sent: the gateway reads and drops
+            # it for INVERSION_HTTP_LINGER_S, so the answer is read, not a reset.
+            with contextlib.suppress(OSError):
+                for _ in range(MAX_UPLOAD // len(chunk)):
+                    sock.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            code, headers, body = answer_of(read_all(sock))
+        assert (code, json.loads(body)["code"]) == (503, "service_unavailable")
+        assert int(headers["retry-after"]) >= 1
+    finally:
+        for sock in held:
+            sock.close()
