@@ -18,12 +18,14 @@ So, here:
   `INVERSION_HTTP_BODY_RATE_GRACE_S`, at `INVERSION_HTTP_BODY_MIN_RATE` bytes/s on average;
   else 408 and closed (the application sees the client gone: its upload is discarded);
 - a response sent before its request's body ended says `Connection: close` and closes the
-  connection: the rest of the body is never waited for.
+  connection: the rest of the body is never waited for (what the client still sends is
+  read and dropped for `INVERSION_HTTP_LINGER_S` after the answer, so that it reads the
+  answer rather than a reset).
 
 Only uvicorn's documented `http=` class option, asyncio's protocol methods, httptools'
 parser callbacks (`on_message_begin`, `on_url`, `on_header`, `on_headers_complete`,
-`on_body`, `on_message_complete`) and the request cycle's `keep_alive` and `disconnected`
-flags are relied on.
+`on_body`, `on_message_complete`) and the request cycle's `keep_alive`, `disconnected` and
+`transport` attributes are relied on.
 """
 
 from __future__ import annotations
