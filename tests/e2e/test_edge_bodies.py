@@ -75,6 +75,15 @@ def cutting(procs: Processes, spool: Path) -> tuple[tuple[str, int], int]:
 
 
 @pytest.fixture(scope="module")
+def spooling(procs: Processes, tmp_path_factory: pytest.TempPathFactory) -> tuple[tuple, int, Path]:
+    """(address, pid, temporary directory) of a gateway with the default deadlines (60 s):
+    what it spools stays on disk until the connection ends, whatever the machine's speed."""
+    directory = tmp_path_factory.mktemp("spool-default")
+    url = procs.gateway(**COMMON, TMPDIR=str(directory))
+    return address(url), procs.started[-1].pid, directory
+
+
+@pytest.fixture(scope="module")
 def bounded(procs: Processes) -> tuple[str, int]:
     return address(procs.gateway(**COMMON, **BUDGET))
 
@@ -148,15 +157,26 @@ def spooled(pid: int, spool: Path) -> list[str]:
 
 def test_an_upload_that_stalls_is_cut_at_the_body_deadline_and_its_file_removed(cutting, spool):
     gateway, pid = cutting
-    # 2 MB arrive at once (over Starlette's 1 MB spool: a file on disk), enough for the
-    # minimum rate for 2000 s: only the whole-body deadline can end this upload.
+    # 2 MB arrive at once (over Starlette's 1 MB spool: a file on disk, as the next test
+    # shows on a gateway with the default deadline), enough for the minimum rate for
+    # 2000 s: only the whole-body deadline can end this upload.
     with connect(gateway) as sock:
         sock.sendall(upload_head(KEYS[0], 4_000_000) + part(2_000_000))
-        wait_for(lambda: spooled(pid, spool), BODY_TIMEOUT_S, "the upload to spool to disk")
         code, headers, body = answer_of(read_all(sock))
     assert code == 408 and headers["connection"] == "close"
     assert json.loads(body)["detail"] == f"the request body took over {BODY_TIMEOUT_S:g} s"
     wait_for(lambda: not spooled(pid, spool), READ_S, "the upload's file to be removed")
+
+
+def test_a_stalled_upload_spools_to_disk_and_its_file_goes_with_the_connection(spooling):
+    # The same upload on a gateway whose deadline (60 s) is far from anything this test
+    # waits for: its file is seen on disk, then removed once the connection ends, which
+    # is how the deadline's 408 ends it above.
+    gateway, pid, directory = spooling
+    with connect(gateway) as sock:
+        sock.sendall(upload_head(KEYS[0], 4_000_000) + part(2_000_000))
+        wait_for(lambda: spooled(pid, directory), READ_S, "the upload to spool to disk")
+    wait_for(lambda: not spooled(pid, directory), READ_S, "the upload's file to be removed")
 
 
 def test_a_body_slower_than_the_minimum_rate_is_cut(cutting):
