@@ -199,6 +199,8 @@ def normalise(image: Image.Image, params: InversionParams, model: ModelInfo | No
                 params.scheduler,
                 params.num_inference_steps,
                 params.inverse_scheduler,
+                params.method,
+                params.verify,
             )
         except InvalidParameter as exc:
             raise _invalid(exc.field, exc.message) from None
