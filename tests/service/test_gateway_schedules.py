@@ -66,9 +66,7 @@ def test_schedules_that_run_are_accepted(client, submit, small_png, live_worker,
     assert answer.status_code == 202, answer.text
 
 
-def test_stored_figures_json_cannot_write_are_answered_as_null(
-    client, submit, small_png, writes
-):
+def test_stored_figures_json_cannot_write_are_answered_as_null(client, submit, small_png, writes):
     # An exact reconstruction has PSNR +inf; an overflowed one NaN. Stored as the worker
     # wrote them, they must not fail GET, Prefer: wait or an Idempotency-Key replay.
     headers = {"Idempotency-Key": "k", "Prefer": "wait=1"}
