@@ -221,3 +221,7 @@ META_ENGINE_S = "engine_s"
 
 META_OWNER = "owner"
 """The owner's key hash, copied from the payload so that a status read needs no payload."""
+
+
+META_IDEMPOTENCY_KEY = "idempotency_key"
+"""The Idempotency-Key the job was submitted with, if any: its record is deleted with it."""

@@ -114,6 +114,7 @@ def accept(
                 limits.confirm, settings=settings, owner=owner, job_id=job_id, now=time.time()
             ),
             exclusive=key is not None,
+            idempotency_key=key,
         )
     except jobs.AlreadyEnqueued:
         return job_id, True
