@@ -118,6 +118,8 @@ def main() -> int:
     args.observe_s = 6.0 if quick else 10.0
     args.backlog_steps, args.verify_steps = 20, 200
     args.fill_jobs, args.fill_resolution, args.maxmemory_mb = 8, 2048, 48
+    args.list_entries = 1_000_000 if quick else 3_000_000
+    args.idem_cycles = 50 if quick else 200
     extra = dict(item.split("=", 1) for item in args.env)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="abuse-") as tmp:
