@@ -135,7 +135,11 @@ class ResultMetadata(BaseModel):
     def _finite_numbers(self, value: list[float] | None) -> list[float | None] | None:
         return finite_or_null(value)
 
-    @field_serializer("scheduler_config", "sdxl_conditioning", when_used="json")
+    @field_serializer("scheduler_config", when_used="json")
+    def _finite_config(self, value: dict[str, Any]) -> dict[str, Any]:
+        return finite_or_null(value)
+
+    @field_serializer("sdxl_conditioning", when_used="json")
     def _finite_values(self, value: dict[str, Any] | None) -> dict[str, Any] | None:
         return finite_or_null(value)
 
