@@ -163,9 +163,8 @@ def _parsed(text: str | bytes, name: str | None, max_items: int) -> Any:
     except json_body.BodyRefused as exc:
         if exc.field is not None:
             raise _invalid(exc.field, exc.message) from None
-        where = "the body " if name is None else ""
-        # "the body is not valid JSON: ...", or the field's "is not valid JSON: ...".
-        raise _invalid(name, f"{where}{exc.message}" if where else exc.message) from None
+        # "the body is not valid JSON: ...", or, of a form's field, "is not valid JSON: ...".
+        raise _invalid(name, exc.message if name else f"the body {exc.message}") from None
     return value
 
 

@@ -71,7 +71,7 @@ def loads(text: str | bytes, max_items: int) -> Any:
         try:
             text = text.decode(json.detect_encoding(text))
         except UnicodeDecodeError as exc:
-            raise BodyRefused(None, f"the body is not valid JSON: {exc}") from None
+            raise BodyRefused(None, f"is not valid JSON: {exc}") from None
     try:
         value = _BoundedDecoder(max_items).decode(text)
     except _TooMany:
@@ -79,7 +79,7 @@ def loads(text: str | bytes, max_items: int) -> Any:
             None, f"holds a list or object of more than {max_items} members (the limit)"
         ) from None
     except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
-        raise BodyRefused(None, f"not valid JSON: {exc}") from None
+        raise BodyRefused(None, f"is not valid JSON: {exc}") from None
     return value
 
 
