@@ -7,7 +7,10 @@ under a 5/min rate limit; 30 concurrent submits under a per-key limit of 3; a ba
 20 jobs from A before one of B (fairness); a cancel during `verify` and a `verify` job
 over its timeout; a slow webhook receiver and a webhook to a private address; canceled
 jobs' TTLs; forged jobs written straight into Redis; big resolutions filling Redis; a
-result over Redis's `proto-max-bulk-len`. During each, key B GETs one of its jobs every
+result over Redis's `proto-max-bulk-len`; then issue 21's: lone surrogates in every field
+and a field name that forges a log line, webhook URLs with CR/LF or a space, degenerate
+schedules (with verify and `Prefer: wait`), a JSON body of millions of `trained_betas`,
+and submit + DELETE cycles with fresh 200-character Idempotency-Keys. During each, key B GETs one of its jobs every
 20 ms (from a process of its own) and submits one job with a webhook.
 
 Prints a markdown table: the attack, key A's answers, what came of it, key B's GET
