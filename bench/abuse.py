@@ -10,8 +10,9 @@ jobs' TTLs; forged jobs written straight into Redis; big resolutions filling Red
 result over Redis's `proto-max-bulk-len`; then issue 21's: lone surrogates in every field
 and a field name that forges a log line, webhook URLs with CR/LF or a space, degenerate
 schedules (with verify and `Prefer: wait`), a JSON body of millions of `trained_betas`,
-and submit + DELETE cycles with fresh 200-character Idempotency-Keys. During each, key B GETs one of its jobs every
-20 ms (from a process of its own) and submits one job with a webhook.
+and submit + DELETE cycles with fresh 200-character Idempotency-Keys. During each, key B
+GETs one of its jobs every 20 ms (from a process of its own) and submits one job with a
+webhook.
 
 Prints a markdown table: the attack, key A's answers, what came of it, key B's GET
 p50/p95 during the attack against idle, B's job and webhook delay, Redis's peak used
