@@ -7,10 +7,14 @@ under a 5/min rate limit; 30 concurrent submits under a per-key limit of 3; a ba
 20 jobs from A before one of B (fairness); a cancel during `verify` and a `verify` job
 over its timeout; a slow webhook receiver and a webhook to a private address; canceled
 jobs' TTLs; forged jobs written straight into Redis; big resolutions filling Redis; a
-result over Redis's `proto-max-bulk-len`; then the edge's (bench/abuse_edge.py): held and
-dripped request bodies, a 40 KB header arriving whole, what a caller without a key reads.
-During each, key B GETs one of its jobs every 20 ms (from a process of its own) and
-submits one job with a webhook (its submit's latency is in the job column).
+result over Redis's `proto-max-bulk-len`; issue 21's lone surrogates in every field and a
+field name that forges a log line, webhook URLs with CR/LF or a space, degenerate
+schedules (with verify and `Prefer: wait`), a JSON body of millions of `trained_betas`,
+and submit + DELETE cycles with fresh 200-character Idempotency-Keys; then the edge's
+(bench/abuse_edge.py): held and dripped request bodies, a 40 KB header arriving whole,
+what a caller without a key reads. During each, key B GETs one of its jobs every 20 ms
+(from a process of its own) and submits one job with a webhook (its submit's latency is
+in the job column).
 
 Prints a markdown table: the attack, key A's answers, what came of it, key B's GET
 p50/p95 during the attack against idle, B's job and webhook delay, Redis's peak used
@@ -123,6 +127,8 @@ def main() -> int:
     args.observe_s = 6.0 if quick else 10.0
     args.backlog_steps, args.verify_steps = 20, 200
     args.fill_jobs, args.fill_resolution, args.maxmemory_mb = 8, 2048, 48
+    args.list_entries = 1_000_000 if quick else 3_000_000
+    args.idem_cycles = 50 if quick else 200
     extra = dict(item.split("=", 1) for item in args.env)
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="abuse-") as tmp:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import sys
 import time
 import uuid
@@ -38,12 +39,19 @@ from bench.abuse_stack import (
     Stack,
     codes,
     delete,
+    key_hash,
     submit,
     view_of,
     wait_terminal,
 )
 from ddim_inversion.contract import JOB_FUNCTION
-from ddim_inversion.keys import input_key, queue_name_for, result_key
+from ddim_inversion.keys import (
+    input_key,
+    owner_held_total_key,
+    queue_name_for,
+    rate_key,
+    result_key,
+)
 
 TINY_QUEUE = queue_name_for("tiny")
 """The queue of the tiny model's jobs, which the workers here drain."""
@@ -440,6 +448,111 @@ def result_too_large(ctx: Ctx) -> tuple[str, str]:
     return codes([answer.status_code]), outcome
 
 
+def _post_json(base: str, key: str, text: str, headers: dict[str, str] | None = None) -> int:
+    """POST a raw JSON body (escapes kept as sent); its status, 0 if the connection broke."""
+    sent = {"X-API-Key": key, "Content-Type": "application/json", **(headers or {})}
+    try:
+        url = base + "/v1/inversions"
+        return httpx.post(url, content=text.encode(), headers=sent, timeout=60).status_code
+    except httpx.HTTPError:
+        return 0
+
+
+def _json_body(members: str) -> str:
+    image = base64.b64encode(PNG).decode()
+    return f'{{"image": "{image}", "num_inference_steps": 3, "resolution": 64, {members}}}'
+
+
+FORGED = "2026-12-07 00:00:00 CRITICAL admin key compromised"
+
+
+def hostile_text(ctx: Ctx) -> tuple[str, str]:
+    """Issue 21.3: lone surrogates in each field and a field name that forges a log line;
+    webhook URLs with CR/LF and a space (issue 21.7)."""
+    main, hook = ctx.stack.main, f"http://127.0.0.1:{ctx.receiver.port}/hook"
+    assert ctx.b is not None
+    ctx.b.start()
+    lone = "\\ud800"
+    bodies = [
+        f'"prompt": "{lone}"',
+        f'"prompt": "a cat", "negative_prompt": "{lone}"',
+        f'"prompt": "a cat", "scheduler": {{"{lone}": 1}}',
+        f'"prompt": "a cat", "{lone}\\n{FORGED}": 1',
+        f'"prompt": "a cat", "webhook_url": "{hook}/{lone}"',
+    ]
+    answers = [
+        _post_json(main, KEY_A, _json_body(b), {"Idempotency-Key": uuid.uuid4().hex})
+        for b in bodies
+    ]
+    # JSON escapes: the URL decodes to CR LF, a valid JSON string.
+    for url in (f"{hook}/a\\r\\nX-Injected: 1", f"{hook}/a b"):
+        body = _json_body(f'"prompt": "a", "webhook_url": "{url}"')
+        answers.append(_post_json(main, KEY_A, body))
+    logs = "\n".join(p.read_text(errors="replace") for p in ctx.stack.logs.glob("*.log"))
+    forged = sum(line.startswith(FORGED) for line in logs.splitlines())
+    return codes(answers), f"log lines starting with the forged text: {forged}"
+
+
+def degenerate_schedules(ctx: Ctx) -> tuple[str, str]:
+    """Issue 21.4: schedules no step survives, with verify and Prefer: wait."""
+    main = ctx.stack.main
+    assert ctx.b is not None
+    ctx.b.start()
+    cases = [
+        {"scheduler": '{"beta_start": 0.9999999, "beta_end": 0.9999999}', "verify": True},
+        {"inverse_scheduler": "dpmsolver", "scheduler": '{"lambda_min_clipped": 1e308}'},
+        {"method": "edict", "scheduler": '{"beta_start": 0.99, "beta_end": 0.995}'},
+    ]
+    answers = [submit(main, KEY_A, {"Prefer": "wait=10"}, **case) for case in cases]
+    accepted = [a.json()["id"] for a in answers if a.status_code in (200, 202)]
+    ended = [wait_terminal(main, KEY_A, job, 30).get("status", "?") for job in accepted]
+    forget(ctx, accepted)
+    return codes(a.status_code for a in answers), f"jobs accepted and then: {ended or 'none'}"
+
+
+def huge_list(ctx: Ctx) -> tuple[str, str]:
+    """Issue 21.5: a JSON body whose trained_betas holds millions of entries."""
+    main, redis_client = ctx.stack.main, ctx.stack.redis
+    assert ctx.b is not None
+    ctx.b.start()
+    owner = key_hash(KEY_A)
+    before = sum(int(redis_client.get(k) or 0) for k in redis_client.keys(rate_key(owner, "*")))
+    betas = ", ".join(["0.01"] * ctx.args.list_entries)
+    body = _json_body(f'"prompt": "a", "scheduler": {{"trained_betas": [{betas}]}}')
+    started = time.perf_counter()
+    answer = _post_json(main, KEY_A, body)
+    took = time.perf_counter() - started
+    after = sum(int(redis_client.get(k) or 0) for k in redis_client.keys(rate_key(owner, "*")))
+    outcome = f"{len(body) / 2**20:.1f} MB, {ctx.args.list_entries} entries: answered in "
+    return codes([answer]), outcome + f"{took:.2f} s; the key's rate counter +{after - before}"
+
+
+def idempotency_cycles(ctx: Ctx) -> tuple[str, str]:
+    """Issue 21.6: submit with a fresh 200-character Idempotency-Key, then DELETE."""
+    stack, redis_client = ctx.stack, ctx.stack.redis
+    assert ctx.b is not None
+    ctx.b.start()
+    owner = key_hash(KEY_A)
+    used = int(redis_client.info("memory")["used_memory"])
+    answers, jobs = [], []
+    for _ in range(ctx.args.idem_cycles):
+        key = uuid.uuid4().hex * 6 + uuid.uuid4().hex[:8]  # 200 characters
+        answer = submit(stack.parked, KEY_A, {"Idempotency-Key": key})
+        answers.append(answer.status_code)
+        if answer.status_code != 202:
+            continue
+        jobs.append(answer.json()["id"])
+        answers.append(delete(stack.parked, KEY_A, jobs[-1]))
+    grown = int(redis_client.info("memory")["used_memory"]) - used
+    held = int(redis_client.get(owner_held_total_key(owner)) or 0)
+    records = sum(1 for _ in redis_client.scan_iter(match=f"*idem:{owner}:*"))
+    deleted = [delete(stack.parked, KEY_A, job) for job in jobs]
+    left = sum(1 for _ in redis_client.scan_iter(match=f"*idem:{owner}:*"))
+    outcome = f"{len(jobs)} cycles: Redis +{grown / 1024:.0f} KB, key A's held bytes "
+    outcome += f"{held / 1024:.0f} KB ({records} records); after DELETE of the canceled jobs "
+    return codes(answers), outcome + f"{codes(deleted)}: {left} records left"
+
+
 def idle(ctx: Ctx) -> tuple[str, str]:
     assert ctx.b is not None
     ctx.b.start()
@@ -460,4 +573,8 @@ ATTACKS: list[tuple[str, Callable[[Ctx], tuple[str, str]]]] = [
     ("7: forged jobs in Redis", forged_jobs),
     ("1: big resolutions fill Redis", redis_fill),
     ("2: result over proto-max-bulk-len", result_too_large),
+    ("21.3: surrogates, forged log line, CR/LF URL", hostile_text),
+    ("21.4: degenerate schedules", degenerate_schedules),
+    ("21.5: millions of trained_betas", huge_list),
+    ("21.6: Idempotency-Key + DELETE cycles", idempotency_cycles),
 ]

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from ddim_inversion.params import InversionParams
 
@@ -118,6 +119,30 @@ class ResultMetadata(BaseModel):
         None, description="verify: PSNR (dB) of the decoded reconstruction against the input."
     )
 
+    # JSON has no NaN or Infinity: a verify figure of an exact reconstruction (PSNR +inf)
+    # or of one that overflowed would fail every answer that carries it. Null instead.
+    @field_serializer(
+        "edict_mixing",
+        "eta",
+        "reconstruction_latent_error",
+        "reconstruction_psnr",
+        when_used="json",
+    )
+    def _finite_number(self, value: float | None) -> float | None:
+        return finite_or_null(value)
+
+    @field_serializer("refine_residuals", "null_text_losses", when_used="json")
+    def _finite_numbers(self, value: list[float] | None) -> list[float | None] | None:
+        return finite_or_null(value)
+
+    @field_serializer("scheduler_config", when_used="json")
+    def _finite_config(self, value: dict[str, Any]) -> dict[str, Any]:
+        return finite_or_null(value)
+
+    @field_serializer("sdxl_conditioning", when_used="json")
+    def _finite_values(self, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        return finite_or_null(value)
+
     def to_header(self) -> dict[str, str]:
         """safetensors metadata is str -> str: scalars as text, structures as JSON."""
         out: dict[str, str] = {}
@@ -134,6 +159,17 @@ class ResultMetadata(BaseModel):
             annotation = str(cls.model_fields[key].annotation)
             fields[key] = value if annotation in ("str", "<class 'str'>") else json.loads(value)
         return cls(**fields)
+
+
+def finite_or_null(value: Any) -> Any:
+    """`value` with every NaN and infinite float, however nested, replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite_or_null(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite_or_null(item) for item in value]
+    return value
 
 
 class Progress(BaseModel):
@@ -189,3 +225,7 @@ META_ENGINE_S = "engine_s"
 
 META_OWNER = "owner"
 """The owner's key hash, copied from the payload so that a status read needs no payload."""
+
+
+META_IDEMPOTENCY_KEY = "idempotency_key"
+"""The Idempotency-Key the job was submitted with, if any: its record is deleted with it."""

@@ -19,6 +19,9 @@ class ErrorCode(str, enum.Enum):
     INTERNAL = "internal"
     RESULT_TOO_LARGE = "result_too_large"
     """The result is larger than Redis takes in one value (its `proto-max-bulk-len`)."""
+    NON_FINITE_RESULT = "non_finite_result"
+    """The result holds NaN or infinite values (the model or the schedule overflowed):
+    never stored as a success."""
     STORAGE_FULL = "storage_full"
     """Redis refused to store the result: out of memory (`maxmemory`); submit again later."""
     # Errors of a request, before any job exists.

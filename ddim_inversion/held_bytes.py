@@ -1,5 +1,9 @@
 """The bytes each API key holds in Redis, settled by whoever changes them: the worker when
-it stores a result or ends a job otherwise, the gateway when it cancels or deletes one."""
+it stores a result or ends a job otherwise, the gateway when it cancels or deletes one.
+
+Beside its jobs' inputs and results, a key holds its Idempotency-Key records (kept as
+long as a result): each counts under the member `idem:<key>` (`hold_record`) until it
+expires or the job it names is deleted with it."""
 
 from __future__ import annotations
 
@@ -70,4 +74,73 @@ def settle_held_bytes(
         str(kept_bytes),
         deadline,
         ttl,
+    )
+
+
+KEY_OVERHEAD_BYTES = 160
+"""Redis's own bytes per key beside its name and contents (dict entry, object headers,
+expiry entry), rounded up from MEMORY USAGE on Redis 7.0: a 200-character
+Idempotency-Key's record 106 beyond its name and value, a one-element list 156."""
+
+HASH_FIELD_OVERHEAD_BYTES = 64
+"""Redis's own bytes per field of a hash with long values (hashtable-encoded, as an RQ
+job's is): about 60 by MEMORY USAGE on Redis 7.0."""
+
+HOLD_LUA = """
+-- KEYS: held, held bytes, held total. ARGV: member, bytes (0: release), deadline, ttl.
+local old = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+if ARGV[2] == '0' then
+  if old > 0 then
+    redis.call('HDEL', KEYS[2], ARGV[1])
+    redis.call('ZREM', KEYS[1], ARGV[1])
+    redis.call('DECRBY', KEYS[3], old)
+  end
+  return 0
+end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+redis.call('INCRBY', KEYS[3], tonumber(ARGV[2]) - old)
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+for i = 1, 3 do
+  if redis.call('TTL', KEYS[i]) < tonumber(ARGV[4]) then
+    redis.call('EXPIRE', KEYS[i], ARGV[4])
+  end
+end
+return 1
+"""
+
+
+def record_member(key: str) -> str:
+    """The held-bytes member of an owner's Idempotency-Key record (jobs' are their ids)."""
+    return f"idem:{key}"
+
+
+def record_bytes(name: str, value: str) -> int:
+    """What a small string key of `name` holding `value` costs Redis."""
+    return len(name.encode()) + len(value.encode()) + KEY_OVERHEAD_BYTES
+
+
+def hash_bytes(connection: Any, name: str) -> int:
+    """What a hash costs Redis: its name, its fields and values, and a key's overhead
+    (0 when it does not exist)."""
+    fields = connection.hgetall(name)
+    if not fields:
+        return 0
+    data = sum(len(k) + len(v) + HASH_FIELD_OVERHEAD_BYTES for k, v in fields.items())
+    return len(name.encode()) + data + KEY_OVERHEAD_BYTES
+
+
+def hold_record(client: Any, owner: str, member: str, size: int, keep_s: float) -> None:
+    """Count `size` bytes under `member` against the owner's byte budget for `keep_s`
+    seconds (size 0: no longer). On `client`, a Redis client or a pipeline."""
+    deadline = repr(time.time() + keep_s) if size > 0 else "0"
+    client.eval(
+        HOLD_LUA,
+        3,
+        owner_held_key(owner),
+        owner_held_bytes_key(owner),
+        owner_held_total_key(owner),
+        member,
+        str(max(size, 0)),
+        deadline,
+        str(math.ceil(keep_s) + 60),
     )

@@ -13,6 +13,7 @@ import math
 from typing import Any
 
 from ddim_inversion.errors import InvalidParameter
+from ddim_inversion.noise_schedule import check_schedule
 
 MAX_TRAIN_TIMESTEPS = 10_000
 """Upper bound on `num_train_timesteps`: an override cannot allocate without limit."""
@@ -159,11 +160,15 @@ def resolve_scheduler_config(
     overrides: dict[str, Any],
     num_inference_steps: int,
     inverse_scheduler: str = "ddim",
+    method: str = "ddim",
+    verify: bool = False,
 ) -> dict[str, Any]:
     """The scheduler config a job runs with: the model's, then the job's overrides.
 
     Refuses, before any compute, every combination that the inverse scheduler would
-    reject or that would divide by zero in its first step.
+    reject or that would divide by zero in its first step, and every schedule that
+    `method` (and the verify sampler, with `verify`) cannot step through
+    (noise_schedule.check_schedule).
     """
     defaults = DPMSOLVER_DEFAULTS if inverse_scheduler == "dpmsolver" else SCHEDULER_DEFAULTS
     config = {k: model_config.get(k, v) for k, v in defaults.items()}
@@ -171,8 +176,11 @@ def resolve_scheduler_config(
         config[name] = check_override(name, value, inverse_scheduler)
     _check_schedule(config, num_inference_steps)
     if inverse_scheduler == "dpmsolver":
-        return _check_dpmsolver(config | DPMSOLVER_FIXED, num_inference_steps)
-    return _check_ddim(config, num_inference_steps)
+        config = _check_dpmsolver(config | DPMSOLVER_FIXED, num_inference_steps)
+    else:
+        config = _check_ddim(config, num_inference_steps)
+    check_schedule(config, num_inference_steps, inverse_scheduler, method, verify)
+    return config
 
 
 def _check_schedule(config: dict[str, Any], num_inference_steps: int) -> None:

@@ -2,7 +2,9 @@
 
 A `webhook_url` is delivered to only if
 
-1. it is an http or https URL of at most `MAX_URL_CHARS` characters, with no user info;
+1. it is an http or https URL of at most `MAX_URL_CHARS` characters, with no user info,
+   no space and no control character (urlsplit drops CR, LF and tab silently: the URL
+   stored would not be the URL delivered to);
 2. its port is among the allowed ports (`DEFAULT_PORTS` unless a setting lists others);
 3. its host is in the gateway's allow-list (exactly, or `*.suffix` for any subdomain);
 4. every address its host resolves to is a public unicast address, unless private targets
@@ -88,6 +90,11 @@ def parse(url: str, ports: Iterable[int] = DEFAULT_PORTS) -> Target:
     """The URL split into a Target if its form and port are allowed (steps 1 and 2)."""
     if len(url) > MAX_URL_CHARS:
         raise WebhookRefused(f"longer than {MAX_URL_CHARS} characters")
+    bad = next((c for c in url if c <= " " or "\x7f" <= c <= "\x9f"), None)
+    if bad is not None:
+        raise WebhookRefused(
+            f"must not contain spaces or control characters ({bad!r}); percent-encode them"
+        )
     try:
         parts = urlsplit(url)
         host = (parts.hostname or "").lower()

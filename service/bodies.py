@@ -32,6 +32,8 @@ from starlette.datastructures import FormData
 
 from ddim_inversion.errors import ErrorCode
 from ddim_inversion.params import InversionParams, outer_type, submission_fields
+from service import json_body, limits
+from service.deps import OwnerDep, RedisDep, SettingsDep
 from service.errors import ProblemError, describe_errors
 
 FORM_MEDIA_TYPE = "multipart/form-data"
@@ -129,7 +131,7 @@ def _parameters(body: BaseModel) -> dict[str, Any]:
     return {name: getattr(body, name) for name in InversionParams.model_fields}
 
 
-def from_form(form: FormData) -> Submission:
+def from_form(form: FormData, max_items: int) -> Submission:
     """A multipart body: an empty text field counts as absent (as FastAPI's forms do), a
     mapping parameter is a JSON object in its field."""
     reject_unknown_fields(set(form.keys()))
@@ -137,17 +139,15 @@ def from_form(form: FormData) -> Submission:
     fields = _parameters(body)
     for name, value in fields.items():
         if outer_type(InversionParams.model_fields[name])[0] is dict and value is not None:
-            fields[name] = _json_object(name, value)
+            fields[name] = _json_object(name, value, max_items)
     image = body.image  # type: ignore[attr-defined]
     return Submission(fields, image.file, body.webhook_url)  # type: ignore[attr-defined]
 
 
-def from_json(data: bytes) -> Submission:
-    """A JSON body: one object of the same fields, the image as base64 text."""
-    try:
-        values = json.loads(data)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
-        raise _invalid(None, f"the body is not valid JSON: {exc}") from None
+def from_json(data: bytes, max_items: int) -> Submission:
+    """A JSON body: one object of the same fields, the image as base64 text; each list
+    and object at most `max_items` members, counted while parsing (json_body)."""
+    values = _parsed(data, None, max_items)
     if not isinstance(values, dict):
         raise _invalid(None, "the body must be a JSON object: image, prompt and parameters")
     reject_unknown_fields(set(values))
@@ -155,13 +155,23 @@ def from_json(data: bytes) -> Submission:
     return Submission(_parameters(body), body.image, body.webhook_url)  # type: ignore[attr-defined]
 
 
-def _json_object(name: str, text: str) -> dict[str, Any]:
+def _parsed(text: str | bytes, name: str | None, max_items: int) -> Any:
+    """The JSON of a body (name None) or of a form's field, bounded, its text encodable."""
+    try:
+        value = json_body.loads(text, max_items)
+        json_body.check_text(value, name)
+    except json_body.BodyRefused as exc:
+        if exc.field is not None:
+            raise _invalid(exc.field, exc.message) from None
+        # "the body is not valid JSON: ...", or, of a form's field, "is not valid JSON: ...".
+        raise _invalid(name, exc.message if name else f"the body {exc.message}") from None
+    return value
+
+
+def _json_object(name: str, text: str, max_items: int) -> dict[str, Any]:
     if not text.strip():
         return {}
-    try:
-        value = json.loads(text)
-    except (ValueError, RecursionError) as exc:  # RecursionError: nested too deep
-        raise _invalid(name, f"not valid JSON: {exc}") from None
+    value = _parsed(text, name, max_items)
     if not isinstance(value, dict):
         raise _invalid(name, "must be a JSON object")
     return value
@@ -175,15 +185,22 @@ def is_json(content_type: str | None) -> bool:
     )
 
 
-async def read_submission(request: Request) -> AsyncIterator[Submission]:
+async def read_submission(
+    request: Request, redis: RedisDep, settings: SettingsDep, owner: OwnerDep
+) -> AsyncIterator[Submission]:
     """The submission in the request's body, by its Content-Type (a form otherwise); an
-    uploaded file is closed once the answer is sent (its temporary file removed)."""
+    uploaded file is closed once the answer is sent (its temporary file removed).
+
+    The submission counts against the key's rate first, before its body is read: a body
+    refused as invalid has cost the gateway its parsing, and counts like any other."""
+    await run_in_threadpool(limits.count_submission, redis, settings, owner)
+    max_items = settings.max_train_timesteps
     if is_json(request.headers.get("content-type")):
-        yield await run_in_threadpool(from_json, await request.body())
+        yield await run_in_threadpool(from_json, await request.body(), max_items)
         return
     form = await request.form()
     try:
-        yield from_form(form)
+        yield from_form(form, max_items)
     finally:
         await form.close()
 

@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 import redis
 
-from ddim_inversion.contract import META_ERROR, META_OWNER, JobPayload
+from ddim_inversion.contract import META_ERROR, META_IDEMPOTENCY_KEY, META_OWNER, JobPayload
 from ddim_inversion.errors import ErrorCode
-from ddim_inversion.held_bytes import settle_held_bytes
+from ddim_inversion.held_bytes import hash_bytes, record_bytes, settle_held_bytes
 from ddim_inversion.keys import (
     ENDED_TTL_S,
     JOB_METRICS_KEY,
@@ -33,7 +33,7 @@ from ddim_inversion.keys import (
     result_key,
 )
 from ddim_inversion.params import InversionParams
-from service import fairness, limits, rq_adapter
+from service import fairness, limits, protocol, rq_adapter
 from service.errors import ProblemError
 from service.rq_adapter import AlreadyEnqueued, StoredJob
 from service.settings import GatewaySettings
@@ -77,6 +77,7 @@ def enqueue(
     webhook_url: str | None = None,
     also: Callable[[Any], object] | None = None,
     exclusive: bool = False,
+    idempotency_key: str | None = None,
 ) -> StoredJob:
     """Store the image and enqueue the job in one MULTI/EXEC: a queued job never lacks its
     input, and one round trip does what took three. The job takes its fair place among
@@ -87,7 +88,8 @@ def enqueue(
     and the input must then stay.
 
     `exclusive`: the id may be another request's (the same Idempotency-Key); only the
-    first enqueues it, and AlreadyEnqueued tells the others.
+    first enqueues it, and AlreadyEnqueued tells the others. `idempotency_key` is kept in
+    the job's meta, so that deleting the job deletes the key's record.
     """
     job_id = job_id or str(uuid.uuid4())
     height, width = rgb.shape[:2]
@@ -115,7 +117,9 @@ def enqueue(
         queue,
         job_id,
         payload.model_dump(mode="json"),
-        {META_OWNER: owner},
+        {META_OWNER: owner}
+        if idempotency_key is None
+        else {META_OWNER: owner, META_IDEMPOTENCY_KEY: idempotency_key},
         timeout_s=settings.job_timeout_s,
         result_ttl_s=settings.result_ttl_s,
         failure_ttl_s=settings.failure_ttl_s,
@@ -185,22 +189,25 @@ def _canceled_writes(job: StoredJob, pipe: Any, done: rq_adapter.Cancellation) -
         logger.info("job %s was already canceled", job.id)
 
 
-def cancel_queued(connection: redis.Redis, job: StoredJob) -> None:
+def cancel_queued(connection: redis.Redis, job: StoredJob, keep_s: float) -> None:
     """Take a queued job out of the queue for good and say why in its meta.
 
-    It then expires like a failed job, with everything of its: the input goes now; the
-    cancel flag (kept for a worker that dequeued the job meanwhile) and the end signal
-    expire with the job at the latest.
+    It then expires like a failed job (`keep_s`, the failure TTL), with everything of its:
+    the input goes now; the job's record, the cancel flag (kept for a worker that dequeued
+    the job meanwhile) and the end signal expire with the job at the latest, and count in
+    its key's held bytes until then (or until the job is deleted).
     """
     error = {"code": ErrorCode.CANCELED.value, "message": "canceled by the client"}
     rq_adapter.cancel(connection, job, {META_ERROR: error}, partial(_canceled_writes, job))
-    # Its input is deleted above: the job's bytes are gone from its key's budget.
-    settle_held_bytes(connection, job.meta.get(META_OWNER, ""), job.id)
+    kept = hash_bytes(connection, rq_adapter.job_key(job.id))
+    kept += record_bytes(cancel_key(job.id), "1") + record_bytes(ended_key(job.id), "canceled")
+    # Its input is deleted above: what the job keeps now is its record and signals.
+    settle_held_bytes(connection, job.meta.get(META_OWNER, ""), job.id, kept, keep_s)
 
 
 def delete(connection: redis.Redis, job: StoredJob, owner: str) -> None:
-    """Forget a finished job: its result and input, the RQ job, its cancel flag, and its
-    share of its key's budgets.
+    """Forget a finished job: its result and input, the RQ job, its cancel flag and end
+    signal, its Idempotency-Key record, and its share of its key's budgets.
 
     Works on a Redis that is out of memory (noeviction refuses every command that may need
     memory, and any MULTI): only deletions, each on its own, the largest values first.
@@ -210,6 +217,10 @@ def delete(connection: redis.Redis, job: StoredJob, owner: str) -> None:
         reconstruction_key(job.id),
         input_key(job.id),
         cancel_key(job.id),
+        ended_key(job.id),
     )
     rq_adapter.delete(job)
     limits.forget(connection, owner, job.id)
+    key = job.meta.get(META_IDEMPOTENCY_KEY)
+    if isinstance(key, str):
+        protocol.forget_record(connection, owner, key, job.id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uvicorn
 
+from ddim_inversion.logs import log_config
 from service.http_protocol import BoundedHttpToolsProtocol
 from service.settings import get_settings
 
@@ -23,6 +24,8 @@ def run(host: str | None = None, port: int | None = None) -> int:
         proxy_headers=True,
         workers=settings.http_workers,
         log_level="warning",
+        # One JSON object per line: nothing a caller sends can forge a log line.
+        log_config=log_config("WARNING"),
         http=BoundedHttpToolsProtocol,
         timeout_keep_alive=settings.http_keepalive_s,
         limit_concurrency=settings.http_max_concurrency,

@@ -3,7 +3,8 @@
 - Idempotency: `inversion:idem:{owner}:{key}` -> {"payload_hash", "job_id"}, written with
   SET NX before the job is enqueued, expiring with the result TTL. Every request with the
   key enqueues that one job id, exclusively, so concurrent ones, and a retry after a lost
-  reply, make one job. The same key with another payload is a 422.
+  reply, make one job. The same key with another payload is a 422. The record counts in
+  the key's held bytes until it expires, or until the job it names is deleted with it.
 - `Prefer: wait=N` (RFC 7240): the submission waits up to N seconds for the job to end.
 - Events: `GET /v1/inversions/{id}/events` streams `status`, `progress` and `end` events,
   or `reconnect` once the stream reached its lifetime (INVERSION_MAX_STREAM_S).
@@ -29,6 +30,7 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from ddim_inversion.errors import ErrorCode
+from ddim_inversion.held_bytes import hold_record, record_bytes, record_member
 from ddim_inversion.keys import ended_key, idempotency_key
 from service import auth, rq_adapter
 from service.errors import ProblemError
@@ -84,6 +86,9 @@ def claim(
     record = json.dumps({"payload_hash": payload_hash, "job_id": job_id})
     while True:
         if connection.set(name, record, nx=True, ex=ttl_s):
+            if owner != auth.ANONYMOUS:
+                size = record_bytes(name, record)
+                hold_record(connection, owner, record_member(key), size, ttl_s)
             return job_id, False
         raw = connection.get(name)
         if raw is None:
@@ -105,6 +110,17 @@ def release(connection: redis.Redis, owner: str, key: str, job_id: str) -> None:
     raw, exists = pipe.execute()
     if raw is not None and not exists and json.loads(raw).get("job_id") == job_id:
         connection.delete(name)
+        hold_record(connection, owner, record_member(key), 0, 0)
+
+
+def forget_record(connection: redis.Redis, owner: str, key: str, job_id: str) -> None:
+    """Delete the key's record with the job it names (`job_id`), and its held bytes; a
+    record naming another job (the key reused after this one expired) stays."""
+    name = idempotency_key(owner, key)
+    raw = connection.get(name)
+    if raw is not None and json.loads(raw).get("job_id") == job_id:
+        connection.delete(name)
+        hold_record(connection, owner, record_member(key), 0, 0)
 
 
 # -- Prefer: wait=N ----------------------------------------------------------------------

@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from ddim_inversion import imaging, webhook_policy
+from ddim_inversion import imaging, scheduler_config, webhook_policy
 from ddim_inversion.keys import QUEUE_NAME
 from ddim_inversion.params import MODEL_NAME_PATTERN
 
@@ -60,6 +60,14 @@ class GatewaySettings(BaseSettings):
     )
     max_steps: int = Field(
         default=1000, ge=1, le=1000, description="Largest num_inference_steps a job may ask for."
+    )
+    max_train_timesteps: int = Field(
+        default=scheduler_config.MAX_TRAIN_TIMESTEPS,
+        ge=1,
+        le=scheduler_config.MAX_TRAIN_TIMESTEPS,
+        description="Largest scheduler num_train_timesteps a job may ask for, and so the "
+        "longest trained_betas; every list and object of a JSON body is cut off at this "
+        "many members while it is parsed (422).",
     )
     max_prompt_chars: int = Field(
         default=2000, ge=1, description="Longest prompt and negative_prompt, in characters."

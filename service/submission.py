@@ -72,8 +72,6 @@ def accept(
     webhook_url = uploads.check_webhook_url(submission.webhook_url, settings)
     key = protocol.check_key(idempotency_key)
     data = uploads.read_image(submission.image, settings.max_upload_bytes)
-    # Before the replay check: replays cost a request like any other.
-    limits.count_submission(redis, settings, owner)
     job_id = str(uuid.uuid4())
     if key is not None:
         digest = uploads.payload_hash(data, params, webhook_url)
@@ -116,6 +114,7 @@ def accept(
                 limits.confirm, settings=settings, owner=owner, job_id=job_id, now=time.time()
             ),
             exclusive=key is not None,
+            idempotency_key=key,
         )
     except jobs.AlreadyEnqueued:
         return job_id, True

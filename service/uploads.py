@@ -50,6 +50,12 @@ def build_params(fields: dict[str, Any], settings: GatewaySettings) -> Inversion
     except ValidationError as exc:
         field, detail = describe_errors(exc.errors(include_url=False))
         raise _invalid(field, detail) from None
+    n_train = params.scheduler.get("num_train_timesteps", 0)
+    if n_train > settings.max_train_timesteps:
+        raise _invalid(
+            "scheduler.num_train_timesteps",
+            f"{n_train} exceeds this service's limit of {settings.max_train_timesteps}",
+        )
     if params.num_inference_steps > settings.max_steps:
         raise _invalid(
             "num_inference_steps",
@@ -193,6 +199,8 @@ def normalise(image: Image.Image, params: InversionParams, model: ModelInfo | No
                 params.scheduler,
                 params.num_inference_steps,
                 params.inverse_scheduler,
+                params.method,
+                params.verify,
             )
         except InvalidParameter as exc:
             raise _invalid(exc.field, exc.message) from None

@@ -24,6 +24,7 @@ class Receiver:
         codes: list[int] | None = None,
         tls: ssl.SSLContext | None = None,
         observe: Callable[[], object] | None = None,
+        address: str = "127.0.0.1",
     ) -> None:
         self.codes = list(codes or [])
         self.calls: list[tuple[dict[str, str], bytes]] = []
@@ -43,11 +44,11 @@ class Receiver:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server = ThreadingHTTPServer((address, 0), Handler)
         if tls is not None:
             self.server.socket = tls.wrap_socket(self.server.socket, server_side=True)
         self.port = int(self.server.server_address[1])
-        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}/hook"
+        self.url = f"{'https' if tls else 'http'}://{address}:{self.port}/hook"
         threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         ).start()
@@ -65,7 +66,7 @@ class DripReceiver:
     asks the kernel instead, which knows of a client's close at once.
     """
 
-    def __init__(self, every_s: float = 0.2) -> None:
+    def __init__(self, every_s: float = 0.2, address: str = "127.0.0.1") -> None:
         self.connections = 0
         self.open = 0
         self.cut = 0
@@ -98,10 +99,10 @@ class DripReceiver:
                         receiver.sockets.discard(self.connection)
 
         receiver_lock = threading.Lock()
-        self.server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+        self.server = socketserver.ThreadingTCPServer((address, 0), Handler)
         self.server.daemon_threads = True
         self.port = int(self.server.server_address[1])
-        self.url = f"http://127.0.0.1:{self.port}/hook"
+        self.url = f"http://{address}:{self.port}/hook"
         threading.Thread(
             target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
         ).start()

@@ -4,6 +4,8 @@ tests of what the gateway reads of a job. Only the engine's output is made up he
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 from redis import Redis
 from safetensors.numpy import save as save_safetensors
@@ -76,8 +78,11 @@ class WorkerWrites:
     def _started(self, job_id: str) -> Running:
         return self.running.pop(job_id, None) or self.start(job_id)
 
-    def succeed(self, job_id: str, reconstruction_png: bytes | None = None) -> np.ndarray:
-        """The job's success with made-up latents (and reconstruction); the latents."""
+    def succeed(
+        self, job_id: str, reconstruction_png: bytes | None = None, **stored: Any
+    ) -> np.ndarray:
+        """The job's success with made-up latents (and reconstruction); the latents.
+        `stored`: result metadata fields stored as given (NaN too), over the made-up ones."""
         item = self._started(job_id)
         meta = result_metadata()
         latents = np.arange(256, dtype=np.float32).reshape(1, 4, 8, 8)
@@ -85,7 +90,7 @@ class WorkerWrites:
             {"latents": latents, "timesteps": np.array(meta.timesteps, dtype=np.int64)},
             metadata=meta.to_header(),
         )
-        success = Success(data, reconstruction_png, meta.model_dump(mode="json"))
+        success = Success(data, reconstruction_png, meta.model_dump(mode="json") | stored)
         item.meta[META_PROGRESS] = {"step": 10, "total": 10}
         item.meta[META_RESULT] = success.metadata
         item.meta[META_ENGINE_S] = 0.5

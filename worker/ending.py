@@ -15,7 +15,7 @@ from typing import Any
 from redis.exceptions import RedisError
 from redis.exceptions import ResponseError as RedisResponseError
 
-from ddim_inversion.contract import META_ERROR, META_RESULT
+from ddim_inversion.contract import META_ERROR, META_OWNER, META_RESULT
 from ddim_inversion.errors import ErrorCode
 from ddim_inversion.keys import cancel_key, input_key
 from worker import rq_adapter, storing
@@ -165,4 +165,4 @@ class Endings:
         if status == "succeeded" and item.meta.get(META_RESULT):
             body["result"] = item.meta[META_RESULT]
         body["finished_at"] = datetime.now(timezone.utc).isoformat()
-        self.webhooks.send(url, item.job.id, body)
+        self.webhooks.send(url, item.job.id, body, owner=item.meta.get(META_OWNER, ""))

@@ -8,6 +8,7 @@ import time
 import numpy as np
 from redis import Redis
 
+from ddim_inversion import logs
 from ddim_inversion.params import InversionParams
 from worker import rq_adapter
 from worker.batching import InversionWorker
@@ -77,7 +78,8 @@ def build_worker(
 
 
 def run(burst: bool = False) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # One JSON object per line: nothing a job carries can forge a log line.
+    logs.configure("INFO")
     settings = get_settings()
     limit_cpu_threads(settings.threads)
     try:

@@ -226,6 +226,17 @@ class Runner:
             if result is None:
                 self.endings.cancel(item, queue, item.stop_code or ErrorCode.CANCELED)
                 continue
+            non_finite = result.non_finite()
+            if non_finite:
+                self.endings.fail(
+                    item,
+                    queue,
+                    ErrorCode.NON_FINITE_RESULT,
+                    f"the result's {', '.join(non_finite)} hold NaN or infinite values: the "
+                    "schedule or the model overflowed; try result_dtype float32, another "
+                    "scheduler or fewer steps",
+                )
+                continue
             try:
                 success = Success(
                     result=result.to_safetensors(),

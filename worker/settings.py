@@ -123,8 +123,15 @@ class WorkerSettings(BaseSettings):
         2,
         ge=1,
         le=64,
-        description="Of those, how many may go to one host at once: a slow receiver holds "
-        "only these.",
+        description="Of those, how many may be connected to one resolved address at once, "
+        "whatever names lead there: a slow receiver holds only these.",
+    )
+    webhook_owner_concurrency: int = Field(
+        2,
+        ge=1,
+        le=64,
+        description="Of those, how many one API key's jobs may use at once, keys taken in "
+        "turn (the anonymous owner, auth disabled, is not bounded).",
     )
     webhook_allowed_ports: Annotated[tuple[int, ...], NoDecode] = Field(
         webhook_policy.DEFAULT_PORTS,

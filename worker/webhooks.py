@@ -1,8 +1,12 @@
 """Webhook deliveries: the worker POSTs a job's end to the URL its submitter gave.
 
 The GPU loop only enqueues. A dispatcher thread hands due deliveries to a small pool of
-delivery threads (`concurrency`), at most `host_concurrency` of them to one host at a time
-and the hosts taken in turn, so a slow receiver holds its own slots and no one else's.
+delivery threads (`concurrency`), at most `owner_concurrency` of them for one API key's
+jobs at a time and the keys taken in turn; and at most `host_concurrency` attempts are
+connected to one resolved address at a time, whatever names lead there (a wildcard
+allow-list gives a key any number of names for one receiver). A slow receiver, or a key's
+many of them, holds its own slots and no one else's. An attempt whose address is at its
+limit gives its thread back and waits a moment; it is not counted as an attempt.
 Each attempt is signed afresh:
 
     X-Inversion-Timestamp: <unix seconds>
@@ -48,6 +52,9 @@ from worker.settings import WorkerSettings
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({408, 429})
+
+ADDRESS_BUSY_WAIT_S = 0.25
+"""How long a delivery whose address is at its limit waits before it is tried again."""
 
 
 def sign(secret: bytes, timestamp: str, body: bytes) -> str:
@@ -194,6 +201,29 @@ class Delivery:
     job_id: str = field(compare=False)
     body: bytes = field(compare=False)
     attempt: int = field(default=0, compare=False)
+    owner: str = field(default="", compare=False)
+    """The job's API key (its hash); "" for the anonymous owner, which has no own bound."""
+
+
+class AddressSlots:
+    """Attempts connected to each address now; at most `limit` per address."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._lock = threading.Lock()
+        self._busy: Counter[IPAddress] = Counter()
+
+    def take(self, addresses: list[IPAddress]) -> bool:
+        """A slot on every address an attempt may connect to, or none (False) if one is full."""
+        with self._lock:
+            if any(self._busy[a] >= self.limit for a in addresses):
+                return False
+            self._busy.update(addresses)
+            return True
+
+    def give(self, addresses: list[IPAddress]) -> None:
+        with self._lock:
+            self._busy.subtract(addresses)
 
 
 @dataclass
@@ -215,6 +245,7 @@ class WebhookSender:
         timeout_s: float = 5.0,
         concurrency: int = 4,
         host_concurrency: int = 2,
+        owner_concurrency: int = 2,
         ports: Iterable[int] = webhook_policy.DEFAULT_PORTS,
         allow_private: bool = False,
         context: ssl.SSLContext | None = None,
@@ -225,6 +256,8 @@ class WebhookSender:
         self.timeout_s = timeout_s
         self.concurrency = concurrency
         self.host_concurrency = host_concurrency
+        self.owner_concurrency = owner_concurrency
+        self._addresses = AddressSlots(host_concurrency)
         self.ports = tuple(ports)
         self.allow_private = allow_private
         self.context = context or ssl.create_default_context()
@@ -248,12 +281,14 @@ class WebhookSender:
             timeout_s=settings.webhook_timeout_s,
             concurrency=settings.webhook_concurrency,
             host_concurrency=settings.webhook_host_concurrency,
+            owner_concurrency=settings.webhook_owner_concurrency,
             ports=settings.webhook_allowed_ports,
             allow_private=settings.webhook_allow_private,
         )
 
-    def send(self, url: str, job_id: str, payload: dict[str, Any]) -> None:
-        """Queue the delivery of `payload` (JSON) to `url`; starts the threads on first use."""
+    def send(self, url: str, job_id: str, payload: dict[str, Any], owner: str = "") -> None:
+        """Queue the delivery of `payload` (JSON) to `url` for a job of `owner`; starts the
+        threads on first use."""
         try:
             target = webhook_policy.parse(url, self.ports)
         except WebhookRefused as exc:
@@ -265,7 +300,8 @@ class WebhookSender:
             self._pending += 1
             if not self._threads:
                 self._start()
-        self._inbox.put(Delivery(time.monotonic(), next(self._seq), target, job_id, body))
+        delivery = Delivery(time.monotonic(), next(self._seq), target, job_id, body, owner=owner)
+        self._inbox.put(delivery)
 
     def _count(self, delivered: bool) -> None:
         with self._lock:  # pool threads settle deliveries concurrently
@@ -302,45 +338,54 @@ class WebhookSender:
             out["X-Inversion-Signature"] = sign(self.secret, timestamp, body)
         return out
 
-    def attempt(self, delivery: Delivery) -> None:
-        """One attempt: the policy's checks, then the POST; DeliveryFailed if it failed."""
-        target = delivery.target
+    def addresses(self, target: Target) -> list[IPAddress]:
+        """The policy's checks of the target's addresses; DeliveryFailed if refused."""
         try:
-            addresses = webhook_policy.resolve(target, self.allow_private)
+            return webhook_policy.resolve(target, self.allow_private)
         except WebhookRefused as exc:
             raise DeliveryFailed(f"refused: {exc}", retryable=False) from None
         except OSError as exc:  # the name does not resolve (now): try again later
             raise DeliveryFailed(f"cannot resolve {target.host}: {exc}") from None
-        body = delivery.body
-        headers = self.headers(delivery.job_id, body)
-        post(target, addresses, body, headers, self.timeout_s, self.context)
 
     def _settle(self, delivery: Delivery) -> Delivery | None:
         """Try once; the delivery to retry later, or None once settled."""
         delivery.attempt += 1
         try:
-            self.attempt(delivery)
-        except DeliveryFailed as exc:
-            if exc.retryable and delivery.attempt < self.attempts:
-                delay = self.backoff_s * 2 ** (delivery.attempt - 1)
-                log.info(
-                    "webhook of job %s failed (%s); retrying in %.1f s", delivery.job_id, exc, delay
-                )
-                delivery.due = time.monotonic() + delay
+            addresses = self.addresses(delivery.target)
+            if not self._addresses.take(addresses):
+                delivery.attempt -= 1  # not tried: the address is busy with others
+                delivery.due = time.monotonic() + ADDRESS_BUSY_WAIT_S
                 return delivery
-            log.warning(
-                "webhook of job %s dropped after %d attempts: %s",
-                delivery.job_id,
-                delivery.attempt,
-                exc,
-            )
-            self._count(delivered=False)
-            return None
+            try:
+                body = delivery.body
+                headers = self.headers(delivery.job_id, body)
+                post(delivery.target, addresses, body, headers, self.timeout_s, self.context)
+            finally:
+                self._addresses.give(addresses)
+        except DeliveryFailed as exc:
+            return self._failed(delivery, exc)
         except Exception as exc:  # never let one delivery stop a thread
             log.exception("webhook of job %s failed unexpectedly: %s", delivery.job_id, exc)
             self._count(delivered=False)
             return None
         self._count(delivered=True)
+        return None
+
+    def _failed(self, delivery: Delivery, exc: DeliveryFailed) -> Delivery | None:
+        if exc.retryable and delivery.attempt < self.attempts:
+            delay = self.backoff_s * 2 ** (delivery.attempt - 1)
+            log.info(
+                "webhook of job %s failed (%s); retrying in %.1f s", delivery.job_id, exc, delay
+            )
+            delivery.due = time.monotonic() + delay
+            return delivery
+        log.warning(
+            "webhook of job %s dropped after %d attempts: %s",
+            delivery.job_id,
+            delivery.attempt,
+            exc,
+        )
+        self._count(delivered=False)
         return None
 
     def _deliver(self) -> None:
@@ -350,8 +395,8 @@ class WebhookSender:
 
     def _dispatch(self) -> None:
         waiting: list[Delivery] = []  # a heap by due time
-        ready: dict[str, deque[Delivery]] = {}  # due, by host, hosts in turn
-        busy: Counter[str] = Counter()  # attempts in flight per host
+        ready: dict[str, deque[Delivery]] = {}  # due, by owner, owners in turn
+        busy: Counter[str] = Counter()  # deliveries in threads per owner
         while True:
             timeout = max(0.0, waiting[0].due - time.monotonic()) if waiting else None
             try:
@@ -361,7 +406,7 @@ class WebhookSender:
             if isinstance(item, Delivery):
                 heapq.heappush(waiting, item)
             elif isinstance(item, Finished):
-                busy[item.delivery.target.host] -= 1
+                busy[item.delivery.owner] -= 1
                 if item.retry is not None:
                     heapq.heappush(waiting, item.retry)
                 else:
@@ -369,23 +414,24 @@ class WebhookSender:
                         self._pending -= 1
             while waiting and waiting[0].due <= time.monotonic():
                 due = heapq.heappop(waiting)
-                ready.setdefault(due.target.host, deque()).append(due)
+                ready.setdefault(due.owner, deque()).append(due)
             self._hand_out(ready, busy)
 
     def _hand_out(self, ready: dict[str, deque[Delivery]], busy: Counter[str]) -> None:
-        """Give free threads the ready deliveries, one host after another in turn."""
+        """Give free threads the ready deliveries, one owner after another in turn."""
         progress = True
         while progress and ready:
             progress = False
-            for host in list(ready):
+            for owner in list(ready):
                 if busy.total() >= self.concurrency:
                     return
-                if busy[host] >= self.host_concurrency:
+                # The anonymous owner (auth disabled) is the only one: no bound of its own.
+                if owner and busy[owner] >= self.owner_concurrency:
                     continue
-                self._work.put(ready[host].popleft())
-                busy[host] += 1
+                self._work.put(ready[owner].popleft())
+                busy[owner] += 1
                 progress = True
-                # The host goes to the back of the turn, or leaves it when it has no more.
-                rest = ready.pop(host)
+                # The owner goes to the back of the turn, or leaves it when it has no more.
+                rest = ready.pop(owner)
                 if rest:
-                    ready[host] = rest
+                    ready[owner] = rest

@@ -53,5 +53,5 @@ def delete_inversion(
         pipe.publish(CANCEL_CHANNEL, job_id)
         pipe.execute()
     if state is JobStatus.QUEUED:
-        jobs.cancel_queued(redis, job)
+        jobs.cancel_queued(redis, job, settings.failure_ttl_s)
     return jobs.job_view(jobs.load_job(redis, job_id, owner), redis, settings.worker_stale_s)

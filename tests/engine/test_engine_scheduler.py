@@ -86,6 +86,9 @@ def test_trailing_timesteps(tiny, sample_arrays):
         (10, {"beta_schedule": "cosine"}, "scheduler.beta_schedule"),
         (10, {"num_train_timesteps": 0}, "scheduler.num_train_timesteps"),
         (10, {"clip_sample_range": -1.0}, "scheduler.clip_sample_range"),
+        # Schedules whose alpha-bar underflows to 0 (NaN latents), or stops decreasing.
+        (10, {"beta_start": 0.9999999, "beta_end": 0.9999999}, "scheduler"),
+        (10, {"beta_start": 1e-9, "beta_end": 1e-9}, "scheduler"),
     ],
 )
 def test_impossible_combinations(tiny, sample_arrays, unet_calls, steps, scheduler, field):
@@ -117,3 +120,64 @@ def test_params_refuse_unknown_overrides(scheduler, field):
         InversionParams(prompt=PROMPT, scheduler=scheduler)
     assert "scheduler." in str(info.value)
     assert field in str(info.value) or "beta_schedule" in str(info.value)
+
+
+NOISE_SCHEDULES = {
+    **OVERRIDES,
+    "cosine": {"beta_schedule": "squaredcos_cap_v2"},
+    "cosine_10000": {"beta_schedule": "squaredcos_cap_v2", "num_train_timesteps": 10_000},
+    "zero_snr_leading": {"rescale_betas_zero_snr": True},
+}
+
+
+@pytest.mark.parametrize("name", list(NOISE_SCHEDULES))
+def test_the_submit_time_schedule_is_the_schedulers(tiny, name):
+    """noise_schedule builds with NumPy (the gateway has no torch) the alpha-bars and
+    timesteps DDIMInverseScheduler builds with torch."""
+    from diffusers import DDIMInverseScheduler
+
+    from ddim_inversion.noise_schedule import alphas_cumprod, ddim_timesteps
+    from ddim_inversion.scheduler_config import resolve_scheduler_config
+
+    config = resolve_scheduler_config(tiny.scheduler_config, NOISE_SCHEDULES[name], STEPS)
+    scheduler = DDIMInverseScheduler.from_config(config)
+    scheduler.set_timesteps(STEPS)
+    theirs = scheduler.alphas_cumprod.numpy()
+    ours = alphas_cumprod(config)
+    # Both are float32 products of n_train factors, each rounded once: at most n_train
+    # roundings of 2**-24 apart each, relative; 2x margin for the betas' own rounding.
+    n_train = config["num_train_timesteps"]
+    np.testing.assert_allclose(ours, theirs, rtol=2 * n_train * 2.0**-24, atol=1e-30)
+    assert ddim_timesteps(config, STEPS).tolist() == scheduler.timesteps.tolist()
+
+
+def test_dpmsolver_clip_refused_exactly_where_the_scheduler_fails(tiny):
+    """The largest lambda_min_clipped accepted still gives STEPS distinct timesteps; past
+    it diffusers returns fewer (duplicates dropped) or none (IndexError)."""
+    from diffusers import DPMSolverMultistepInverseScheduler
+
+    from ddim_inversion.noise_schedule import alphas_cumprod
+    from ddim_inversion.scheduler_config import resolve_scheduler_config
+
+    base = resolve_scheduler_config(tiny.scheduler_config, {}, STEPS, "dpmsolver")
+    alphas = alphas_cumprod(base).astype(np.float64)
+    lambdas = 0.5 * np.log(alphas) - 0.5 * np.log1p(-alphas)
+    for clip in [*np.linspace(lambdas[-1] - 1, lambdas[0] + 1, 40).tolist(), 1e308]:
+        try:
+            config = resolve_scheduler_config(
+                tiny.scheduler_config, {"lambda_min_clipped": clip}, STEPS, "dpmsolver"
+            )
+        except InvalidParameter as exc:
+            assert exc.field == "scheduler.lambda_min_clipped"
+            scheduler = DPMSolverMultistepInverseScheduler.from_config(
+                base | {"lambda_min_clipped": clip}
+            )
+            try:
+                scheduler.set_timesteps(STEPS)
+            except IndexError:
+                continue
+            assert len(scheduler.timesteps) < STEPS, clip
+            continue
+        scheduler = DPMSolverMultistepInverseScheduler.from_config(config)
+        scheduler.set_timesteps(STEPS)
+        assert len(set(scheduler.timesteps.tolist())) == STEPS, clip

@@ -341,9 +341,9 @@ def test_an_uploaded_file_is_closed_after_the_answer(client, small_png, monkeypa
     """The route reads its body itself, so it closes the form's files itself."""
     seen, read = [], bodies.from_form
 
-    def spy(form):
+    def spy(form, max_items):
         seen.append(form["image"].file)
-        return read(form)
+        return read(form, max_items)
 
     monkeypatch.setattr(bodies, "from_form", spy)
     answer = client.post(

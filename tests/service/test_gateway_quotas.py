@@ -167,12 +167,18 @@ def test_per_key_held_bytes_are_429_and_deleting_frees_them(make_client, small_p
 def test_canceling_a_queued_job_frees_its_bytes(make_client, small_png, redis):
     client = make_client(**KEYS)
     job_id = post(client, small_png, KEY_A).json()["id"]
-    assert held(redis, HASH_A) > 0
+    stored_input = len(redis.get(input_key(job_id)))
+    assert held(redis, HASH_A) > stored_input
     assert (
         client.delete(f"/v1/inversions/{job_id}", headers={"X-API-Key": KEY_A}).status_code == 202
     )
-    assert held(redis, HASH_A) == 0
+    # The input is gone; the canceled job's record and signals stay held until it expires.
     assert redis.get(input_key(job_id)) is None
+    assert 0 < held(redis, HASH_A) < stored_input
+    assert (
+        client.delete(f"/v1/inversions/{job_id}", headers={"X-API-Key": KEY_A}).status_code == 204
+    )
+    assert held(redis, HASH_A) == 0
 
 
 def test_anonymous_owner_has_no_per_key_budgets(make_client, small_png, redis):

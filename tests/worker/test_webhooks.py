@@ -123,21 +123,63 @@ def test_https_is_verified_against_the_host_name_not_the_address(lookups, closin
 
 
 def test_one_slow_host_holds_only_its_own_slots(closing):
-    """Two deliveries to a dripping host and one to a fast host, two threads, one per host:
-    the fast one goes out while the first drip still holds its thread."""
-    drip = closing(DripReceiver(every_s=0.05))
+    """Two deliveries to a dripping receiver and one to a fast one, two threads, one per
+    address: the fast one goes out while the first drip still holds its thread."""
+    drip = closing(DripReceiver(every_s=0.05, address="127.0.0.2"))
     fast = closing(Receiver(observe=lambda: (drip.alive(), drip.connections)))
     webhooks = sender(
         ports=(drip.port, fast.port), allow_private=True, concurrency=2, host_concurrency=1
     )
-    # Both receivers are 127.0.0.1: tell the hosts apart by name.
-    drip_url = drip.url.replace("127.0.0.1", "localhost")
-    webhooks.send(drip_url, "slow-1", {})
-    webhooks.send(drip_url, "slow-2", {})
+    webhooks.send(drip.url, "slow-1", {})
+    webhooks.send(drip.url, "slow-2", {})
     wait_for(drip.alive, 10, "the first drip")
     webhooks.send(fast.url, "fast", {})
     wait_for(lambda: fast.calls, 10, "the fast delivery")
-    assert fast.seen == [(1, 1)], "the second drip waits for its host's one slot"
+    assert fast.seen == [(1, 1)], "the second drip waits for its address's one slot"
+
+
+def test_names_that_lead_to_one_address_share_its_slots(lookups, closing):
+    """A wildcard allow-list gives a key any number of names; they all lead to one
+    receiver, which still gets `host_concurrency` attempts at once, not one per name."""
+    drip = closing(DripReceiver(every_s=0.05))
+    fast = closing(Receiver(observe=lambda: (drip.alive(), drip.connections), address="127.0.0.2"))
+    names = [f"hook-{n}.tenant.test" for n in range(3)]
+    lookups.update({name: ["127.0.0.1"] for name in names} | {"fast.test": ["127.0.0.2"]})
+    webhooks = sender(
+        ports=(drip.port, fast.port),
+        allow_private=True,
+        concurrency=4,
+        host_concurrency=1,
+        owner_concurrency=4,
+    )
+    for name in names:
+        webhooks.send(f"http://{name}:{drip.port}/hook", f"job-{name}", {}, owner="a")
+    wait_for(drip.alive, 10, "the first drip")
+    webhooks.send(f"http://fast.test:{fast.port}/hook", "fast", {}, owner="a")
+    wait_for(lambda: fast.calls, 10, "the fast delivery")
+    # Three threads were free for the three names; the address let one connect.
+    assert fast.seen == [(1, 1)]
+
+
+def test_one_owner_cannot_fill_every_delivery_thread(closing):
+    """Key A's deliveries to three slow receivers (three addresses) take one thread, its
+    bound; key B's delivery gets a thread at once instead of waiting for A's deadlines."""
+    drips = [closing(DripReceiver(every_s=0.05, address=f"127.0.0.{n}")) for n in (2, 3, 4)]
+    fast = closing(Receiver(observe=lambda: sum(d.alive() for d in drips)))
+    webhooks = sender(
+        ports=(*(d.port for d in drips), fast.port),
+        allow_private=True,
+        concurrency=3,
+        host_concurrency=1,
+        owner_concurrency=1,
+    )
+    for n, drip in enumerate(drips):
+        webhooks.send(drip.url, f"a-{n}", {}, owner="key-a")
+    wait_for(lambda: sum(d.alive() for d in drips), 10, "the first drip of key A")
+    webhooks.send(fast.url, "b", {}, owner="key-b")
+    wait_for(lambda: fast.calls, 5, "key B's delivery, long before key A's 10 s deadlines")
+    assert fast.seen == [1]
+    assert [d.connections for d in drips].count(0) == 2, "key A's others wait their turn"
 
 
 def test_an_attempt_ends_at_its_deadline_however_the_bytes_drip(closing):
@@ -157,10 +199,11 @@ def test_the_settings_reach_the_sender(monkeypatch):
     monkeypatch.setenv("INVERSION_WEBHOOK_ALLOW_PRIVATE", "true")
     monkeypatch.setenv("INVERSION_WEBHOOK_CONCURRENCY", "3")
     monkeypatch.setenv("INVERSION_WEBHOOK_HOST_CONCURRENCY", "1")
+    monkeypatch.setenv("INVERSION_WEBHOOK_OWNER_CONCURRENCY", "3")
     monkeypatch.setenv("INVERSION_WEBHOOK_TIMEOUT_S", "7")
     built = WebhookSender.from_settings(WorkerSettings())
     assert (built.ports, built.allow_private, built.concurrency) == ((443, 8443), True, 3)
-    assert (built.host_concurrency, built.timeout_s) == (1, 7.0)
+    assert (built.host_concurrency, built.owner_concurrency, built.timeout_s) == (1, 3, 7.0)
     for name in ("ALLOWED_PORTS", "ALLOW_PRIVATE"):
         monkeypatch.delenv(f"INVERSION_WEBHOOK_{name}")
     defaults = WebhookSender.from_settings(WorkerSettings())

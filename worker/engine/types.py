@@ -76,6 +76,15 @@ class InversionResult:
         out.update({name: t.contiguous() for name, t in extra.items() if t is not None})
         return out
 
+    def non_finite(self) -> list[str]:
+        """The names of the result's tensors holding a NaN or an infinity: a schedule or a
+        model that overflowed (float16 tops out at 65504); such a result is no inversion."""
+        return [
+            name
+            for name, tensor in self.tensors().items()
+            if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+        ]
+
     def to_safetensors(self) -> bytes:
         from safetensors.torch import save
 
@@ -115,6 +124,8 @@ def scheduler_config_for(params: InversionParams, model: LoadedModel) -> dict[st
         dict(params.scheduler),
         params.num_inference_steps,
         params.inverse_scheduler,
+        params.method,
+        params.verify,
     )
 
 
