@@ -36,6 +36,7 @@ router = v1_router(INVERSIONS_PREFIX, "inversions")
             "description": "The job ended within `Prefer: wait=N`, or an Idempotency-Key "
             "replay of an ended job: the full status body",
         },
+        400: _PROBLEM,  # a multipart body Starlette cannot parse
         413: _PROBLEM,
         415: _PROBLEM,
         422: _PROBLEM,
