@@ -129,12 +129,12 @@
  * @property {number} token_count
  * @property {boolean} truncated
  * @property {string} encode_mode
- * @property {number|null} seed
+ * @property {number|null} [seed]
  * @property {number} num_inference_steps
  * @property {Array<number>} timesteps
  * @property {Object<string, *>} scheduler_config
  * @property {Array<number>} latents_shape
- * @property {Array<number>|null} trajectory_shape
+ * @property {Array<number>|null} [trajectory_shape]
  * @property {string} dtype
  * @property {string} [engine_version]
  * @property {Array<number>|null} [refine_iterations]

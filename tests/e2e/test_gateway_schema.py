@@ -10,21 +10,28 @@ once without any: then every `/v1` operation answers a documented 401 problem.
 
 No worker runs: a worker's record in Redis (an SD 1.5 model, refreshed before each case)
 makes the gateway check submissions against that model in full, and the jobs it accepts
-just queue.
+just queue. So that the job routes answer more than 404, jobs in each state (queued,
+running, succeeded with a reconstruction, failed, canceled) are written as a worker writes
+them, and a generated job id is replaced by one of theirs in most cases.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
+import io
 import time
+import zlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import httpx
 import pytest
 import redis
 import schemathesis
 from hypothesis import HealthCheck, settings
+from PIL import Image
+from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
     allow_header_conformance,
@@ -36,16 +43,27 @@ from schemathesis.specs.openapi.checks import (
     unsupported_method,
 )
 
-from ddim_inversion.keys import WORKERS_KEY
+from ddim_inversion.errors import ErrorCode
+from ddim_inversion.keys import WORKERS_KEY, queue_name_for
 from service.app import create_app
 from service.settings import GatewaySettings
 from tests.conftest import Processes, RedisServer, subprocess_env
 from tests.service.helpers import SERVED_MODEL, worker_record_of
+from tests.worker_writes import WorkerWrites
 
 pytestmark = pytest.mark.e2e
 
+
+def _png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (48, 32), (200, 30, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 KEY = "schemathesis-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
+PNG = _png()
+PNG_DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
 
 FUZZ = settings(
     # Per operation and phase; with the coverage phase's own cases about 1500 requests
@@ -76,6 +94,14 @@ CHECKS = [
 class Gateway:
     url: str
     redis: redis.Redis
+    jobs: dict[str, str] = field(default_factory=dict)
+    """A job id in each state, by the state's name."""
+
+    def submit(self, **fields: object) -> str:
+        body = {"image": PNG_DATA_URL, "prompt": "a cat", **fields}
+        answer = httpx.post(self.url + "/v1/inversions", json=body, headers=AUTH)
+        assert answer.status_code == 202, answer.text
+        return str(answer.json()["id"])
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +123,10 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
             INVERSION_MAX_PREFER_WAIT_S="1",
         )
         connection = redis.Redis.from_url(server.url)
-        yield Gateway(url, connection)
+        gateway = Gateway(url, connection)
+        _fresh_worker(connection)
+        _write_jobs(gateway)
+        yield gateway
         connection.close()
     finally:
         procs.stop_all()
@@ -122,10 +151,49 @@ def _fresh_worker(connection: redis.Redis) -> None:
     connection.hset(WORKERS_KEY, record.name, record.model_dump_json())
 
 
+def _write_jobs(gateway: Gateway) -> None:
+    writes = WorkerWrites(gateway.redis, queue_name_for(SERVED_MODEL))
+    jobs = gateway.jobs
+    jobs.update({state: gateway.submit() for state in ("queued", "running", "failed")})
+    jobs["succeeded"] = gateway.submit(verify=True)
+    jobs["canceled"] = gateway.submit()
+    writes.start(jobs["running"], step=3)
+    writes.succeed(jobs["succeeded"], reconstruction_png=PNG)
+    writes.fail(jobs["failed"], ErrorCode.INVALID_INPUT, "the prompt is empty")
+    writes.cancel(jobs["canceled"])
+
+
+def _use_a_real_job(case: schemathesis.Case, gateway: Gateway) -> None:
+    """Replace a generated job id with a job's, most of the time (the choice is the id's
+    hash: the same on every run). An event stream of a job not ended lasts its whole
+    lifetime, so those routes get ended jobs only; DELETE gets a job of its own."""
+    generated = (case.path_parameters or {}).get("job_id")
+    if not isinstance(generated, str) or case.meta is None:
+        return
+    if case.meta.generation.mode is not GenerationMode.POSITIVE:
+        return
+    states = sorted(gateway.jobs)
+    if case.path.endswith("/events"):
+        states = ["canceled", "failed", "succeeded"]
+    pick = zlib.crc32(generated.encode()) % (len(states) + 1)
+    if pick == len(states):
+        return  # the generated id: an unknown job
+    if case.method == "DELETE":
+        job_id = gateway.submit()
+        if pick % 2:
+            WorkerWrites(gateway.redis, queue_name_for(SERVED_MODEL)).fail(
+                job_id, ErrorCode.INVALID_INPUT, "ended, to be deleted"
+            )
+    else:
+        job_id = gateway.jobs[states[pick]]
+    case.path_parameters["job_id"] = job_id
+
+
 @schema.parametrize()
 @FUZZ
 def test_with_a_key_every_answer_conforms(case: schemathesis.Case, gateway: Gateway) -> None:
     _fresh_worker(gateway.redis)
+    _use_a_real_job(case, gateway)
     case.call_and_validate(base_url=gateway.url, headers=AUTH, checks=CHECKS)
 
 
