@@ -41,7 +41,10 @@ def readyz(redis: RedisDep, settings: SettingsDep) -> Readiness:
     "/metrics",
     summary="Prometheus metrics",
     response_class=Response,
-    responses={200: {"content": {"text/plain": {}}}},
+    responses={
+        200: {"content": {"text/plain": {}}},
+        503: {"description": "Redis does not answer", "content": {PROBLEM_MEDIA_TYPE: {}}},
+    },
 )
 def metrics(metrics: MetricsDep, redis: RedisDep, settings: SettingsDep) -> Response:
     """Request counters plus queue and RQ registry gauges read from Redis at scrape time."""

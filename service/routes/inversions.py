@@ -57,6 +57,7 @@ async def submit_inversion(
         Header(
             alias="Idempotency-Key",
             description="Same key and payload: the same job, never a second one.",
+            json_schema_extra={"pattern": protocol.IDEMPOTENCY_KEY_PATTERN},
         ),
     ] = None,
     prefer: Annotated[

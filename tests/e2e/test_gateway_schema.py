@@ -6,7 +6,9 @@ examples, then boundary and negative values of each parameter and body field, th
 ones), with a fixed seed and a bounded number of examples, so runs are repeatable and
 short. Every answer must not be a 5xx and must conform to the document: a documented
 status code, its content type, its headers and its body's schema. Once with the key, and
-once without any: then every `/v1` operation answers a documented 401 problem.
+once without any: then every `/v1` operation answers a documented 401 problem. And once
+against a gateway whose Redis is gone: every route that reads it answers a documented 503
+problem, never a 500.
 
 No worker runs: a worker's record in Redis (an SD 1.5 model, refreshed before each case)
 makes the gateway check submissions against that model in full, and the jobs it accepts
@@ -104,30 +106,53 @@ class Gateway:
         return str(answer.json()["id"])
 
 
+def _processes(tmp_path_factory: pytest.TempPathFactory, server: RedisServer) -> Processes:
+    # The gateway never loads a model: the model folder stays empty.
+    env = subprocess_env(server.url, tmp_path_factory.mktemp("no-models"))
+    return Processes(env, tmp_path_factory.mktemp("schema-logs"))
+
+
+def _start_gateway(procs: Processes) -> str:
+    return procs.gateway(
+        INVERSION_AUTH_DISABLED="false",
+        INVERSION_API_KEY_HASHES=hashlib.sha256(KEY.encode()).hexdigest(),
+        INVERSION_DEFAULT_MODEL=SERVED_MODEL,
+        # Every accepted submission queues: no per-key limit may turn them into 429s.
+        INVERSION_MAX_QUEUED_PER_KEY="1000000",
+        INVERSION_RATE_LIMIT_PER_MINUTE="1000000",
+        # A generated `Prefer: wait=N` holds the answer at most this long.
+        INVERSION_MAX_PREFER_WAIT_S="1",
+    )
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Gateway]:
     server = RedisServer(tmp_path_factory.mktemp("schema-redis"))
     server.start()
-    # The gateway never loads a model: the model folder stays empty.
-    env = subprocess_env(server.url, tmp_path_factory.mktemp("no-models"))
-    procs = Processes(env, tmp_path_factory.mktemp("schema-logs"))
+    procs = _processes(tmp_path_factory, server)
     try:
-        url = procs.gateway(
-            INVERSION_AUTH_DISABLED="false",
-            INVERSION_API_KEY_HASHES=hashlib.sha256(KEY.encode()).hexdigest(),
-            INVERSION_DEFAULT_MODEL=SERVED_MODEL,
-            # Every accepted submission queues: no per-key limit may turn them into 429s.
-            INVERSION_MAX_QUEUED_PER_KEY="1000000",
-            INVERSION_RATE_LIMIT_PER_MINUTE="1000000",
-            # A generated `Prefer: wait=N` holds the answer at most this long.
-            INVERSION_MAX_PREFER_WAIT_S="1",
-        )
+        url = _start_gateway(procs)
         connection = redis.Redis.from_url(server.url)
         gateway = Gateway(url, connection)
         _fresh_worker(connection)
         _write_jobs(gateway)
         yield gateway
         connection.close()
+    finally:
+        procs.stop_all()
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway_without_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A gateway started on a Redis that then stopped."""
+    server = RedisServer(tmp_path_factory.mktemp("gone-redis"))
+    server.start()
+    procs = _processes(tmp_path_factory, server)
+    try:
+        url = _start_gateway(procs)
+        server.stop()
+        yield url
     finally:
         procs.stop_all()
         server.stop()
@@ -203,3 +228,14 @@ def test_without_a_key_every_v1_answer_is_a_401(case: schemathesis.Case, gateway
     response = case.call_and_validate(base_url=gateway.url, checks=CHECKS)
     if case.path.startswith("/v1/"):
         assert response.status_code == 401, response.text
+
+
+@schema.parametrize()
+@settings(FUZZ, max_examples=5)
+def test_without_redis_every_answer_is_documented_and_no_500(
+    case: schemathesis.Case, gateway_without_redis: str
+) -> None:
+    # A 503 is the answer here: every check but the one that refuses any 5xx.
+    checks = [check for check in CHECKS if check is not not_a_server_error]
+    response = case.call_and_validate(base_url=gateway_without_redis, headers=AUTH, checks=checks)
+    assert response.status_code != 500, response.text
