@@ -42,6 +42,9 @@ _CODE_BY_STATUS: dict[int, ErrorCode] = {
 }
 
 
+_METHODS = ("DELETE", "GET", "HEAD", "PATCH", "POST", "PUT")
+
+
 class Problem(BaseModel):
     """The body of every error answer, and its schema in the OpenAPI document."""
 
@@ -140,12 +143,22 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def _allowed_methods(request: Request) -> list[str]:
-    """Every method some route of the app serves on the request's path."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        if route.matches(request.scope)[0] is not Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return sorted(methods)
+    """Every method some route of the app serves on the request's path (asked of the
+    routes with a fresh scope: the request's own has been through routing already)."""
+    base = {
+        "type": "http",
+        "path": request.scope["path"],
+        "root_path": request.scope.get("root_path", ""),
+        "headers": [],
+    }
+    return [
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**base, "method": method})[0] is Match.FULL
+            for route in request.app.router.routes
+        )
+    ]
 
 
 async def _redis_unavailable(request: Request, exc: Exception) -> JSONResponse:
