@@ -71,8 +71,8 @@ PNG = _png()
 PNG_DATA_URL = "data:image/png;base64," + base64.b64encode(PNG).decode()
 
 FUZZ = settings(
-    # Per operation and phase; with the coverage phase's own cases about 1500 requests
-    # in all, a few seconds per run of 11 operations.
+    # Per operation and phase; the coverage phase adds its own cases (each parameter's and
+    # body field's boundaries and wrong types in turn): some 800 requests with the key.
     max_examples=20,
     derandomize=True,  # a fixed seed: the same requests on every run
     deadline=None,
@@ -123,8 +123,8 @@ def _start_gateway(procs: Processes) -> str:
         # Every accepted submission queues: no per-key limit may turn them into 429s.
         INVERSION_MAX_QUEUED_PER_KEY="1000000",
         INVERSION_RATE_LIMIT_PER_MINUTE="1000000",
-        # A generated `Prefer: wait=N` holds the answer at most this long, and an event
-        # stream of a job that never ends (Schemathesis reuses ids it was answered) too.
+        # A generated `Prefer: wait=N` holds the answer at most this long, and so does an
+        # event stream of a job that has not ended, should a case reach one.
         INVERSION_MAX_PREFER_WAIT_S="1",
         INVERSION_MAX_STREAM_S="2",
     )
