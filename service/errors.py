@@ -53,7 +53,8 @@ class Problem(BaseModel):
     status: int = Field(description="The HTTP status code.")
     detail: str = Field(description="What went wrong, for a person.")
     code: ErrorCode = Field(description="The stable code clients switch on.")
-    instance: str = Field(description="The request's path.")
+    # Absent only from the refusals of a request head never read whole (http_protocol.py).
+    instance: str | None = Field(default=None, description="The request's path.")
     field: str | None = Field(default=None, description="The parameter at fault, if one is.")
 
 

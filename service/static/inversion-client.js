@@ -185,8 +185,8 @@
  * @property {number} status
  * @property {string} detail
  * @property {string} code A stable code: validation_error, unauthorized, not_found, ...
- * @property {string} [instance]
- * @property {string} [field] The parameter that caused it, when one did.
+ * @property {string|null} [instance] The request's path.
+ * @property {string|null} [field] The parameter that caused it, when one did.
  */
 
 /** A refused request: the problem's fields, as the gateway sent them. */
