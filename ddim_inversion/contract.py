@@ -74,12 +74,17 @@ class ResultMetadata(BaseModel):
     token_count: int
     truncated: bool
     encode_mode: str
-    seed: int | None
+    # None fields are left out of a job's status body (exclude_none), so none is required.
+    seed: int | None = Field(
+        None, description="The job's seed (encode_mode sample, ddpm); None: none."
+    )
     num_inference_steps: int
     timesteps: list[int]
     scheduler_config: dict[str, Any]
     latents_shape: list[int]
-    trajectory_shape: list[int] | None
+    trajectory_shape: list[int] | None = Field(
+        None, description="Shape of the trajectory, with return_trajectory; None: not kept."
+    )
     dtype: str
     engine_version: str = ENGINE_VERSION
     refine_iterations: list[int] | None = Field(

@@ -212,7 +212,15 @@ OPENAPI = {
         "required": True,
         "content": {
             FORM_MEDIA_TYPE: {"schema": SubmissionForm.model_json_schema()},
-            JSON_MEDIA_TYPE: {"schema": SubmissionJson.model_json_schema()},
+            JSON_MEDIA_TYPE: {
+                "schema": SubmissionJson.model_json_schema(),
+                # A whole body that is accepted: the fields' own examples, put together,
+                # break cross-field rules (`eta` is for `ddpm` only, say).
+                "example": {
+                    "image": f"data:image/png;base64,{_PIXEL_PNG}",
+                    "prompt": "a photo of a cat",
+                },
+            },
         },
     }
 }

@@ -38,7 +38,9 @@ from service.listener import JobListener, until
 from service.settings import GatewaySettings
 
 IDEMPOTENCY_HEADER = "Idempotency-Key"
-_KEY_PATTERN = re.compile(r"[\x21-\x7e]{1,255}")
+IDEMPOTENCY_KEY_PATTERN = "^[!-~]{1,255}$"
+"""1 to 255 visible ASCII characters: the check here and the OpenAPI document's."""
+_KEY_PATTERN = re.compile(IDEMPOTENCY_KEY_PATTERN)
 _WAIT_PATTERN = re.compile(r"^\s*wait\s*=\s*\"?(\d{1,9})\"?\s*$", re.IGNORECASE)
 
 KEEPALIVE_S = 15.0

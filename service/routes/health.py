@@ -43,6 +43,7 @@ def readyz(redis: RedisDep) -> Readiness:
     responses={
         200: {"content": {"text/plain": {}}},
         401: {"description": "No valid metrics token", "content": {PROBLEM_MEDIA_TYPE: {}}},
+        503: {"description": "Redis does not answer", "content": {PROBLEM_MEDIA_TYPE: {}}},
     },
 )
 def metrics(

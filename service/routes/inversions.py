@@ -36,6 +36,7 @@ router = v1_router(INVERSIONS_PREFIX, "inversions")
             "description": "The job ended within `Prefer: wait=N`, or an Idempotency-Key "
             "replay of an ended job: the full status body",
         },
+        400: _PROBLEM,  # a multipart body Starlette cannot parse
         413: _PROBLEM,
         415: _PROBLEM,
         422: _PROBLEM,
@@ -56,6 +57,7 @@ async def submit_inversion(
         Header(
             alias="Idempotency-Key",
             description="Same key and payload: the same job, never a second one.",
+            json_schema_extra={"pattern": protocol.IDEMPOTENCY_KEY_PATTERN},
         ),
     ] = None,
     prefer: Annotated[

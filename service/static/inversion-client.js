@@ -129,12 +129,12 @@
  * @property {number} token_count
  * @property {boolean} truncated
  * @property {string} encode_mode
- * @property {number|null} seed
+ * @property {number|null} [seed]
  * @property {number} num_inference_steps
  * @property {Array<number>} timesteps
  * @property {Object<string, *>} scheduler_config
  * @property {Array<number>} latents_shape
- * @property {Array<number>|null} trajectory_shape
+ * @property {Array<number>|null} [trajectory_shape]
  * @property {string} dtype
  * @property {string} [engine_version]
  * @property {Array<number>|null} [refine_iterations]
@@ -185,8 +185,8 @@
  * @property {number} status
  * @property {string} detail
  * @property {string} code A stable code: validation_error, unauthorized, not_found, ...
- * @property {string} [instance]
- * @property {string} [field] The parameter that caused it, when one did.
+ * @property {string|null} [instance] The request's path.
+ * @property {string|null} [field] The parameter that caused it, when one did.
  */
 
 /** A refused request: the problem's fields, as the gateway sent them. */

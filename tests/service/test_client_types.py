@@ -138,6 +138,7 @@ def test_every_schema_of_the_api_has_a_typedef(openapi, declared):
         "JobError",
         "JobParams",
         "ResultMetadata",
+        "Problem",
     ],
 )
 def test_typedef_properties_follow_the_schema(openapi, declared, typedef):

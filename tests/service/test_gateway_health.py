@@ -125,6 +125,14 @@ def test_unknown_route_and_method(client):
     assert response.headers["content-type"].startswith(PROBLEM)
 
 
+def test_a_405_allows_every_method_of_the_path(client):
+    """GET and DELETE of a job are two routes: Allow names both (Starlette's only the first)."""
+    response = client.put("/v1/inversions/some-id")
+    assert_problem(response, 405, "validation_error")
+    assert response.headers["allow"] == "DELETE, GET"
+    assert client.patch("/v1/inversions").headers["allow"] == "POST"
+
+
 def test_redis_down_is_503_with_retry_after(make_client):
     client = make_client(connection=redis_down())
     for path in (
