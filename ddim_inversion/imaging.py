@@ -240,7 +240,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
     image = ImageOps.exif_transpose(image) or image
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        image = Image.fromarray(_grey8(np.asarray(image), mode), mode="L")
+        image = Image.fromarray(_grey8(image), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
@@ -252,19 +252,23 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image
 
 
-def _grey8(array: np.ndarray, mode: str) -> np.ndarray:
+def _grey8(image: Image.Image) -> np.ndarray:
     """16-bit and 32-bit integer greys scaled (65535 is white: `rint(v / 257)`), float
-    greys scaled by 255 when all are within [0, 1], then clipped to 8 bits; computed
-    CONVERT_ROWS rows at a time, so no float64 copy of the whole image is made."""
-    grey = np.empty(array.shape, dtype=np.uint8)
+    greys scaled by 255 when all are within [0, 1], then clipped to 8 bits; read and
+    computed CONVERT_ROWS rows at a time, so no wide copy of the whole image is made."""
+    width, height = image.size
+    grey = np.empty((height, width), dtype=np.uint8)
     # v / 257 is never within 0.002 of a half for an integer v: multiplying by 1 / 257
     # rounds the same.
     scale = 1 / 257.0
-    if mode == "F":
-        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
-    for top in range(0, array.shape[0], CONVERT_ROWS):
-        rows = array[top : top + CONVERT_ROWS].astype(np.float64) * scale
-        grey[top : top + CONVERT_ROWS] = np.clip(np.rint(rows), 0, 255)
+    if image.mode == "F":
+        scale = 255.0 if image.getextrema()[1] <= 1.0 else 1.0
+    for top in range(0, height, CONVERT_ROWS):
+        band = image.crop((0, top, width, min(height, top + CONVERT_ROWS)))
+        rows = np.asarray(band).astype(np.float64)
+        np.multiply(rows, scale, out=rows)
+        np.rint(rows, out=rows)
+        grey[top : top + CONVERT_ROWS] = np.clip(rows, 0, 255, out=rows)
     return grey
 
 
