@@ -7,8 +7,11 @@ under a 5/min rate limit; 30 concurrent submits under a per-key limit of 3; a ba
 20 jobs from A before one of B (fairness); a cancel during `verify` and a `verify` job
 over its timeout; a slow webhook receiver and a webhook to a private address; canceled
 jobs' TTLs; forged jobs written straight into Redis; big resolutions filling Redis; a
-result over Redis's `proto-max-bulk-len`. During each, key B GETs one of its jobs every
-20 ms (from a process of its own) and submits one job with a webhook.
+result over Redis's `proto-max-bulk-len`; images that are costly to decode (issue 21,
+bench/abuse_decoding.py: many-scan JPEGs, scans past the CPU limit, huge palettes, 16-bit
+and float greys; their outcome gives B's submit latency against idle). During each, key
+B GETs one of its jobs every 20 ms (from a process of its own) and submits one job with a
+webhook.
 
 Prints a markdown table: the attack, key A's answers, what came of it, key B's GET
 p50/p95 during the attack against idle, B's job and webhook delay, Redis's peak used

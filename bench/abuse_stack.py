@@ -38,12 +38,20 @@ from tests.conftest import Processes, RedisServer, subprocess_env  # noqa: E402
 KEY_A, KEY_B = "abuse-key-a", "abuse-key-b"
 """The attacker and the tenant that works normally."""
 KEY_A_RACES, KEY_A_REPLAYS, KEY_A_TIMEOUT = "abuse-key-a2", "abuse-key-a3", "abuse-key-a4"
+KEY_A_DECODES = "abuse-key-a5"
 """More keys of the attacker on the strict gateway: each attack there starts with fresh
 per-key counters."""
-ALL_KEYS = (KEY_A, KEY_B, KEY_A_RACES, KEY_A_REPLAYS, KEY_A_TIMEOUT)
+ALL_KEYS = (KEY_A, KEY_B, KEY_A_RACES, KEY_A_REPLAYS, KEY_A_TIMEOUT, KEY_A_DECODES)
 PARKED_QUEUE = "abuse-parked"
 """The parked gateway's queue prefix: no worker drains `abuse-parked:<model>`."""
-STRICT = {"max_queued_per_key": 3, "rate_limit_per_minute": 5, "job_timeout_s": 2}
+STRICT = {
+    "max_queued_per_key": 3,
+    "rate_limit_per_minute": 5,
+    "job_timeout_s": 2,
+    "max_decodes_per_key": 30,  # the races wait for a decoder: the admission is under test
+    "decode_cpu_s": 1,
+    "max_jpeg_scans": 1_000_000,  # scans through to the CPU limit
+}
 """The strict gateway's limits (INVERSION_*)."""
 
 
