@@ -41,6 +41,18 @@ SOURCE_ROOT = str(Path(decoder.__file__).resolve().parents[1])
 QUIET_THREADS = {"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 """A decoder needs no numeric threads: each would reserve address space under its limit."""
 
+PASSED_ENV = ("PATH", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH")
+"""The only variables a decoder inherits: never the gateway's settings (its Redis URL and
+password, its key hashes), in case a hostile file takes a decoder over. Nor does it
+inherit any open file: no Redis connection, no client socket."""
+
+
+def decoder_env() -> dict[str, str]:
+    """The decoder's environment: PASSED_ENV, this gateway's sources first on the path."""
+    env = {name: os.environ[name] for name in PASSED_ENV if name in os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, (SOURCE_ROOT, env.get("PYTHONPATH"))))
+    return env | QUIET_THREADS
+
 
 @dataclass(frozen=True)
 class DecodeRequest:
@@ -59,8 +71,6 @@ class Decoder:
 
     @classmethod
     async def start(cls, settings: GatewaySettings) -> Decoder:
-        env = os.environ | QUIET_THREADS
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, (SOURCE_ROOT, env.get("PYTHONPATH"))))
         process = await asyncio.create_subprocess_exec(
             sys.executable,
             "-m",
@@ -69,7 +79,7 @@ class Decoder:
             str(settings.decode_cpu_s),
             stdin=asyncio.subprocess.PIPE,
             stdout=asyncio.subprocess.PIPE,
-            env=env,
+            env=decoder_env(),
         )
         return cls(process)
 

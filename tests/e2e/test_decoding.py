@@ -79,6 +79,8 @@ def test_a_decode_past_its_cpu_limit_is_killed_while_the_gateway_serves_others(g
     hostile = hostile_images.many_scans_jpeg(3000, 40_000)
     assert submit(url, KEY_A, PNG).status_code == 202
     ((first, cpu_before),) = decoders(pid).items()  # the decoder that served it, now idle
+    # Nothing of the gateway's settings (its Redis URL, key hashes) reaches a decoder.
+    assert b"INVERSION_" not in Path(f"/proc/{first}/environ").read_bytes()
 
     with ThreadPoolExecutor(1) as pool:
         attack = pool.submit(submit, url, KEY_A, hostile)

@@ -4,12 +4,13 @@ decode under its CPU and memory limits, a dead decoder replaced, decodes per key
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import numpy as np
 import pytest
 
-from service import decoder
+from service import decode_pool, decoder
 from service.decode_pool import DecodePool, Decoder, DecodeRequest
 from service.errors import ProblemError
 from service.settings import GatewaySettings
@@ -164,3 +165,12 @@ def test_closing_the_pool_stops_its_decoders():
 
     worker = run(main())
     assert worker.process.returncode is not None
+
+
+def test_a_decoder_inherits_none_of_the_gateways_settings(monkeypatch):
+    monkeypatch.setenv("INVERSION_REDIS_URL", "redis://:secret@redis:6379/0")
+    monkeypatch.setenv("PATH", "/usr/bin")
+    env = decode_pool.decoder_env()
+    assert not [name for name in env if name.startswith("INVERSION_")]
+    assert env["PATH"] == "/usr/bin"
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == decode_pool.SOURCE_ROOT
