@@ -126,7 +126,8 @@ class DecodePool:
             raise ProblemError(
                 429,
                 ErrorCode.RATE_LIMITED,
-                f"this API key already has {limit} images being decoded; the limit is {limit}",
+                f"this API key already has its limit of {limit} images being decoded; "
+                "submit again once they are",
                 field="image",
                 headers={"Retry-After": str(RETRY_AFTER_S)},
             )
