@@ -8,7 +8,8 @@ lives:
 - its address space is bounded at start to what it holds then plus MEMORY_BYTES
   (RLIMIT_AS): an allocation beyond fails, the image is refused and the process exits;
 - each decode gets CPU_S seconds of CPU (RLIMIT_CPU, raised before each): past them the
-  kernel ends the process with SIGXCPU.
+  kernel ends the process with SIGXCPU;
+- the out-of-memory killer takes it before the gateway (oom_score_adj 1000).
 
 Messages on stdin and stdout are a 4-byte big-endian length, a JSON header, then the
 header's `bytes` raw bytes (the upload; the RGB pixels back): no pickle, so a decoder
@@ -104,6 +105,17 @@ def _address_space() -> int:
         return 0
 
 
+def _first_to_go() -> None:
+    """Offer this process first to the kernel's out-of-memory killer (a container's
+    memory limit counts the gateway and its decoders together): a decoder dies, never the
+    gateway. Raising one's own score needs no privilege."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as score:
+            score.write("1000")
+    except OSError:
+        pass  # not Linux
+
+
 def _limit_cpu(seconds: int) -> None:
     """SIGXCPU once this process has used `seconds` more of CPU (whole seconds: the
     kernel's unit). The hard limit stays unlimited so that the next decode may raise it."""
@@ -115,6 +127,7 @@ def _limit_cpu(seconds: int) -> None:
 def serve(memory_bytes: int, cpu_s: int, requests: BinaryIO, replies: BinaryIO) -> None:
     """Decode requests until the end of `requests` (or an allocation failed)."""
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # a killed decoder leaves no core file
+    _first_to_go()
     held = _address_space()
     if held:
         resource.setrlimit(resource.RLIMIT_AS, (held + memory_bytes, held + memory_bytes))

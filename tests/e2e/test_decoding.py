@@ -81,6 +81,8 @@ def test_a_decode_past_its_cpu_limit_is_killed_while_the_gateway_serves_others(g
     ((first, cpu_before),) = decoders(pid).items()  # the decoder that served it, now idle
     # Nothing of the gateway's settings (its Redis URL, key hashes) reaches a decoder.
     assert b"INVERSION_" not in Path(f"/proc/{first}/environ").read_bytes()
+    # Under a container's memory limit, the kernel kills a decoder before the gateway.
+    assert Path(f"/proc/{first}/oom_score_adj").read_text().strip() == "1000"
 
     with ThreadPoolExecutor(1) as pool:
         attack = pool.submit(submit, url, KEY_A, hostile)
