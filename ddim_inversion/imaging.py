@@ -152,15 +152,20 @@ def decode_bytes_per_pixel(image: Image.Image) -> int:
     """Bytes per pixel the decode and `normalize` hold at their peak, by the decoded mode.
 
     The decoded frame, its RGB image (4 bytes a pixel in Pillow), that image's array and
-    its copy, with two bytes of margin; a transposed copy of the frame (EXIF orientation); the
-    array and 8-bit grey of a 16-bit or float image; the RGBA and white background of the
-    alpha path. A 5 KB palette PNG of 40 Mpx needs 520 MB, not 40 MB. (Peaks measured
-    with Pillow 13 at 16 Mpx: RGB 7, grey or palette 12, 16-bit 12, float 12, alpha 16.)
+    its copy, with two bytes of margin; a transposed copy of the frame (EXIF orientation);
+    the 8-bit grey of a 16-bit or float image, and as much again as the frame for its row
+    bands; the RGBA and white background of the alpha path. A 5 KB palette PNG of 40 Mpx
+    needs 520 MB, not 40 MB. (Peaks measured with Pillow 13 at 16 Mpx: RGB 7, grey or
+    palette 12, 16-bit 12, float 12, alpha 16.)
     """
     mode = image.mode
     stored = _SAMPLE_BYTES.get(mode, 4)
     needed = stored + 4 + 2 * 3 + 2
-    if image.getexif().get(ORIENTATION, 1) != 1:
+    try:
+        rotated = image.getexif().get(ORIENTATION, 1) != 1
+    except Exception:  # unreadable EXIF: assume the copy
+        rotated = True
+    if rotated:
         needed += stored
     if mode in ("I", "F") or mode.startswith("I;16"):
         needed += stored + 1
@@ -243,7 +248,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
         image = Image.fromarray(_grey8(image), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if image.mode in ALPHA_MODES:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
