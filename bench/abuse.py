@@ -10,11 +10,12 @@ jobs' TTLs; forged jobs written straight into Redis; big resolutions filling Red
 result over Redis's `proto-max-bulk-len`; issue 21's lone surrogates in every field and a
 field name that forges a log line, webhook URLs with CR/LF or a space, degenerate
 schedules (with verify and `Prefer: wait`), a JSON body of millions of `trained_betas`,
-and submit + DELETE cycles with fresh 200-character Idempotency-Keys; then the edge's
-(bench/abuse_edge.py): held and dripped request bodies, a 40 KB header arriving whole,
-what a caller without a key reads. During each, key B GETs one of its jobs every 20 ms
-(from a process of its own) and submits one job with a webhook (its submit's latency is
-in the job column).
+and submit + DELETE cycles with fresh 200-character Idempotency-Keys; images that are
+costly to decode (bench/abuse_decoding.py: many-scan JPEGs, scans past the CPU limit,
+huge palettes, 16-bit and float greys); then the edge's (bench/abuse_edge.py): held and
+dripped request bodies, a 40 KB header arriving whole, what a caller without a key reads.
+During each, key B GETs one of its jobs every 20 ms (from a process of its own) and
+submits one job with a webhook (its submit's latency is in the job column).
 
 Prints a markdown table: the attack, key A's answers, what came of it, key B's GET
 p50/p95 during the attack against idle, B's job and webhook delay, Redis's peak used

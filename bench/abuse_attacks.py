@@ -22,6 +22,7 @@ import httpx
 from rq import Callback, Queue
 from rq.serializers import JSONSerializer
 
+from bench import abuse_decoding
 from bench.abuse_stack import (
     KEY_A,
     KEY_A_RACES,
@@ -573,6 +574,10 @@ ATTACKS: list[tuple[str, Callable[[Ctx], tuple[str, str]]]] = [
     ("7: forged jobs in Redis", forged_jobs),
     ("1: big resolutions fill Redis", redis_fill),
     ("2: result over proto-max-bulk-len", result_too_large),
+    ("21.2: 40 JPEGs of 300 scans at once", abuse_decoding.many_scan_jpegs),
+    ("21.2: JPEG scans past 1 s of CPU", abuse_decoding.scans_past_the_cpu_limit),
+    ("21.2: 10 palette PNGs of 40 Mpx", abuse_decoding.palette_pngs),
+    ("21.2: 16-bit PNGs, float TIFFs of 36 Mpx", abuse_decoding.deep_greys),
     ("21.3: surrogates, forged log line, CR/LF URL", hostile_text),
     ("21.4: degenerate schedules", degenerate_schedules),
     ("21.5: millions of trained_betas", huge_list),

@@ -43,7 +43,12 @@ per-key counters."""
 ALL_KEYS = (KEY_A, KEY_B, KEY_A_RACES, KEY_A_REPLAYS, KEY_A_TIMEOUT)
 PARKED_QUEUE = "abuse-parked"
 """The parked gateway's queue prefix: no worker drains `abuse-parked:<model>`."""
-STRICT = {"max_queued_per_key": 3, "rate_limit_per_minute": 5, "job_timeout_s": 2}
+STRICT = {
+    "max_queued_per_key": 3,
+    "rate_limit_per_minute": 5,
+    "job_timeout_s": 2,
+    "max_decodes_per_key": 30,  # the races wait for a decoder: the admission is under test
+}
 """The strict gateway's limits (INVERSION_*)."""
 BODY_TIMEOUT_S = 5
 """The main gateway's whole-body deadline (INVERSION_HTTP_BODY_TIMEOUT_S): short, so that
@@ -51,6 +56,8 @@ the held-bodies attack sees it act; every other attack's bodies arrive at once."
 METRICS_TOKEN = "abuse-metrics-token"
 """The token /metrics answers (INVERSION_METRICS_TOKEN_HASH is its hash)."""
 METRICS_AUTH = {"Authorization": f"Bearer {METRICS_TOKEN}"}
+PARKED_DECODES = {"decode_cpu_s": 1, "max_jpeg_scans": 1_000_000}
+"""The parked gateway's decoding limits: any number of scans, through to 1 s of CPU."""
 
 
 def tiny_png(size: int = 64) -> bytes:
@@ -154,7 +161,10 @@ def start_stack(
             INVERSION_HTTP_BODY_TIMEOUT_S=str(BODY_TIMEOUT_S),
         )
         strict = procs.gateway(**{f"INVERSION_{k.upper()}": str(v) for k, v in STRICT.items()})
-        parked = procs.gateway(INVERSION_QUEUE_NAME=PARKED_QUEUE)
+        parked = procs.gateway(
+            INVERSION_QUEUE_NAME=PARKED_QUEUE,
+            **{f"INVERSION_{k.upper()}": str(v) for k, v in PARKED_DECODES.items()},
+        )
         client = redis.Redis.from_url(server.url)
         deadline = time.monotonic() + 180
         while not client.hlen(WORKERS_KEY):

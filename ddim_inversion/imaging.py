@@ -5,8 +5,11 @@ and only a compact RGB array travels), the local CLI on files. Pillow and NumPy 
 
 1. Identify the format from the bytes (never the filename or Content-Type) and refuse
    what is not on the allowed list.
-2. Read the declared size from the header and refuse it above the pixel limit before a
-   single pixel is decoded: a decompression bomb never reaches memory.
+2. Read the declared size from the header and refuse it, before a single pixel is
+   decoded, above the pixel limit, above the memory budget at the bytes per pixel its mode
+   needs on the way to RGB, with too many declared frames, or (JPEG) too many scans: a
+   decompression bomb never reaches memory, and a progressive JPEG whose hundreds of
+   scans each revisit every block never reaches the decoder.
 3. Decode the first frame; a truncated or corrupt file is refused.
 4. Apply the EXIF orientation, bring any mode to RGB (alpha composited onto white,
    16-bit scaled, CMYK and palettes converted).
@@ -18,7 +21,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -28,6 +31,20 @@ ALLOWED_FORMATS: tuple[str, ...] = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 
 DEFAULT_MAX_PIXELS = 40_000_000
 """Largest declared width x height accepted: well under Pillow's 89 M bomb threshold."""
+
+DEFAULT_MAX_JPEG_SCANS = 100
+"""Most scans (SOS segments) a JPEG may hold. Encoders write 1 (baseline) or about 10
+(progressive; mozjpeg's search up to about 20); each scan revisits every block of its
+components, so the decode time grows with scans x pixels."""
+
+DEFAULT_MAX_FRAMES = 1000
+"""Most frames an image may declare in its header (APNG, animated WebP)."""
+
+DEFAULT_MAX_DECODE_BYTES = 1024 * 1024 * 1024
+"""Most bytes the decode of one image may need on its way to RGB (`decode_bytes`)."""
+
+CONVERT_ROWS = 256
+"""Rows converted at a time from 16-bit or float: the wide temporaries stay this small."""
 
 ResizeMode = Literal["center_crop", "stretch"]
 
@@ -54,6 +71,9 @@ def open_image(
     *,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     allowed_formats: tuple[str, ...] = ALLOWED_FORMATS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    max_jpeg_scans: int = DEFAULT_MAX_JPEG_SCANS,
+    max_frames: int = DEFAULT_MAX_FRAMES,
 ) -> Image.Image:
     """Steps 1-3: a decoded first frame, or ImageRejected."""
     try:
@@ -88,6 +108,7 @@ def open_image(
             f"the image declares {width}x{height} = {width * height} pixels; "
             f"the limit is {max_pixels}",
         )
+    check_cost(image, data, max_decode_bytes, max_jpeg_scans, max_frames)
     try:
         if getattr(image, "is_animated", False):
             image.seek(0)  # animated images: the first frame, as documented
@@ -95,6 +116,103 @@ def open_image(
     except Exception as exc:
         raise ImageRejected("invalid_input", f"the image is truncated or corrupt: {exc}") from None
     return image
+
+
+def check_cost(
+    image: Image.Image, data: bytes, max_bytes: int, max_jpeg_scans: int, max_frames: int
+) -> None:
+    """Refuse, from the header alone, an image whose decode would cost too much."""
+    needed = image.width * image.height * decode_bytes_per_pixel(image)
+    if needed > max_bytes:
+        raise ImageRejected(
+            "image_too_large",
+            f"decoding the {image.width}x{image.height} {image.mode} image would take "
+            f"{needed} bytes; the limit is {max_bytes}",
+        )
+    if image.format in COUNTED_FRAMES and getattr(image, "n_frames", 1) > max_frames:
+        raise ImageRejected(
+            "invalid_input",
+            f"the image declares {image.n_frames} frames; the limit is {max_frames}",
+        )
+    if image.format == "JPEG" and jpeg_scans(data, max_jpeg_scans) > max_jpeg_scans:
+        raise ImageRejected(
+            "invalid_input", f"the JPEG has more than {max_jpeg_scans} scans (the limit)"
+        )
+
+
+COUNTED_FRAMES = ("PNG", "WEBP")
+"""Formats whose header declares the frame count (acTL, the WebP demuxer). GIF and TIFF
+would need a pass over every frame to count them; only their first is decoded."""
+
+_SAMPLE_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}
+"""Bytes Pillow keeps per pixel of these modes; "I" and "F" take 4, every multi-band mode 4."""
+
+
+def decode_bytes_per_pixel(image: Image.Image) -> int:
+    """Bytes per pixel the decode and `normalize` hold at their peak, by the decoded mode.
+
+    The decoded frame, its RGB image (4 bytes a pixel in Pillow), that image's array and
+    its copy, with two bytes of margin; a transposed copy of the frame (EXIF orientation);
+    the 8-bit grey of a 16-bit or float image, and as much again as the frame for its row
+    bands; the RGBA and white background of the alpha path. A 5 KB palette PNG of 40 Mpx
+    needs 520 MB, not 40 MB. (Peaks measured with Pillow 13 at 16 Mpx: RGB 7, grey or
+    palette 12, 16-bit 12, float 12, alpha 16.)
+    """
+    mode = image.mode
+    stored = _SAMPLE_BYTES.get(mode, 4)
+    needed = stored + 4 + 2 * 3 + 2
+    try:
+        rotated = image.getexif().get(ORIENTATION, 1) != 1
+    except Exception:  # unreadable EXIF: assume the copy
+        rotated = True
+    if rotated:
+        needed += stored
+    if mode in ("I", "F") or mode.startswith("I;16"):
+        needed += stored + 1
+    if mode in ALPHA_MODES or (mode == "P" and "transparency" in image.info):
+        needed += 2 * 4
+    return needed
+
+
+ORIENTATION = 0x0112
+"""The EXIF tag `ImageOps.exif_transpose` follows."""
+
+ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+
+
+def jpeg_scans(data: bytes, stop_after: int) -> int:
+    """The scans (SOS segments) of a JPEG, counted up to `stop_after` + 1.
+
+    Walks the marker segments by their lengths, and each scan's entropy-coded data to the
+    next marker (0xFF not followed by a stuffed 0x00, a restart marker or fill bytes), so
+    that a thumbnail inside an APP segment is not counted.
+    """
+    scans, position, end = 0, 2, len(data)
+    while position + 4 <= end and scans <= stop_after:
+        if data[position] != 0xFF:
+            break  # not a marker: the decoder will refuse it
+        marker = data[position + 1]
+        if marker == 0xFF:
+            position += 1  # fill byte
+            continue
+        if marker in (0xD8, 0xD9) or 0xD0 <= marker <= 0xD7:
+            position += 2
+            continue
+        position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
+        if marker == 0xDA:
+            scans += 1
+            position = _entropy_end(data, position)
+    return scans
+
+
+def _entropy_end(data: bytes, position: int) -> int:
+    """Where the entropy-coded data starting at `position` ends: its next marker."""
+    while (position := data.find(b"\xff", position)) != -1 and position + 1 < len(data):
+        following = data[position + 1]
+        if following != 0 and not 0xD0 <= following <= 0xD7 and following != 0xFF:
+            return position
+        position += 1 if following == 0xFF else 2
+    return len(data)
 
 
 def _sniff_format(data: bytes) -> str | None:
@@ -126,24 +244,37 @@ def to_rgb(image: Image.Image) -> Image.Image:
     """Step 4: EXIF orientation applied, any mode as 8-bit RGB, alpha onto white."""
     image = ImageOps.exif_transpose(image) or image
     mode = image.mode
-    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
-        array = np.asarray(image, dtype=np.float64)
-        # 16-bit greys are scaled, not clipped: 65535 is white.
-        array = np.clip(np.rint(array / 257.0), 0, 255).astype(np.uint8)
-        image = Image.fromarray(array, mode="L")
-    elif mode == "F":
-        array = np.asarray(image, dtype=np.float64)
-        scale = 255.0 if array.max(initial=0.0) <= 1.0 else 1.0
-        image = Image.fromarray(np.clip(np.rint(array * scale), 0, 255).astype(np.uint8), mode="L")
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        image = Image.fromarray(_grey8(image), mode="L")
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
-    if image.mode in ("RGBA", "LA", "PA", "La", "RGBa"):
+    if image.mode in ALPHA_MODES:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         image = Image.alpha_composite(background, rgba)
     if image.mode != "RGB":
         image = image.convert("RGB")
     return image
+
+
+def _grey8(image: Image.Image) -> np.ndarray:
+    """16-bit and 32-bit integer greys scaled (65535 is white: `rint(v / 257)`), float
+    greys scaled by 255 when all are within [0, 1], then clipped to 8 bits; read and
+    computed CONVERT_ROWS rows at a time, so no wide copy of the whole image is made."""
+    width, height = image.size
+    grey = np.empty((height, width), dtype=np.uint8)
+    # v / 257 is never within 0.002 of a half for an integer v: multiplying by 1 / 257
+    # rounds the same.
+    scale = 1 / 257.0
+    if image.mode == "F":
+        scale = 255.0 if image.getextrema()[1] <= 1.0 else 1.0
+    for top in range(0, height, CONVERT_ROWS):
+        band = image.crop((0, top, width, min(height, top + CONVERT_ROWS)))
+        rows = np.asarray(band).astype(np.float64)
+        np.multiply(rows, scale, out=rows)
+        np.rint(rows, out=rows)
+        grey[top : top + CONVERT_ROWS] = np.clip(rows, 0, 255, out=rows)
+    return grey
 
 
 def resize(image: Image.Image, size: tuple[int, int], mode: ResizeMode) -> Image.Image:
@@ -167,17 +298,15 @@ def resize(image: Image.Image, size: tuple[int, int], mode: ResizeMode) -> Image
 
 def normalize(
     data: bytes | Image.Image,
-    size: tuple[int, int],
+    size: tuple[int, int] | None,
     resize_mode: ResizeMode = "center_crop",
-    *,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    allowed_formats: tuple[str, ...] = ALLOWED_FORMATS,
+    **limits: Any,
 ) -> np.ndarray:
-    """Steps 1-5: the (height, width, 3) uint8 array the engine inverts."""
-    image = (
-        data
-        if isinstance(data, Image.Image)
-        else open_image(data, max_pixels=max_pixels, allowed_formats=allowed_formats)
-    )
-    rgb = resize(to_rgb(image), size, resize_mode)
+    """Steps 1-5: the (height, width, 3) uint8 array the engine inverts (size None: the
+    image's own); `limits` are `open_image`'s keyword arguments."""
+    image = data if isinstance(data, Image.Image) else open_image(data, **limits)
+    rgb = to_rgb(image)
+    del image  # the decoded frame is no longer needed: its bytes count in the budget
+    if size is not None:
+        rgb = resize(rgb, size, resize_mode)
     return np.asarray(rgb, dtype=np.uint8).copy()

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from prometheus_client import Gauge
 
+from service import decode_pool, redis_conn
 from service.auth_middleware import ApiKeyMiddleware
 from service.body_limit import BodyLimitMiddleware
 from service.errors import install_error_handlers
 from service.metrics import GatewayMetrics, RequestMetricsMiddleware
 from service.redirects import RelativeSlashRedirectMiddleware
-from service.redis_conn import lifespan
 from service.routes import (
     capacity,
     downloads,
@@ -50,6 +52,21 @@ def _open_waits(app: FastAPI) -> int:
     return listener.open_waits if listener is not None else 0
 
 
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Redis's clients and the job-events listener (service/redis_conn.py), then the image
+    decoders (service/decode_pool.py); all stopped at shutdown."""
+    async with (
+        redis_conn.lifespan(app),
+        decode_pool.running(app.state.settings) as decoders,
+    ):
+        app.state.decoders = decoders
+        try:
+            yield
+        finally:
+            app.state.decoders = None
+
+
 def create_app(
     settings: GatewaySettings | None = None,
     redis: Any = None,
@@ -79,6 +96,10 @@ def create_app(
         "`Prefer: wait` submissions and event streams open in this gateway process.",
         registry=app.state.metrics.registry,
     ).set_function(lambda: _open_waits(app))
+    app.state.decoders = None
+    app.state.metrics.registry.register(
+        decode_pool.DecodeMetrics(lambda: getattr(app.state, "decoders", None))
+    )
     install_error_handlers(app)
     app.state.upload_budget = UploadBudget(
         app_settings.max_uploads_per_key, app_settings.max_upload_bytes_in_progress

@@ -22,6 +22,7 @@ from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBea
 
 from service import auth
 from service.auth_middleware import owner_of
+from service.decode_pool import DecodePool
 from service.listener import JobListener
 from service.metrics import GatewayMetrics
 from service.settings import GatewaySettings
@@ -79,6 +80,12 @@ async def get_metrics(request: Request) -> GatewayMetrics:
     return request.app.state.metrics
 
 
+async def get_decoders(request: Request) -> DecodePool:
+    """The process's image decoders (service/decode_pool.py), opened by the lifespan."""
+    return request.app.state.decoders
+
+
+DecodersDep = Annotated[DecodePool, Depends(get_decoders)]
 MetricsDep = Annotated[GatewayMetrics, Depends(get_metrics)]
 ListenerDep = Annotated[JobListener, Depends(get_listener)]
 OwnerDep = Annotated[str, Depends(get_owner)]

@@ -58,6 +58,50 @@ class GatewaySettings(BaseSettings):
         ge=1,
         description="Largest width x height an upload may declare (413 above, before decoding).",
     )
+    decode_workers: int = Field(
+        default=2,
+        ge=1,
+        description="Image decoder processes of one gateway process: uploads are decoded in "
+        "them, never in a request thread.",
+    )
+    max_decodes_per_key: int = Field(
+        default=1,
+        ge=1,
+        description="Image decodes one API key may have waiting or running at once, per "
+        "gateway process (429 `rate_limited` above); keep it below decode_workers.",
+    )
+    decode_cpu_s: int = Field(
+        default=10,
+        ge=1,
+        description="CPU seconds one image's decode may use: past them its decoder process "
+        "is killed and replaced (422 `invalid_input`, field `image`).",
+    )
+    decode_memory_bytes: int = Field(
+        default=imaging.DEFAULT_MAX_DECODE_BYTES,
+        ge=16 * 1024 * 1024,
+        description="Memory one image's decode may use: an image whose mode and size need "
+        "more is refused from its header (413 `image_too_large`); a decoder process whose "
+        "allocations pass it (address-space limit) ends, 422 `invalid_input`.",
+    )
+    decode_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="Wall-clock seconds one image's decode may take before its decoder "
+        "process is killed (422 `invalid_input`); the CPU limit ends it first unless the "
+        "machine is starved.",
+    )
+    max_jpeg_scans: int = Field(
+        default=imaging.DEFAULT_MAX_JPEG_SCANS,
+        ge=1,
+        description="Most scans a JPEG may hold (progressive ones have about 10; each scan "
+        "costs a pass over every pixel): 422 `invalid_input` above, before decoding.",
+    )
+    max_image_frames: int = Field(
+        default=imaging.DEFAULT_MAX_FRAMES,
+        ge=1,
+        description="Most frames an APNG or WebP may declare (only the first is used): 422 "
+        "`invalid_input` above, before decoding.",
+    )
     max_steps: int = Field(
         default=1000, ge=1, le=1000, description="Largest num_inference_steps a job may ask for."
     )

@@ -1,8 +1,9 @@
 """Turning a submission into valid parameters and a normalised RGB array.
 
-Cheap checks run first (lengths, limits), the image is decoded last and only within the
-size limits, so a hostile upload costs the gateway little. The image is an upload (a
-multipart body) or base64 text (a JSON body): the same limits apply to its bytes.
+Cheap checks run first (lengths, limits); the image itself is decoded last, in a decoder
+process (service/decode_pool.py), so a hostile upload costs the gateway little. The image
+is an upload (a multipart body) or base64 text (a JSON body): the same limits apply to
+its bytes.
 """
 
 from __future__ import annotations
@@ -13,11 +14,9 @@ import hashlib
 import io
 from typing import Any, BinaryIO
 
-import numpy as np
-from PIL import Image
 from pydantic import ValidationError
 
-from ddim_inversion import imaging, webhook_policy
+from ddim_inversion import webhook_policy
 from ddim_inversion.contract import ModelInfo
 from ddim_inversion.errors import ErrorCode, InvalidParameter
 from ddim_inversion.params import InversionParams
@@ -27,8 +26,6 @@ from service.errors import ProblemError, describe_errors
 from service.settings import GatewaySettings
 
 CHUNK_BYTES = 1024 * 1024
-
-_IMAGE_STATUS = {"unsupported_media_type": 415, "image_too_large": 413, "invalid_input": 422}
 
 
 def _invalid(field: str | None, detail: str) -> ProblemError:
@@ -154,19 +151,6 @@ def read_upload(file: BinaryIO, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def decode_image(data: bytes, settings: GatewaySettings) -> Image.Image:
-    """Decoded, within the pixel limit; the contract's image codes mapped to HTTP statuses."""
-    try:
-        return imaging.open_image(
-            data, max_pixels=settings.max_pixels, allowed_formats=settings.allowed_formats
-        )
-    except imaging.ImageRejected as exc:
-        code = ErrorCode(exc.code) if exc.code in _IMAGE_STATUS else ErrorCode.INVALID_INPUT
-        raise ProblemError(
-            _IMAGE_STATUS.get(exc.code, 422), code, exc.message, field="image"
-        ) from None
-
-
 def check_prompt_tokens(connection: Any, params: InversionParams, model: ModelInfo) -> None:
     """422 for a prompt longer than the model reads (INVERSION_PROMPT_OVERFLOW=reject)."""
     tokenizer = prompts.load_tokenizer(connection, model.tokenizer_key)
@@ -182,8 +166,8 @@ def check_prompt_tokens(connection: Any, params: InversionParams, model: ModelIn
             )
 
 
-def normalise(image: Image.Image, params: InversionParams, model: ModelInfo | None) -> np.ndarray:
-    """The (height, width, 3) uint8 array the worker inverts.
+def target_size(params: InversionParams, model: ModelInfo | None) -> tuple[int, int] | None:
+    """The (width, height) the image is normalised to at submit, None for its own size.
 
     With the job's model's record, the scheduler overrides are checked against its config
     and the image is resized to the target size now, so that only that size travels.
@@ -205,12 +189,4 @@ def normalise(image: Image.Image, params: InversionParams, model: ModelInfo | No
         except InvalidParameter as exc:
             raise _invalid(exc.field, exc.message) from None
         size = size or model.native_resolution
-    try:
-        rgb = imaging.to_rgb(image)
-        if size is not None:
-            rgb = imaging.resize(rgb, (size[0], size[1]), params.resize_mode)
-        return np.asarray(rgb, dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise ProblemError(
-            422, ErrorCode.INVALID_INPUT, f"the image cannot be decoded: {exc}", field="image"
-        ) from None
+    return None if size is None else (size[0], size[1])

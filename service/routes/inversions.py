@@ -11,6 +11,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service import bodies, protocol, submission
 from service.deps import (
+    DecodersDep,
     ListenerDep,
     MetricsDep,
     OwnerDep,
@@ -48,6 +49,7 @@ async def submit_inversion(
     request: Request,
     body: bodies.SubmissionBody,
     listener: ListenerDep,
+    decoders: DecodersDep,
     redis: RedisDep,
     settings: SettingsDep,
     owner: OwnerDep,
@@ -75,14 +77,8 @@ async def submit_inversion(
     same payload answers the original job (200 once ended) and queues nothing.
     """
     wait_s = protocol.preferred_wait(request.headers.getlist("prefer"), settings.max_prefer_wait_s)
-    job_id, replayed, (code, answer) = await run_in_threadpool(
-        submission.accept_and_answer,
-        redis,
-        settings,
-        owner,
-        metrics,
-        body,
-        idempotency_key,
+    job_id, replayed, (code, answer) = await submission.accept(
+        decoders, redis, settings, owner, metrics, body, idempotency_key
     )
     if not isinstance(body.image, str):
         body.image.close()  # its bytes are stored: its temporary file goes before any wait

@@ -92,6 +92,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path) -> It
                 **keyed,
                 INVERSION_MAX_QUEUED_PER_KEY=str(TIGHT_LIMIT),
                 INVERSION_QUEUE_NAME="undrained",
+                # 30 concurrent decodes of one key wait for a decoder, none is refused:
+                # what is under test is the admission after them.
+                INVERSION_MAX_DECODES_PER_KEY="30",
             ),
             anonymous=procs.gateway(),
             worker=worker,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 from ddim_inversion import imaging
 from ddim_inversion.errors import InvalidParameter
 from ddim_inversion.params import InversionParams, parse_resolution
+from tests import hostile_images
 from worker.engine.dispatch import invert
 from worker.engine.types import InversionRequest
 
@@ -179,3 +181,101 @@ assert (stretched[42:] == (0, 0, 255)).all(), stretched[:, 0]
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
+
+
+# -- what an image costs, judged from its header (issue 21: hostile uploads) ---------------
+
+
+def test_a_jpeg_with_hundreds_of_scans_is_refused_before_decoding():
+    data = hostile_images.many_scans_jpeg(512, 300)
+    # Pillow's progressive grey JPEG has 6 scans; the first AC scan is repeated 300 times.
+    assert imaging.jpeg_scans(data, 10_000) == 306
+    assert imaging.jpeg_scans(data, 100) == 101  # counting stops past the limit
+    with pytest.raises(imaging.ImageRejected) as refused:
+        imaging.open_image(data, max_jpeg_scans=100)
+    assert refused.value.code == "invalid_input"
+    assert "100 scans" in refused.value.message
+    # Under a limit it respects, the same file decodes (libjpeg only warns of the repeats).
+    assert imaging.normalize(data, (8, 8), max_jpeg_scans=306).shape == (8, 8, 3)
+
+
+def test_scans_inside_a_segment_are_not_counted():
+    """A JPEG carried in a comment segment (as an EXIF thumbnail is in APP1) is skipped
+    with its segment: only the outer file's one baseline scan counts."""
+    inner = hostile_images.many_scans_jpeg(16, 20)
+    outer = _encode(Image.new("RGB", (16, 16), (10, 200, 30)), "JPEG")
+    comment = b"\xff\xfe" + (len(inner) + 2).to_bytes(2, "big") + inner
+    data = outer[:2] + comment + outer[2:]
+    assert imaging.jpeg_scans(data, 100) == 1
+    assert imaging.normalize(data, (16, 16)).shape == (16, 16, 3)
+
+
+def test_a_palette_png_of_huge_dimensions_is_refused_by_its_decode_bytes():
+    data = hostile_images.palette_png(4000, 4000)
+    assert len(data) < 16_000  # a few KB that would take 16 Mpx x 13 bytes = 208 MB
+    image = Image.open(io.BytesIO(data))
+    # 1 byte a pixel decoded, 4 of RGB, 3 + 3 of its array and copy, 2 of margin.
+    assert imaging.decode_bytes_per_pixel(image) == 13
+    with pytest.raises(imaging.ImageRejected) as refused:
+        imaging.open_image(data, max_decode_bytes=100 * 2**20)
+    assert refused.value.code == "image_too_large"
+    assert "208000000 bytes" in refused.value.message
+
+
+@pytest.mark.parametrize(
+    ("mode", "extra"),
+    [("RGB", 0), ("P", 0), ("I;16", 2 + 1), ("F", 4 + 1), ("RGBA", 8), ("LA", 8)],
+)
+def test_decode_bytes_grow_with_the_modes_path_to_rgb(mode, extra):
+    """Each mode's stored bytes, plus its RGB image (4) and that image's array and copy
+    (6) and 2 of margin; 16-bit and float add their array and 8-bit grey, alpha its RGBA
+    and white background."""
+    stored = {"RGB": 4, "P": 1, "I;16": 2, "F": 4, "RGBA": 4, "LA": 4}[mode]
+    image = Image.new(mode, (4, 4))
+    assert imaging.decode_bytes_per_pixel(image) == stored + 12 + extra
+
+
+def test_an_animated_png_declaring_too_many_frames_is_refused():
+    frames = [Image.new("RGB", (4, 4), (i, 0, 0)) for i in range(5)]
+    data = _encode(frames[0], "PNG", save_all=True, append_images=frames[1:])
+    assert imaging.normalize(data, (4, 4), max_frames=5).shape == (4, 4, 3)
+    with pytest.raises(imaging.ImageRejected) as refused:
+        imaging.open_image(data, max_frames=4)
+    assert refused.value.code == "invalid_input"
+
+
+def _numpy_peak_bytes(run) -> int:
+    """The peak of the bytes NumPy and Python allocated while `run` ran (tracemalloc sees
+    NumPy's buffers; Pillow's own are outside it)."""
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_sixteen_bit_greys_convert_exactly_without_a_float64_copy():
+    width, height = 512, 4096
+    data, pixels = hostile_images.sixteen_bit_png(width, height)
+    image = imaging.open_image(data)
+    assert image.mode == "I;16"
+    expected = np.clip(np.rint(pixels / 257.0), 0, 255).astype(np.uint8)  # the reference
+    out = {}
+    peak = _numpy_peak_bytes(lambda: out.setdefault("rgb", imaging.to_rgb(image)))
+    assert np.array_equal(np.asarray(out["rgb"])[..., 0], expected)
+    # A float64 copy of the image alone would be 8 bytes a pixel; the conversion holds
+    # the 2-byte array, its bytes while read, the 1-byte grey and CONVERT_ROWS rows.
+    assert peak < 8 * width * height
+
+
+def test_float_greys_convert_exactly_without_a_float64_copy():
+    width, height = 512, 4096
+    data, pixels = hostile_images.float_tiff(width, height)
+    image = imaging.open_image(data)
+    assert image.mode == "F"
+    expected = np.clip(np.rint(pixels.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+    out = {}
+    peak = _numpy_peak_bytes(lambda: out.setdefault("rgb", imaging.to_rgb(image)))
+    assert np.array_equal(np.asarray(out["rgb"])[..., 0], expected)
+    assert peak < 8 * width * height  # less than one float64 copy (see the 16-bit test)

@@ -6,6 +6,7 @@ import io
 import struct
 import zlib
 
+import numpy as np
 import pytest
 from PIL import Image
 from redis import exceptions as redis_errors
@@ -14,6 +15,7 @@ from rq import Queue
 from ddim_inversion.contract import JOB_FUNCTION, META_OWNER, JobPayload
 from ddim_inversion.keys import ADMITTING_KEY, WORKERS_KEY, input_key
 from ddim_inversion.params import InversionParams
+from tests import hostile_images
 from tests.service.helpers import assert_problem, fetch_job
 
 
@@ -255,6 +257,64 @@ def test_upload_over_max_upload_bytes_is_413(make_client, submit, chelsea, queue
 def test_body_far_over_the_limit_is_refused_while_streaming(make_client, submit, chelsea):
     client = make_client(max_upload_bytes=1000)
     assert_problem(submit(client, chelsea), 413, "payload_too_large")
+
+
+# -- hostile images (issue 21): refused from their header, or decoded off the gateway ------
+
+
+def test_a_jpeg_with_hundreds_of_scans_is_422_before_decoding(client, submit, queue):
+    hostile = hostile_images.many_scans_jpeg(512, 300)
+    body = assert_problem(submit(client, hostile), 422, "invalid_input", "image")
+    assert "100 scans" in body["detail"]  # INVERSION_MAX_JPEG_SCANS's default
+    assert queue.count == 0
+
+
+def test_a_huge_palette_png_is_413_by_its_decode_bytes(make_client, submit, queue):
+    client = make_client(decode_memory_bytes=100 * 2**20)
+    palette = hostile_images.palette_png(4000, 4000)  # 16 KB, 16 Mpx x 13 bytes = 208 MB
+    body = assert_problem(submit(client, palette), 413, "image_too_large", "image")
+    assert "208000000 bytes" in body["detail"]
+    assert queue.count == 0
+
+
+def test_an_image_refused_by_its_decoder_gives_back_its_idempotency_key(client, small_png):
+    hostile = hostile_images.many_scans_jpeg(64, 200)
+    headers = {"Idempotency-Key": "decode-refused"}
+    refused = client.post(
+        "/v1/inversions",
+        data={"prompt": "a cat"},
+        files={"image": ("a.jpg", hostile)},
+        headers=headers,
+    )
+    assert_problem(refused, 422, "invalid_input", "image")
+    # The key is free again: the same key with a good image makes a job (not a 422 for a
+    # key reused with another payload).
+    accepted = client.post(
+        "/v1/inversions",
+        data={"prompt": "a cat"},
+        files={"image": ("a.png", small_png)},
+        headers=headers,
+    )
+    assert accepted.status_code == 202, accepted.text
+
+
+@pytest.mark.parametrize("kind", ["sixteen_bit_png", "float_tiff"])
+def test_sixteen_bit_and_float_greys_are_stored_scaled_to_8_bits(client, submit, redis, kind):
+    data, pixels = getattr(hostile_images, kind)(48, 32)
+    response = submit(client, data)  # no worker: stored at its own size
+    assert response.status_code == 202, response.text
+    scale = 1 / 257.0 if pixels.dtype == np.uint16 else 255.0
+    grey = np.clip(np.rint(pixels.astype(np.float64) * scale), 0, 255).astype(np.uint8)
+    stored = np.frombuffer(redis.get(input_key(response.json()["id"])), dtype=np.uint8)
+    assert np.array_equal(stored.reshape(32, 48, 3), np.repeat(grey[..., None], 3, axis=-1))
+
+
+def test_the_decoders_are_exported_as_metrics(client, submit, small_png):
+    assert submit(client, small_png).status_code == 202
+    text = client.get("/metrics").text
+    assert "inversion_image_decoders_started_total 1.0" in text
+    assert 'inversion_image_decoders_stopped_total{reason="cpu"} 0.0' in text
+    assert "inversion_image_decodes_in_progress 0.0" in text
 
 
 # -- back-pressure -------------------------------------------------------------------------

@@ -217,8 +217,11 @@ def _submit(base: str, key: str, headers: dict[str, str] | None = None) -> httpx
 def test_waits_and_streams_hold_no_thread(redis_url):
     """80 waits and streams on a queued job, a threadpool of 4: while they are all open,
     none of the 4 threads is busy, and another request answers."""
-    # 40 uploads of one key at once: over its bound of bodies in progress, lifted here.
-    settings = _settings(redis_url, max_waiters_per_key=500, max_uploads_per_key=500)
+    # 40 uploads of one key at once: over its bound of bodies in progress, lifted here, and
+    # waiting for a decoder rather than getting 429: waits are under test.
+    settings = _settings(
+        redis_url, max_waiters_per_key=500, max_uploads_per_key=500, max_decodes_per_key=40
+    )
     with serve(settings, reread_s=NEVER_S) as base:
         httpx.get(base + "/_threads", params={"limit": 4})
         job = _submit(base, KEY_A).json()["id"]  # no worker: it stays queued
