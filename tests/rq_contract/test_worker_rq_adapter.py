@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import re
 import signal
 import threading
@@ -33,7 +34,7 @@ from rq.worker import WorkerStatus
 from tests.conftest import RedisServer, wait_for
 from tests.rq_contract import job_functions
 from worker import rq_adapter
-from worker.rq_worker import BaseWorker
+from worker.rq_worker import DEQUEUE_WAIT_S, BaseWorker
 
 QUEUE = "contract"
 WORKER = "contract-worker"
@@ -438,6 +439,34 @@ def test_a_stop_requested_mid_job_ends_a_dequeue_that_waits_for_redis(tmp_path):
         signal.signal(signal.SIGINT, before[1])
         server.stop()
         connection.close()
+
+
+class Swallowing(Hooked):
+    """A worker whose idle heartbeat receives SIGTERM inside code that catches Exception,
+    as a reaping hiccup's handler does: RQ's handler raises StopRequested right there."""
+
+    def beat(self) -> None:
+        super().beat()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(DEQUEUE_WAIT_S)  # the handler runs during the sleep, and raises
+        except Exception as exc:
+            self.calls.append(f"swallowed {type(exc).__name__}")
+
+
+def test_a_stop_signal_swallowed_where_it_landed_still_stops_an_idle_worker(redis_client):
+    worker = Swallowing([queue_on(redis_client)], connection=redis_client, execution_ttl_s=TTL_S)
+    assert worker.dequeue_timeout == DEQUEUE_WAIT_S
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        # Not burst: the loop would dequeue (and beat) forever if the stop were lost; a
+        # second signal, a beat later, would be RQ's cold shutdown (SystemExit) instead.
+        worker.work(burst=False)
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+    assert worker.calls.count("swallowed StopRequested") == 1
+    assert worker.calls[-1] == "death"
 
 
 def test_kept_for_and_timeouts_read_the_jobs_own_settings(redis_client):
