@@ -52,16 +52,22 @@ a stop that was not acted on at once is by the next heartbeat, this long later a
 DEATH_HOOK_S = 5.0
 """Most time `on_death` may take (the batching worker's webhook flush is cut at it)."""
 
-SHUTDOWN_S = DEQUEUE_WAIT_S + DEATH_HOOK_S + 5.0
-"""The worker's shutdown bound: from a stop request (or its batch's end) to its exit, on a
-Redis that answers. A dequeue's wait, `on_death`, and 5 s for RQ's own teardown (its
-records, the pub/sub thread's join of 1 s, a few round trips) and the interpreter's exit."""
 
 RQ_HEARTBEAT_EVERY_S = 1.0
 """Least interval between two of RQ's own worker heartbeats (its worker key lives 80 s)."""
 
+PUBSUB_POLL_S = 1.0
+"""Longest wait of the pub/sub thread for a message before it checks whether to stop. The
+worker's exit waits for that check (RQ's unsubscribe joins the thread): RQ's 60 s would
+hold an idle worker's exit for up to a minute."""
+
 PUBSUB_RETRY_S = 2.0
 """Wait before the pub/sub thread listens again after a lost connection (as RQ's does)."""
+
+SHUTDOWN_S = DEQUEUE_WAIT_S + DEATH_HOOK_S + PUBSUB_RETRY_S + PUBSUB_POLL_S + 5.0
+"""The worker's shutdown bound: from a stop request (or its batch's end) to its exit, on a
+Redis that answers. A dequeue's wait, `on_death`, the pub/sub thread's last retry and
+poll, and 5 s for RQ's own records, a few round trips and the interpreter's exit."""
 
 
 def _text(value: bytes | str) -> str:
@@ -174,7 +180,7 @@ class BaseWorker(SimpleWorker):
         self.pubsub = self.connection.pubsub()
         self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload, **handlers})
         self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
-            sleep_time=60, daemon=True, exception_handler=self._keep_listening
+            sleep_time=PUBSUB_POLL_S, daemon=True, exception_handler=self._keep_listening
         )
 
     def _keep_listening(self, exc: Exception, pubsub: Any, thread: Any) -> None:
