@@ -28,6 +28,7 @@ from PIL import Image
 from ddim_inversion.keys import queue_name_for
 from tests.conftest import free_port, wait_for
 from tests.kustomize_render import render
+from worker.rq_worker import SHUTDOWN_S
 
 yaml = pytest.importorskip("yaml")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -381,7 +382,8 @@ def test_workers_take_one_gpu_and_outlast_the_job_timeout(rendered) -> None:
             (container,) = pod_spec(workload)["containers"]
             assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
             grace = pod_spec(workload)["terminationGracePeriodSeconds"]
-            assert grace >= timeout + 30, f"{overlay}: a batch may run {timeout} s"
+            # A batch ends by its jobs' timeout, then the worker exits within SHUTDOWN_S.
+            assert grace >= timeout + SHUTDOWN_S, f"{overlay}: a batch may run {timeout} s"
             assert "replicas" not in workload["spec"], "KEDA owns the replica count"
 
 
