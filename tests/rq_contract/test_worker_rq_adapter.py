@@ -24,15 +24,16 @@ from typing import Any
 
 import pytest
 import redis
-from rq import Callback, Queue, Retry, SimpleWorker
+from rq import Callback, Queue, Retry
 from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from tests.conftest import RedisServer, wait_for
+from tests.conftest import EVENT_GUARD_S, RedisServer, wait_for
 from tests.rq_contract import job_functions
+from tests.rq_contract.rqs_worker import RQsWorker
 from worker import rq_adapter
 from worker.rq_worker import DEQUEUE_WAIT_S, BaseWorker
 
@@ -51,7 +52,7 @@ ISO_TIME = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z?")
 EPOCH = re.compile(rb"^1\d{9}(\.\d+)?$")
 
 
-class RQsOwnWorker(SimpleWorker):
+class RQsOwnWorker(RQsWorker):
     """RQ's worker, its execution TTL set to the adapter's."""
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
@@ -405,7 +406,9 @@ def test_listened_channels_reach_their_handler_on_rqs_pubsub_thread(redis_client
     worker.listen("contract-channel", heard.append)
     worker.subscribe()
     try:
-        wait_for(lambda: redis_client.publish("contract-channel", "job-7") and heard, 5, "it")
+        wait_for(
+            lambda: redis_client.publish("contract-channel", "job-7") and heard, EVENT_GUARD_S, "it"
+        )
     finally:
         worker.unsubscribe()
     assert heard[0] == "job-7"

@@ -30,7 +30,7 @@ from service.app import create_app
 from service.listener import JobListener, Watch
 from service.protocol import wait_until_ended
 from service.settings import GatewaySettings
-from tests.conftest import free_port, wait_for
+from tests.conftest import EVENT_GUARD_S, free_port, wait_for
 
 JOB = "6f1c2a53-3f7e-4f4e-9d7c-6b0c1f2b9a11"
 NEVER_S = 3600.0
@@ -109,9 +109,9 @@ def test_the_listener_subscribes_again_after_losing_its_connection(redis_url, re
         return dict(redis_client.pubsub_numsub(JOB_EVENTS_CHANNEL))[JOB_EVENTS_CHANNEL.encode()]
 
     def cut_and_end() -> None:
-        wait_for(lambda: subscribers() == 1, 10, "the listener to subscribe")
+        wait_for(lambda: subscribers() == 1, EVENT_GUARD_S, "the listener to subscribe")
         redis_client.client_kill_filter(_type="pubsub")
-        wait_for(lambda: subscribers() == 1, 10, "the listener to subscribe again")
+        wait_for(lambda: subscribers() == 1, EVENT_GUARD_S, "the listener to subscribe again")
         redis_client.hset(Job.key_for(JOB), "status", "finished")
         publish_job_event(redis_client, JOB)
 
@@ -141,7 +141,9 @@ def test_closing_ends_the_listener_even_when_its_cancellation_is_swallowed(redis
         async with listener.watch(JOB, "ended", lambda: asyncio.sleep(0)):
             await asyncio.sleep(0.05)
         closing = asyncio.ensure_future(listener.close())
-        await asyncio.wait({closing}, timeout=5)  # a listener left listening: never done
+        await asyncio.wait(
+            {closing}, timeout=EVENT_GUARD_S
+        )  # a listener left listening: never done
         closed = closing.done()
         closing.cancel()
         await client.aclose()
@@ -184,7 +186,7 @@ def serve(settings: GatewaySettings, reread_s: float | None = None) -> Iterator[
     server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    wait_for(lambda: server.started, 10, "the in-process gateway")
+    wait_for(lambda: server.started, EVENT_GUARD_S, "the in-process gateway")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -208,7 +210,7 @@ def _submit(base: str, key: str, headers: dict[str, str] | None = None) -> httpx
         data={"prompt": "a cat", "num_inference_steps": "3"},
         files={"image": ("small.png", PNG, "image/png")},
         headers={"X-API-Key": key, **(headers or {})},
-        timeout=60,
+        timeout=EVENT_GUARD_S,
     )
 
 
@@ -223,7 +225,9 @@ def test_waits_and_streams_hold_no_thread(redis_url):
 
         async def attack() -> None:
             limits = httpx.Limits(max_connections=200)
-            async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:
+            async with httpx.AsyncClient(
+                base_url=base, timeout=EVENT_GUARD_S, limits=limits
+            ) as http:
                 headers = {"X-API-Key": KEY_A}
 
                 async def stream() -> None:
@@ -288,7 +292,9 @@ def test_a_stream_ends_at_its_lifetime_with_a_reconnect_event(redis_url):
     with serve(_settings(redis_url, max_stream_s=0.5)) as base:
         job = _submit(base, KEY_A).json()["id"]
         url = f"{base}/v1/inversions/{job}/events"
-        with httpx.stream("GET", url, headers={"X-API-Key": KEY_A}, timeout=30) as answer:
+        with httpx.stream(
+            "GET", url, headers={"X-API-Key": KEY_A}, timeout=EVENT_GUARD_S
+        ) as answer:
             events = _events(answer)
     assert [name for name, _ in events] == ["status", "reconnect"]
     assert events[0][1]["status"] == "queued"
@@ -302,7 +308,7 @@ def test_each_key_holds_at_most_its_limit_of_waits_and_streams(redis_url):
 
         def events(job: str, key: str) -> Any:
             url = f"{base}/v1/inversions/{job}/events"
-            return httpx.stream("GET", url, headers={"X-API-Key": key}, timeout=30)
+            return httpx.stream("GET", url, headers={"X-API-Key": key}, timeout=EVENT_GUARD_S)
 
         # Refusals hold nothing: a missing job's 404 leaves both places free.
         for _ in range(3):
@@ -326,7 +332,9 @@ def test_each_key_holds_at_most_its_limit_of_waits_and_streams(redis_url):
                 metrics = httpx.get(base + "/metrics").text
                 assert "\ninversion_open_waits 3.0\n" in metrics
         # Both places are given back when the streams close.
-        wait_for(lambda: httpx.get(base + "/_threads").json()["open"] == 0, 10, "the release")
+        wait_for(
+            lambda: httpx.get(base + "/_threads").json()["open"] == 0, EVENT_GUARD_S, "the release"
+        )
         with events(job_a, KEY_A) as again, events(job_a, KEY_A) as again2:
             assert (again.status_code, again2.status_code) == (200, 200)
 
@@ -340,10 +348,12 @@ def test_canceling_a_queued_job_ends_its_streams_and_waits(redis_url):
         url = f"{base}/v1/inversions/{job}/events"
         with (
             ThreadPoolExecutor(1) as pool,
-            httpx.stream("GET", url, headers={"X-API-Key": KEY_A}, timeout=30) as stream,
+            httpx.stream("GET", url, headers={"X-API-Key": KEY_A}, timeout=EVENT_GUARD_S) as stream,
         ):
             waited = pool.submit(_submit, base, KEY_A, idem | {"Prefer": "wait=60"})
-            wait_for(lambda: httpx.get(base + "/_threads").json()["open"] == 2, 10, "both")
+            wait_for(
+                lambda: httpx.get(base + "/_threads").json()["open"] == 2, EVENT_GUARD_S, "both"
+            )
             cancel = httpx.delete(f"{base}/v1/inversions/{job}", headers={"X-API-Key": KEY_A})
             assert cancel.status_code == 202
             events = _events(stream)
@@ -361,7 +371,10 @@ def test_the_anonymous_owner_has_no_limit_of_waits_and_streams(redis_url):
     with serve(settings) as base:
         job = _submit(base, "").json()["id"]
         url = f"{base}/v1/inversions/{job}/events"
-        with httpx.stream("GET", url, timeout=30) as one, httpx.stream("GET", url) as two:
+        with (
+            httpx.stream("GET", url, timeout=EVENT_GUARD_S) as one,
+            httpx.stream("GET", url) as two,
+        ):
             assert (one.status_code, two.status_code) == (200, 200)
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from ddim_inversion import webhook_policy
-from tests.conftest import wait_for
+from tests.conftest import EVENT_GUARD_S, wait_for
 from tests.webhook_receivers import DripReceiver, Receiver, self_signed
 from worker.settings import WorkerSettings
 from worker.webhooks import WebhookSender
@@ -59,13 +59,13 @@ def test_a_name_that_resolves_inside_is_refused_unless_private_targets_are_allow
 
     refusing = sender(ports=(receiver.port,))
     refusing.send(url, "job-1", {"id": "job-1"})
-    assert refusing.flush(10)
+    assert refusing.flush(EVENT_GUARD_S)
     assert (refusing.delivered, refusing.dropped, receiver.calls) == (0, 1, [])
     assert lookups["lookups"] == ["hooks.example.test"], "refused at once: not retried"
 
     allowing = sender(ports=(receiver.port,), allow_private=True)
     allowing.send(url, "job-2", {"id": "job-2"})
-    assert allowing.flush(10)
+    assert allowing.flush(EVENT_GUARD_S)
     assert (allowing.delivered, allowing.dropped) == (1, 0)
     (headers, body), *_ = receiver.calls
     # Connected to the checked address, yet asked for the URL's own host and path.
@@ -79,7 +79,7 @@ def test_one_inside_address_among_public_ones_refuses_the_name(lookups, closing)
     lookups["mixed.example.test"] = ["93.184.216.34", "127.0.0.1"]
     webhooks = sender(ports=(receiver.port,))
     webhooks.send(f"http://mixed.example.test:{receiver.port}/", "job-1", {})
-    assert webhooks.flush(10)
+    assert webhooks.flush(EVENT_GUARD_S)
     assert (webhooks.delivered, webhooks.dropped, receiver.calls) == (0, 1, [])
 
 
@@ -88,7 +88,7 @@ def test_ports_are_checked_at_delivery(lookups, closing):
     receiver = closing(Receiver())
     webhooks = sender(allow_private=True)  # ports 80 and 443 only
     webhooks.send(receiver.url, "job-1", {})
-    assert webhooks.flush(10)
+    assert webhooks.flush(EVENT_GUARD_S)
     assert (webhooks.delivered, webhooks.dropped, receiver.calls) == (0, 1, [])
     assert "lookups" not in lookups, "refused before any lookup or connection"
 
@@ -108,17 +108,17 @@ def test_https_is_verified_against_the_host_name_not_the_address(lookups, closin
     webhooks = sender(ports=(receiver.port,), allow_private=True, context=trusting)
 
     webhooks.send(f"https://hooks.example.test:{receiver.port}/hook", "job-1", {})
-    assert webhooks.flush(10) and webhooks.delivered == 1
+    assert webhooks.flush(EVENT_GUARD_S) and webhooks.delivered == 1
     assert receiver.calls[0][0]["host"] == f"hooks.example.test:{receiver.port}"
 
     webhooks.send(f"https://other.example.test:{receiver.port}/hook", "job-2", {})
-    assert webhooks.flush(10)
+    assert webhooks.flush(EVENT_GUARD_S)
     assert (webhooks.delivered, webhooks.dropped, len(receiver.calls)) == (1, 1, 1)
 
     # And a certificate nobody vouches for is refused by the default context.
     default = sender(ports=(receiver.port,), allow_private=True)
     default.send(f"https://hooks.example.test:{receiver.port}/hook", "job-3", {})
-    assert default.flush(10)
+    assert default.flush(EVENT_GUARD_S)
     assert (default.delivered, default.dropped, len(receiver.calls)) == (0, 1, 1)
 
 
@@ -134,9 +134,9 @@ def test_one_slow_host_holds_only_its_own_slots(closing):
     drip_url = drip.url.replace("127.0.0.1", "localhost")
     webhooks.send(drip_url, "slow-1", {})
     webhooks.send(drip_url, "slow-2", {})
-    wait_for(drip.alive, 10, "the first drip")
+    wait_for(drip.alive, EVENT_GUARD_S, "the first drip")
     webhooks.send(fast.url, "fast", {})
-    wait_for(lambda: fast.calls, 10, "the fast delivery")
+    wait_for(lambda: fast.calls, EVENT_GUARD_S, "the fast delivery")
     assert fast.seen == [(1, 1)], "the second drip waits for its host's one slot"
 
 
@@ -146,9 +146,9 @@ def test_an_attempt_ends_at_its_deadline_however_the_bytes_drip(closing):
         attempts=2, backoff_s=0.01, timeout_s=0.5, ports=(drip.port,), allow_private=True
     )
     webhooks.send(drip.url, "job-1", {})
-    assert webhooks.flush(30), "each attempt was cut at its deadline"
+    assert webhooks.flush(EVENT_GUARD_S), "each attempt was cut at its deadline"
     assert (webhooks.delivered, webhooks.dropped) == (0, 1)
-    wait_for(lambda: drip.cut == 2, 10, "the receiver to see both attempts cut")
+    wait_for(lambda: drip.cut == 2, EVENT_GUARD_S, "the receiver to see both attempts cut")
     assert drip.connections == 2
 
 
