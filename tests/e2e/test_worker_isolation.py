@@ -127,7 +127,7 @@ def status(base: str, job_id: str) -> dict:
     return answer.json()
 
 
-def wait_ended(base: str, job_id: str, timeout: float = 60) -> dict:
+def wait_ended(base: str, job_id: str, timeout: float = EVENT_GUARD_S) -> dict:
     return wait_for(  # type: ignore[return-value]
         lambda: (s := status(base, job_id))["status"] in {"succeeded", "failed", "canceled"} and s,
         timeout,

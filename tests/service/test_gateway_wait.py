@@ -65,23 +65,23 @@ def _end_later(url: str, job_id: str, publish: bool, after_s: float = 0.3) -> th
 def test_a_published_event_ends_the_wait(redis_url, redis_client):
     redis_client.hset(Job.key_for(JOB), "status", "started")
     _end_later(redis_url, JOB, publish=True)
-    # Without the message nothing would wake the waiter before the 30 s run out.
-    assert asyncio.run(_wait(redis_url, JOB, 30)) is True
+    # Without the message nothing would wake the waiter before the wait runs out.
+    assert asyncio.run(_wait(redis_url, JOB, EVENT_GUARD_S)) is True
 
 
 def test_a_job_that_ends_without_a_message_ends_the_wait_at_a_re_read(redis_url, redis_client):
     # A job lost with its worker is failed by RQ's cleanup, which publishes nothing.
     redis_client.hset(Job.key_for(JOB), "status", "started")
     _end_later(redis_url, JOB, publish=False)
-    assert asyncio.run(_wait(redis_url, JOB, 30, reread_s=0.2)) is True
+    assert asyncio.run(_wait(redis_url, JOB, EVENT_GUARD_S, reread_s=0.2)) is True
 
 
 def test_the_wait_runs_out_or_ends_at_once(redis_url, redis_client):
     redis_client.hset(Job.key_for(JOB), "status", "started")
     assert asyncio.run(_wait(redis_url, JOB, 0.3)) is False
     redis_client.rpush(ended_key(JOB), "succeeded")  # the signal, status not yet
-    assert asyncio.run(_wait(redis_url, JOB, 30)) is True
-    assert asyncio.run(_wait(redis_url, "no-such-job", 30)) is True
+    assert asyncio.run(_wait(redis_url, JOB, EVENT_GUARD_S)) is True
+    assert asyncio.run(_wait(redis_url, "no-such-job", EVENT_GUARD_S)) is True
 
 
 def test_one_read_serves_every_waiter_of_a_job():
@@ -117,7 +117,7 @@ def test_the_listener_subscribes_again_after_losing_its_connection(redis_url, re
 
     cutter = threading.Thread(target=cut_and_end)
     cutter.start()
-    assert asyncio.run(_wait(redis_url, JOB, 30)) is True
+    assert asyncio.run(_wait(redis_url, JOB, EVENT_GUARD_S)) is True
     cutter.join()
 
 
@@ -125,11 +125,13 @@ def test_closing_ends_the_listener_even_when_its_cancellation_is_swallowed(redis
     # redis-py can swallow a cancellation that lands while a subscription connects; the
     # listener then went on listening and the gateway's shutdown waited on it for good.
     swallowed = []
+    connecting = asyncio.Event()
 
     class SwallowingPubSub(redis.asyncio.client.PubSub):
         async def subscribe(self, *args: Any, **kwargs: Any) -> None:
+            connecting.set()
             try:
-                await asyncio.sleep(0.5)
+                await asyncio.Event().wait()  # "connecting" until the cancellation lands
             except asyncio.CancelledError:
                 swallowed.append(True)
             await super().subscribe(*args, **kwargs)
@@ -139,11 +141,10 @@ def test_closing_ends_the_listener_even_when_its_cancellation_is_swallowed(redis
         client.pubsub = lambda **kwargs: SwallowingPubSub(client.connection_pool, **kwargs)
         listener = JobListener(client)
         async with listener.watch(JOB, "ended", lambda: asyncio.sleep(0)):
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(connecting.wait(), EVENT_GUARD_S)
         closing = asyncio.ensure_future(listener.close())
-        await asyncio.wait(
-            {closing}, timeout=EVENT_GUARD_S
-        )  # a listener left listening: never done
+        # A listener left listening: never done (the guard ends the test's wait).
+        await asyncio.wait({closing}, timeout=EVENT_GUARD_S)
         closed = closing.done()
         closing.cancel()
         await client.aclose()
@@ -156,6 +157,11 @@ def test_closing_ends_the_listener_even_when_its_cancellation_is_swallowed(redis
 # -- through the routes, on a real server ------------------------------------------------
 
 KEY_A, KEY_B = "key-a", "key-b"
+
+
+LONG_WAIT_S = 3600
+"""A `Prefer: wait` (and the gateway's cap) that no test outlasts: such a wait ends by the
+event under test, or with the test, never by running out on a slow machine."""
 
 
 def _settings(redis_url: str, **overrides: Any) -> GatewaySettings:
@@ -217,7 +223,7 @@ def _submit(base: str, key: str, headers: dict[str, str] | None = None) -> httpx
 def test_waits_and_streams_hold_no_thread(redis_url):
     """80 waits and streams on a queued job, a threadpool of 4: while they are all open,
     none of the 4 threads is busy, and another request answers."""
-    settings = _settings(redis_url, max_waiters_per_key=500)
+    settings = _settings(redis_url, max_waiters_per_key=500, max_prefer_wait_s=LONG_WAIT_S)
     with serve(settings, reread_s=NEVER_S) as base:
         httpx.get(base + "/_threads", params={"limit": 4})
         job = _submit(base, KEY_A).json()["id"]  # no worker: it stays queued
@@ -242,7 +248,7 @@ def test_waits_and_streams_hold_no_thread(redis_url):
                         "/v1/inversions",
                         data={"prompt": "a cat"},
                         files={"image": ("small.png", PNG, "image/png")},
-                        headers={**headers, "Prefer": "wait=60"},
+                        headers={**headers, "Prefer": f"wait={LONG_WAIT_S}"},
                     )
 
                 tasks = [asyncio.create_task(stream()) for _ in range(40)]
@@ -274,7 +280,9 @@ def test_waits_and_streams_hold_no_thread(redis_url):
     assert seen == {"open": 80, "busy": 0, "other": 200, "done": 0}
 
 
-def _events(answer: httpx.Response, give_up_s: float = 30) -> list[tuple[str, dict[str, Any]]]:
+def _events(
+    answer: httpx.Response, give_up_s: float = EVENT_GUARD_S
+) -> list[tuple[str, dict[str, Any]]]:
     """The stream's events until it ends; a stream still open after `give_up_s` (far
     beyond any limit under test) fails the test instead of hanging it."""
     events, name = [], None
@@ -341,7 +349,7 @@ def test_each_key_holds_at_most_its_limit_of_waits_and_streams(redis_url):
 
 def test_canceling_a_queued_job_ends_its_streams_and_waits(redis_url):
     # No re-read in the test's time: only the gateway's announcement of the cancel wakes them.
-    with serve(_settings(redis_url), reread_s=NEVER_S) as base:
+    with serve(_settings(redis_url, max_prefer_wait_s=LONG_WAIT_S), reread_s=NEVER_S) as base:
         httpx.get(base + "/_threads")  # sets the re-read period before any watch exists
         idem = {"Idempotency-Key": "one-job"}
         job = _submit(base, KEY_A, idem).json()["id"]
@@ -350,7 +358,7 @@ def test_canceling_a_queued_job_ends_its_streams_and_waits(redis_url):
             ThreadPoolExecutor(1) as pool,
             httpx.stream("GET", url, headers={"X-API-Key": KEY_A}, timeout=EVENT_GUARD_S) as stream,
         ):
-            waited = pool.submit(_submit, base, KEY_A, idem | {"Prefer": "wait=60"})
+            waited = pool.submit(_submit, base, KEY_A, idem | {"Prefer": f"wait={LONG_WAIT_S}"})
             wait_for(
                 lambda: httpx.get(base + "/_threads").json()["open"] == 2, EVENT_GUARD_S, "both"
             )
