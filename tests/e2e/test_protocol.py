@@ -118,7 +118,7 @@ def test_events_stream_until_the_end(shared_service):
     events: list[tuple[str, dict]] = []
     reader = threading.Thread(target=read_events, args=(base, job["id"], events))
     reader.start()
-    reader.join(60)
+    reader.join(EVENT_GUARD_S)
     assert not reader.is_alive()
     names = [name for name, _ in events]
     assert names[0] == "status" and events[0][1]["status"] in ("queued", "running")

@@ -142,7 +142,7 @@ def wait_step(base: str, job_id: str, above: int) -> dict:
             and (s.get("progress") or {}).get("step", 0) > above
             and s
         ),
-        60,
+        EVENT_GUARD_S,
         f"job {job_id} past step {above}",
     )
 

@@ -435,7 +435,7 @@ def test_a_stop_requested_mid_job_ends_a_dequeue_that_waits_for_redis(tmp_path):
 
         thread = threading.Thread(target=dequeue, daemon=True)
         thread.start()
-        thread.join(30)
+        thread.join(EVENT_GUARD_S)
         assert outcome and isinstance(outcome[0], StopRequested)
     finally:
         signal.signal(signal.SIGTERM, before[0])

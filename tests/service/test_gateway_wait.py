@@ -30,7 +30,7 @@ from service.app import create_app
 from service.listener import JobListener, Watch
 from service.protocol import wait_until_ended
 from service.settings import GatewaySettings
-from tests.conftest import EVENT_GUARD_S, free_port, wait_for
+from tests.conftest import EVENT_GUARD_S, STOP_GUARD_S, free_port, wait_for
 
 JOB = "6f1c2a53-3f7e-4f4e-9d7c-6b0c1f2b9a11"
 NEVER_S = 3600.0
@@ -197,7 +197,7 @@ def serve(settings: GatewaySettings, reread_s: float | None = None) -> Iterator[
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(10)
+        thread.join(STOP_GUARD_S)
         assert not thread.is_alive(), "the in-process gateway did not stop"
 
 
