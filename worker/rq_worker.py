@@ -52,7 +52,6 @@ a stop that was not acted on at once is by the next heartbeat, this long later a
 DEATH_HOOK_S = 5.0
 """Most time `on_death` may take (the batching worker's webhook flush is cut at it)."""
 
-
 RQ_HEARTBEAT_EVERY_S = 1.0
 """Least interval between two of RQ's own worker heartbeats (its worker key lives 80 s)."""
 
