@@ -13,7 +13,8 @@ RQ's `SimpleWorker` (it never forks: CUDA cannot be used in a forked child), wit
 - a stop (SIGTERM, SIGINT) that is never lost: RQ raises StopRequested from its signal
   handler wherever the idle worker is, and a handler there that catches Exception (a
   reaping hiccup's) would swallow it and leave the worker running; the request is also
-  kept as a flag, which the next heartbeat raises again.
+  kept as a flag, which the next heartbeat raises again. The handlers are in place
+  before the worker announces itself, and a stop during the start-up ends it cleanly.
 
 Shutdown: after SIGTERM an idle worker exits within SHUTDOWN_S; a busy one first finishes
 its batch (which ends by its jobs' timeout at the latest), then exits within SHUTDOWN_S.
@@ -67,6 +68,10 @@ SHUTDOWN_S = DEQUEUE_WAIT_S + DEATH_HOOK_S + PUBSUB_RETRY_S + PUBSUB_POLL_S + 5.
 """The worker's shutdown bound: from a stop request (or its batch's end) to its exit, on a
 Redis that answers. A dequeue's wait, `on_death`, the pub/sub thread's last retry and
 poll, and 5 s for RQ's own records, a few round trips and the interpreter's exit."""
+
+
+STARTING = "starting"
+"""RQ's state of a worker before its start-up (`bootstrap`) sets STARTED."""
 
 
 def _text(value: bytes | str) -> str:
@@ -134,8 +139,12 @@ class BaseWorker(SimpleWorker):
 
     def _shutdown(self) -> None:
         """RQ's reaction to a stop signal (private), with the request also kept as a flag
-        when RQ raises it at once (idle): the raise may land inside code that swallows it."""
+        when RQ raises it at once (idle): the raise may land inside code that swallows it.
+        While the worker starts, the flag alone: RQ's loop ends on it before its first
+        dequeue, with its teardown (a raise there would skip the teardown)."""
         self._stop_requested = True
+        if self.get_state() in (STARTING, WorkerStatus.STARTED):
+            return
         super()._shutdown()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
@@ -190,6 +199,9 @@ class BaseWorker(SimpleWorker):
         time.sleep(PUBSUB_RETRY_S)
 
     def register_birth(self) -> None:
+        # RQ installs its handlers after its start-up: a worker already announced (on_birth)
+        # would die of a SIGTERM's default action there, its records left behind.
+        self._install_signal_handlers()
         super().register_birth()
         self.on_birth()
 

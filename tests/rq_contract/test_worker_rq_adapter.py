@@ -472,6 +472,35 @@ def test_a_stop_signal_swallowed_where_it_landed_still_stops_an_idle_worker(redi
     assert worker.calls[-1] == "death"
 
 
+class StoppedAtBirth(Hooked):
+    """A worker sent SIGTERM as it announces itself (on_birth), before RQ's loop starts."""
+
+    def on_birth(self) -> None:
+        super().on_birth()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(DEQUEUE_WAIT_S)  # the handler runs during the sleep
+
+
+def test_a_stop_as_the_worker_announces_itself_ends_it_cleanly(redis_client):
+    enqueue(redis_client, "observe", "never-run")
+    worker = StoppedAtBirth(
+        [queue_on(redis_client)], connection=redis_client, execution_ttl_s=TTL_S
+    )
+    caught: list[int] = []
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    # Should the worker's own handler not be in place yet, this one takes the signal (in a
+    # worker process, SIGTERM's default action would kill it).
+    signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    try:
+        worker.work(burst=True)
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+    assert caught == [], "the worker announced itself before it could take a stop"
+    assert worker.calls[0] == "birth" and worker.calls[-1] == "death"
+    assert "run never-run from contract" not in worker.calls, "stopped before its first job"
+
+
 def test_kept_for_and_timeouts_read_the_jobs_own_settings(redis_client):
     job = enqueue(redis_client, "observe", "ttl", result_ttl=100, failure_ttl=None, job_timeout=7)
     assert rq_adapter.kept_for_s(job, succeeded=True) == 100
