@@ -1,8 +1,9 @@
 """`make serve`: a whole inversion service on this machine, in one command.
 
-Starts a private `redis-server` when none answers at INVERSION_REDIS_URL, one gateway
-on :8000 (INVERSION_PORT) and one worker with the offline `tiny` model unless
-INVERSION_MODEL says otherwise, prints the URL, and stops everything on Ctrl+C.
+Starts a private `redis-server` when none answers at INVERSION_REDIS_URL (one that
+answers is used, and named with its database), one gateway on :8000 (INVERSION_PORT)
+and one worker with the offline `tiny` model unless INVERSION_MODEL says otherwise,
+prints the URL, and stops everything on Ctrl+C.
 Authentication is off here (INVERSION_AUTH_DISABLED=true): this is for local use only.
 """
 
@@ -19,6 +20,7 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 BIN = Path(sys.executable).parent
 
@@ -30,6 +32,20 @@ def redis_answers(url: str) -> bool:
         return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
     except Exception:
         return False
+
+
+def where(url: str) -> str:
+    """The URL without its password, and its database: where the service's keys go."""
+    import redis
+
+    kwargs = redis.Redis.from_url(url).connection_pool.connection_kwargs
+    parts = urlsplit(url)
+    if parts.password is not None:
+        host = parts.hostname or ""
+        user = f"{parts.username}:***@" if parts.username else ":***@"
+        netloc = user + host + (f":{parts.port}" if parts.port else "")
+        url = urlunsplit(parts._replace(netloc=netloc))
+    return f"{url} (database {kwargs.get('db', 0)})"
 
 
 def free_port() -> int:
@@ -44,7 +60,13 @@ def main() -> int:
     env.setdefault("PYTHONUNBUFFERED", "1")
     children: list[subprocess.Popen[bytes]] = []
     url = env.get("INVERSION_REDIS_URL", "redis://127.0.0.1:6379/0")
-    if not redis_answers(url):
+    if redis_answers(url):
+        print(
+            f"using the Redis that answers at {where(url)}: the service's keys go there "
+            "(set INVERSION_REDIS_URL to use another)",
+            flush=True,
+        )
+    else:
         binary = shutil.which("redis-server")
         if binary is None:
             print(

@@ -19,9 +19,33 @@ from pathlib import Path
 
 import pytest
 
+from worker.rq_worker import SHUTDOWN_S
+
 ROOT = Path(__file__).resolve().parent.parent
 SAMPLES = ROOT / "samples"
 BIN = Path(sys.executable).parent
+
+# Last guards. A test waits for events and states (a process registered, a job ended, a
+# process exited), never for time to pass, and asserts nothing about how fast a thing
+# happens: a slower machine only takes longer. Each wait still has a guard, so that an
+# event that never comes fails the test instead of hanging the suite. A guard is reached
+# only when something is broken, so it costs nothing while tests pass and is generous:
+# several times the bound a process itself states where it states one; where none is
+# stated, minutes.
+
+GUARD_FACTOR = 4
+"""How many times a process's stated bound a test waits before calling the event lost."""
+
+STOP_GUARD_S = GUARD_FACTOR * SHUTDOWN_S
+"""A process's exit once stopped: the worker's stated bound (worker.rq_worker.SHUTDOWN_S,
+from SIGTERM to exit when idle, or from its batch's end when busy) times GUARD_FACTOR. The
+gateway and redis-server, which hold nothing to finish, get the same."""
+
+EVENT_GUARD_S = 300.0
+"""An event that no process bounds in time: a process's start (torch imported, a model
+loaded and warmed up), a short job's end behind a few others, a subscription, a webhook
+delivery. Each takes seconds; five minutes leaves room for any machine that runs the
+suite at all, loaded or not."""
 
 
 def free_port() -> int:
@@ -71,13 +95,13 @@ class RedisServer:
         import redis
 
         client = redis.Redis.from_url(self.url)
-        wait_for(client.ping, 10, "redis-server to answer")
+        wait_for(client.ping, EVENT_GUARD_S, "redis-server to answer")
         client.close()
 
     def stop(self) -> None:
         if self.process is not None:
             self.process.terminate()
-            self.process.wait(10)
+            self.process.wait(STOP_GUARD_S)
             self.process = None
 
 
@@ -193,7 +217,9 @@ class Processes:
         url = f"http://127.0.0.1:{port}"
         import httpx
 
-        wait_for(lambda: httpx.get(url + "/healthz").status_code == 200, 30, "the gateway")
+        wait_for(
+            lambda: httpx.get(url + "/healthz").status_code == 200, EVENT_GUARD_S, "the gateway"
+        )
         return url
 
     def worker(self, wait: bool = True, **env: str) -> subprocess.Popen[bytes]:
@@ -218,7 +244,7 @@ class Processes:
                     len(set(client.hkeys(WORKERS_KEY)) - before) >= count
                     or any(p.poll() is not None for p in started)
                 ),
-                60,
+                EVENT_GUARD_S,
                 f"{count} worker(s) to register",
             )
             for process in started:
@@ -232,13 +258,24 @@ class Processes:
     def log_text(self) -> str:
         return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.logs.glob("*.log"))
 
+    def stop(self, process: subprocess.Popen[bytes]) -> int:
+        """SIGTERM, then wait for the process's exit (its exit code): a worker finishes its
+        batch first. One that outlives STOP_GUARD_S fails the test with the logs."""
+        process.terminate()
+        try:
+            return process.wait(STOP_GUARD_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(
+                f"pid {process.pid} outlived SIGTERM by {STOP_GUARD_S} s: {self.log_text()}"
+            )
+
     def stop_all(self) -> None:
         for process in self.started:
             if process.poll() is None:
                 process.terminate()
         for process in self.started:
             try:
-                process.wait(15)
+                process.wait(STOP_GUARD_S)
             except subprocess.TimeoutExpired:
                 process.kill()
 
@@ -271,7 +308,7 @@ def shared_stack(
     try:
         procs.worker(wait=False)  # its model loads while the gateway starts
         url = procs.gateway()
-        wait_for(lambda: _is_ready(url), 60, "the shared worker to be ready")
+        wait_for(lambda: _is_ready(url), EVENT_GUARD_S, "the shared worker to be ready")
         yield SharedService(url, procs.env, procs)
     finally:
         procs.stop_all()

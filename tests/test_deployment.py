@@ -38,6 +38,7 @@ from tests.compose_files import (
     load_compose,
     merge,
 )
+from tests.conftest import EVENT_GUARD_S
 
 REDIS_USER = "inversion"
 """The ACL user of the service in compose's Redis."""
@@ -425,7 +426,11 @@ def test_create_app_imports_no_torch_in_a_fresh_process() -> None:
         "print(','.join(heavy))\n"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=EVENT_GUARD_S,
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "", f"importing the gateway loaded {done.stdout.strip()}"

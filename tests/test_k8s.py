@@ -26,8 +26,9 @@ import redis as redis_lib
 from PIL import Image
 
 from ddim_inversion.keys import queue_name_for
-from tests.conftest import free_port, wait_for
+from tests.conftest import EVENT_GUARD_S, STOP_GUARD_S, free_port, wait_for
 from tests.kustomize_render import render
+from worker.rq_worker import SHUTDOWN_S
 
 yaml = pytest.importorskip("yaml")
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -115,7 +116,7 @@ def test_the_renderer_agrees_with_kubectl_kustomize(tree: Path, rendered) -> Non
             [kubectl, "kustomize", str(tree / "overlays" / overlay)],
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=EVENT_GUARD_S,
         )
         assert done.returncode == 0, done.stderr
         real = {key(r): r for r in yaml.safe_load_all(done.stdout) if r}
@@ -381,7 +382,8 @@ def test_workers_take_one_gpu_and_outlast_the_job_timeout(rendered) -> None:
             (container,) = pod_spec(workload)["containers"]
             assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
             grace = pod_spec(workload)["terminationGracePeriodSeconds"]
-            assert grace >= timeout + 30, f"{overlay}: a batch may run {timeout} s"
+            # A batch ends by its jobs' timeout, then the worker exits within SHUTDOWN_S.
+            assert grace >= timeout + SHUTDOWN_S, f"{overlay}: a batch may run {timeout} s"
             assert "replicas" not in workload["spec"], "KEDA owns the replica count"
 
 
@@ -596,7 +598,7 @@ def test_the_redis_container_requires_its_password(rendered, tmp_path: Path) -> 
         env={"PATH": "/usr/bin:/bin", "REDIS_PASSWORD": ""},
         capture_output=True,
         text=True,
-        timeout=30,
+        timeout=EVENT_GUARD_S,
     )
     assert refused.returncode != 0
     assert "redis-password is empty" in refused.stderr
@@ -609,7 +611,7 @@ def test_the_redis_container_requires_its_password(rendered, tmp_path: Path) -> 
     )
     try:
         authed = redis_lib.Redis(port=port, username="inversion", password="s3cret")
-        wait_for(authed.ping, 10, "the redis container's server")
+        wait_for(authed.ping, EVENT_GUARD_S, "the redis container's server")
         with pytest.raises(redis_lib.AuthenticationError):
             redis_lib.Redis(port=port).ping()
         with pytest.raises(redis_lib.AuthenticationError):  # the default user is off
@@ -619,7 +621,7 @@ def test_the_redis_container_requires_its_password(rendered, tmp_path: Path) -> 
         authed.close()
     finally:
         server.terminate()
-        server.wait(10)
+        server.wait(STOP_GUARD_S)
 
 
 # -- network policies and pod security ----------------------------------------------------

@@ -19,7 +19,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.conftest import SAMPLES, wait_for
+from tests.conftest import EVENT_GUARD_S, SAMPLES, wait_for
 
 yaml = pytest.importorskip("yaml")
 promql = pytest.importorskip("promql_parser")
@@ -230,7 +230,9 @@ def test_promtool_checks_the_config_and_the_rules() -> None:
     # file the config names is checked on its own).
     config = ["check", "config", "--syntax-only", str(PROMETHEUS)]
     for args in (config, ["check", "rules", str(ALERTS)]):
-        done = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+        done = subprocess.run(
+            [promtool, *args], capture_output=True, text=True, timeout=EVENT_GUARD_S
+        )
         assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -241,7 +243,7 @@ def test_alert_rules_fire_as_their_unit_tests_say() -> None:
         cwd=MONITORING,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=EVENT_GUARD_S,
     )
     assert done.returncode == 0, done.stdout + done.stderr
 
@@ -269,7 +271,7 @@ def test_every_queried_metric_and_label_exists_in_metrics(shared_service) -> Non
         )
     assert response.status_code == 202, response.text
     job_url = base + response.json()["urls"]["self"]
-    wait_for(lambda: httpx.get(job_url).json()["status"] == "succeeded", 60, "the job")
+    wait_for(lambda: httpx.get(job_url).json()["status"] == "succeeded", EVENT_GUARD_S, "the job")
     # The worker records its throughput in the batch's own transaction: a scrape now has it.
     exported = scrape_families(base)
     for name in (

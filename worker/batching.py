@@ -33,7 +33,7 @@ from worker.lifecycle import start_batch
 from worker.liveness import Liveness
 from worker.models import LoadedModel
 from worker.rq_adapter import Job, Queue
-from worker.rq_worker import BaseWorker
+from worker.rq_worker import DEATH_HOOK_S, BaseWorker
 from worker.running import CancelRequests, Runner, first_total
 from worker.settings import WorkerSettings
 from worker.webhooks import WebhookSender
@@ -87,7 +87,7 @@ class InversionWorker(BaseWorker):
         self.liveness.publish_record(force=True)
 
     def on_death(self) -> None:
-        self.webhooks.flush(5.0)
+        self.webhooks.flush(DEATH_HOOK_S)
         self.liveness.forget()
 
 

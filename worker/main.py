@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 
@@ -99,6 +100,10 @@ def run(burst: bool = False) -> int:
         settings.redis_url, socket_connect_timeout=5, health_check_interval=10
     )
     worker = build_worker(settings, model, connection, max_batch_size)
+    # What is loaded now lives until the exit: out of the collector's reach, it is not walked
+    # by every full collection while serving, nor by the exit's last one (seconds, with
+    # torch, diffusers and the model loaded: the shutdown bound, SHUTDOWN_S, counts on it).
+    gc.freeze()
     log.info(
         "worker %s ready: serves %s from queue %s, max_batch_size %d",
         worker.name,

@@ -9,7 +9,15 @@ RQ's `SimpleWorker` (it never forks: CUDA cannot be used in a forked child), wit
   dequeue waits with backoff, its suspension check, maintenance and heartbeats are best
   effort;
 - running jobs' executions that expire `execution_ttl_s` after the worker was last heard
-  from, instead of after the job's timeout.
+  from, instead of after the job's timeout;
+- a stop (SIGTERM, SIGINT) that is never lost: RQ raises StopRequested from its signal
+  handler wherever the idle worker is, and a handler there that catches Exception (a
+  reaping hiccup's) would swallow it and leave the worker running; the request is also
+  kept as a flag, which the next heartbeat raises again. The handlers are in place
+  before the worker announces itself, and a stop during the start-up ends it cleanly.
+
+Shutdown: after SIGTERM an idle worker exits within SHUTDOWN_S; a busy one first finishes
+its batch (which ends by its jobs' timeout at the latest), then exits within SHUTDOWN_S.
 
 With rq_adapter, the only place the worker uses RQ; the contract tests in
 tests/rq_contract/test_worker_rq_adapter.py pin what this class relies on.
@@ -28,6 +36,7 @@ from rq.exceptions import StopRequested
 from rq.executions import Execution
 from rq.job import Job
 from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
 
 from worker.outages import AWAY_OR_FULL, OutageLog, backoff, tolerated
 
@@ -37,11 +46,32 @@ SERIALIZER = JSONSerializer
 WORKER_TTL_S = 20
 """RQ's worker key TTL: a short one makes RQ block at most a few seconds between heartbeats."""
 
+DEQUEUE_WAIT_S = max(1, WORKER_TTL_S - 15)
+"""How long RQ's dequeue blocks on Redis before its next heartbeat (RQ's `dequeue_timeout`):
+a stop that was not acted on at once is by the next heartbeat, this long later at most."""
+
+DEATH_HOOK_S = 5.0
+"""Most time `on_death` may take (the batching worker's webhook flush is cut at it)."""
+
 RQ_HEARTBEAT_EVERY_S = 1.0
 """Least interval between two of RQ's own worker heartbeats (its worker key lives 80 s)."""
 
+PUBSUB_POLL_S = 1.0
+"""Longest wait of the pub/sub thread for a message before it checks whether to stop. The
+worker's exit waits for that check (RQ's unsubscribe joins the thread): RQ's 60 s would
+hold an idle worker's exit for up to a minute."""
+
 PUBSUB_RETRY_S = 2.0
 """Wait before the pub/sub thread listens again after a lost connection (as RQ's does)."""
+
+SHUTDOWN_S = DEQUEUE_WAIT_S + DEATH_HOOK_S + PUBSUB_RETRY_S + PUBSUB_POLL_S + 5.0
+"""The worker's shutdown bound: from a stop request (or its batch's end) to its exit, on a
+Redis that answers. A dequeue's wait, `on_death`, the pub/sub thread's last retry and
+poll, and 5 s for RQ's own records, a few round trips and the interpreter's exit."""
+
+
+STARTING = "starting"
+"""RQ's state of a worker before its start-up (`bootstrap`) sets STARTED."""
 
 
 def _text(value: bytes | str) -> str:
@@ -104,6 +134,18 @@ class BaseWorker(SimpleWorker):
         # A missed heartbeat is harmless; RQ's loop would quit on the error after a job.
         with tolerated(self.outages):
             self.beat()
+        if self._stop_requested and self.get_state() != WorkerStatus.BUSY:
+            raise StopRequested()  # a stop whose raise from the signal handler was swallowed
+
+    def _shutdown(self) -> None:
+        """RQ's reaction to a stop signal (private), with the request also kept as a flag
+        when RQ raises it at once (idle): the raise may land inside code that swallows it.
+        While the worker starts, the flag alone: RQ's loop ends on it before its first
+        dequeue, with its teardown (a raise there would skip the teardown)."""
+        self._stop_requested = True
+        if self.get_state() in (STARTING, WorkerStatus.STARTED):
+            return
+        super()._shutdown()
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         return max(1, math.ceil(self.execution_ttl_s))
@@ -146,7 +188,7 @@ class BaseWorker(SimpleWorker):
         self.pubsub = self.connection.pubsub()
         self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload, **handlers})
         self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
-            sleep_time=60, daemon=True, exception_handler=self._keep_listening
+            sleep_time=PUBSUB_POLL_S, daemon=True, exception_handler=self._keep_listening
         )
 
     def _keep_listening(self, exc: Exception, pubsub: Any, thread: Any) -> None:
@@ -157,6 +199,9 @@ class BaseWorker(SimpleWorker):
         time.sleep(PUBSUB_RETRY_S)
 
     def register_birth(self) -> None:
+        # RQ installs its handlers after its start-up: a worker already announced (on_birth)
+        # would die of a SIGTERM's default action there, its records left behind.
+        self._install_signal_handlers()
         super().register_birth()
         self.on_birth()
 

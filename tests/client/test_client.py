@@ -33,7 +33,7 @@ from ddim_inversion_client import (
     Job,
     JobFailed,
 )
-from tests.conftest import BIN, ROOT, SAMPLES, worker_threads
+from tests.conftest import BIN, EVENT_GUARD_S, ROOT, SAMPLES, worker_threads
 from tests.gateway_app import gateway_app
 
 CHELSEA = SAMPLES / "chelsea.png"
@@ -67,7 +67,7 @@ def test_submit_wait_latents_equal_the_engine(shared_service, tiny_model):
         )
         assert isinstance(job, Job)
         assert job.status in ("queued", "running")
-        assert job.wait(timeout=60, on_progress=lambda s, t: seen.append((s, t))) is job
+        assert job.wait(timeout=EVENT_GUARD_S, on_progress=lambda s, t: seen.append((s, t))) is job
         assert job.status == "succeeded", job.data
         assert job.data["result"]["latents_shape"] == [1, 4, 8, 8]
         assert seen and seen[-1] == (6, 6)
@@ -120,12 +120,12 @@ def test_image_as_bytes_and_file_object_and_params(shared_service):
             resolution=(128, 64),
             scheduler={"timestep_spacing": "trailing"},
         )
-        tensors = from_bytes.wait(timeout=60).result()["tensors"]
+        tensors = from_bytes.wait(timeout=EVENT_GUARD_S).result()["tensors"]
         assert tuple(tensors["trajectory"].shape) == (4, 1, 4, 8, 16)
         assert from_bytes.data["params"]["scheduler"] == {"timestep_spacing": "trailing"}
-        assert from_file.wait(timeout=60).status == "succeeded"
+        assert from_file.wait(timeout=EVENT_GUARD_S).status == "succeeded"
         # The JSON body (the image as base64) makes the same job, and the same latents.
-        assert as_json.wait(timeout=60).data["params"] == from_bytes.data["params"]
+        assert as_json.wait(timeout=EVENT_GUARD_S).data["params"] == from_bytes.data["params"]
         by_json = as_json.result(format="numpy")
         assert by_json["metadata"] == from_bytes.result(format="numpy")["metadata"]
         assert np.abs(by_json["tensors"]["latents"] - tensors["latents"].numpy()).max() <= 1e-5
@@ -143,9 +143,9 @@ def test_cancel_a_queued_job(in_process):
         assert job.cancel() is job
         assert job.status == "canceled"
         with pytest.raises(JobFailed) as failed:
-            job.wait(timeout=5)
+            job.wait(timeout=EVENT_GUARD_S)
         assert failed.value.code == "canceled"
-        assert job.wait(timeout=5, raise_on_failure=False).status == "canceled"
+        assert job.wait(timeout=EVENT_GUARD_S, raise_on_failure=False).status == "canceled"
         # A finished job is deleted by a second cancel().
         job.cancel()
         with pytest.raises(InversionError) as gone:
@@ -188,7 +188,7 @@ def test_async_client_submit_wait_latents(shared_service, tiny_model):
         async with AsyncInversionClient(base) as inversions:
             job = await inversions.submit(CHELSEA, "a photo of a cat", num_inference_steps=4)
             assert isinstance(job, AsyncJob)
-            await job.wait(timeout=60)
+            await job.wait(timeout=EVENT_GUARD_S)
             array = await job.latents(format="numpy")
             tensor = await job.latents()
             with pytest.raises(InversionError) as invalid:
@@ -216,7 +216,7 @@ def test_async_cancel_a_queued_job(fake_server):
             job = await inversions.submit(CHELSEA, "never", num_inference_steps=3)
             await job.cancel()
             with pytest.raises(JobFailed):
-                await job.wait(timeout=5)
+                await job.wait(timeout=EVENT_GUARD_S)
             return job.status
 
     assert asyncio.run(main()) == "canceled"
@@ -243,7 +243,7 @@ def test_cli_submit_wait_writes_latents(shared_service, tmp_path: Path):
         env=shared_service.env,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=EVENT_GUARD_S,
     )
     assert cli.returncode == 0, cli.stderr
     submitted, finished = (json.loads(line) for line in cli.stdout.splitlines())

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import httpx
 
-from tests.conftest import SAMPLES, wait_for
+from tests.conftest import EVENT_GUARD_S, SAMPLES, wait_for
 
 
 def submit(base: str, image: str = "chelsea.png", **fields: object) -> dict:
     data = {"prompt": "a photo of a cat"} | {k: str(v) for k, v in fields.items()}
     with (SAMPLES / image).open("rb") as handle:
         answer = httpx.post(
-            base + "/v1/inversions", data=data, files={"image": (image, handle, "image/png")}
+            base + "/v1/inversions",
+            data=data,
+            files={"image": (image, handle, "image/png")},
+            timeout=EVENT_GUARD_S,  # httpx's default (5 s) is a guess at the machine's speed
         )
     assert answer.status_code == 202, answer.text
     body = answer.json()
@@ -21,12 +24,12 @@ def submit(base: str, image: str = "chelsea.png", **fields: object) -> dict:
 
 
 def status(base: str, job_id: str) -> dict:
-    answer = httpx.get(f"{base}/v1/inversions/{job_id}")
+    answer = httpx.get(f"{base}/v1/inversions/{job_id}", timeout=EVENT_GUARD_S)
     assert answer.status_code == 200, answer.text
     return answer.json()
 
 
-def wait_status(base: str, job_id: str, wanted: set[str], timeout: float = 60) -> dict:
+def wait_status(base: str, job_id: str, wanted: set[str], timeout: float = EVENT_GUARD_S) -> dict:
     return wait_for(  # type: ignore[return-value]
         lambda: (s := status(base, job_id))["status"] in wanted and s, timeout, f"{wanted}"
     )

@@ -14,7 +14,7 @@ import pytest
 
 from service import auth
 from tests import hostile_images
-from tests.conftest import Processes, RedisServer, subprocess_env, wait_for
+from tests.conftest import EVENT_GUARD_S, Processes, RedisServer, subprocess_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -67,7 +67,7 @@ def submit(url: str, key: str, image: bytes) -> httpx.Response:
         data={"prompt": "a cat", "num_inference_steps": "3", "resolution": "64"},
         files={"image": ("image", image)},
         headers={"X-API-Key": key},
-        timeout=120,
+        timeout=EVENT_GUARD_S,
     )
 
 
@@ -89,12 +89,12 @@ def test_a_decode_past_its_cpu_limit_is_killed_while_the_gateway_serves_others(g
         # The hostile decode is under way (or already over) once the idle decoder works.
         wait_for(
             lambda: decoders(pid).get(first, float("inf")) > cpu_before + 0.2,
-            60,
+            EVENT_GUARD_S,
             "the hostile decode to start",
         )
-        health = httpx.get(url + "/healthz", timeout=30)
+        health = httpx.get(url + "/healthz", timeout=EVENT_GUARD_S)
         other = submit(url, KEY_B, PNG)
-        refused = attack.result(timeout=120)
+        refused = attack.result(timeout=EVENT_GUARD_S)
 
     assert health.status_code == 200
     assert other.status_code == 202, other.text

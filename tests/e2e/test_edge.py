@@ -15,7 +15,7 @@ import pytest
 from service import auth
 from service.main import run
 from service.settings import get_settings
-from tests.conftest import Processes, RedisServer, subprocess_env, wait_for
+from tests.conftest import EVENT_GUARD_S, Processes, RedisServer, subprocess_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -161,11 +161,11 @@ def test_connections_beyond_the_limit_get_503(gateway):
     try:
         for sock in held:
             sock.sendall(upload_head(b"X-API-Key: " + KEY.encode() + b"\r\n") + b"10\r\n")
-        wait_for(lambda: probe(gateway) == 503, 10, "the gateway to reach its limit")
+        wait_for(lambda: probe(gateway) == 503, EVENT_GUARD_S, "the gateway to reach its limit")
     finally:
         for sock in held:
             sock.close()
-    wait_for(lambda: probe(gateway) == 200, 10, "the places to be given back")
+    wait_for(lambda: probe(gateway) == 200, EVENT_GUARD_S, "the places to be given back")
 
 
 def test_the_gateway_command_hands_its_settings_to_uvicorn(monkeypatch):

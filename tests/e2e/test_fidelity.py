@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 from safetensors.torch import load
 
+from tests.conftest import EVENT_GUARD_S
 from tests.e2e.service_calls import submit, wait_status
 
 pytestmark = pytest.mark.e2e
@@ -30,7 +31,7 @@ def test_null_text_with_verify_end_to_end(shared_service):
     early = httpx.get(url)
     assert early.status_code in (200, 409), early.text  # 409 until it succeeds
 
-    done = wait_status(base, job["id"], {"succeeded", "failed"}, timeout=120)
+    done = wait_status(base, job["id"], {"succeeded", "failed"}, timeout=EVENT_GUARD_S)
     assert done["status"] == "succeeded", done
     result = done["result"]
     assert result["method"] == "null_text"
@@ -81,7 +82,7 @@ def test_every_method_end_to_end(shared_service):
     }
     for name, job in jobs.items():
         fields, shapes = METHOD_JOBS[name]
-        done = wait_status(base, job["id"], {"succeeded", "failed"}, timeout=120)
+        done = wait_status(base, job["id"], {"succeeded", "failed"}, timeout=EVENT_GUARD_S)
         assert done["status"] == "succeeded", done
         result = done["result"]
         assert result["method"] == fields.get("method", "ddim")

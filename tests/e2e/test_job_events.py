@@ -11,7 +11,7 @@ import redis
 from rq.job import Job
 
 from ddim_inversion.keys import JOB_EVENTS_CHANNEL
-from tests.conftest import SAMPLES
+from tests.conftest import EVENT_GUARD_S, SAMPLES
 
 pytestmark = pytest.mark.e2e
 
@@ -27,11 +27,11 @@ def test_the_worker_announces_progress_then_the_end_after_writing_it(shared_serv
             shared_service.url + "/v1/inversions",
             data={"prompt": "a photo of a cat", "num_inference_steps": "300"},
             files={"image": ("chelsea.png", image, "image/png")},
-            timeout=60,
+            timeout=EVENT_GUARD_S,
         ).json()["id"]
     # What a woken gateway reads: the job's status, right when each message arrives.
     seen: list[bytes] = []
-    give_up = time.monotonic() + 120
+    give_up = time.monotonic() + EVENT_GUARD_S
     while not (seen and seen[-1] in TERMINAL_RQ) and time.monotonic() < give_up:
         message = pubsub.get_message(timeout=1.0)
         if message is not None and message["data"] == job.encode():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import EVENT_GUARD_S, ROOT
 
 pytestmark = pytest.mark.e2e
 
@@ -23,7 +23,7 @@ def test_burst_load_has_no_5xx_and_no_lost_jobs(service_env):
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=EVENT_GUARD_S,
     )
     lines = [line for line in run.stdout.splitlines() if line.startswith("RESULT ")]
     assert lines, run.stdout + run.stderr

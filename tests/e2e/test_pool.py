@@ -8,7 +8,7 @@ import redis
 
 from ddim_inversion.contract import WorkerRecord
 from ddim_inversion.keys import WORKERS_KEY
-from tests.conftest import SAMPLES, wait_for
+from tests.conftest import EVENT_GUARD_S, SAMPLES, wait_for
 
 
 def submit(url: str, model: str | None) -> httpx.Response:
@@ -50,7 +50,7 @@ def test_each_model_s_jobs_run_on_its_workers_and_a_down_model_queues(processes,
             lambda job_id=job_id: (
                 httpx.get(f"{url}/v1/inversions/{job_id}").json()["status"] == "succeeded"
             ),
-            120,
+            EVENT_GUARD_S,
             f"job {job_id}",
         )
     for job_id, model in jobs.items():
@@ -59,8 +59,7 @@ def test_each_model_s_jobs_run_on_its_workers_and_a_down_model_queues(processes,
         assert httpx.get(f"{url}/v1/inversions/{job_id}").json()["params"]["model"] == model
 
     # tiny-b's only worker leaves: tiny-b stays known, its jobs queue and say why.
-    worker_b.terminate()
-    worker_b.wait(30)
+    assert processes.stop(worker_b) == 0
     assert worker_a.poll() is None
     queued = submit(url, "tiny-b")
     assert queued.status_code == 202, queued.text

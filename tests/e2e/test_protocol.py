@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from tests.conftest import SAMPLES
+from tests.conftest import EVENT_GUARD_S, SAMPLES
 
 pytestmark = pytest.mark.e2e
 
@@ -27,7 +27,7 @@ def post(base: str, headers: dict[str, str] | None = None, **fields: object) -> 
             data=data,
             files={"image": ("chelsea.png", handle, "image/png")},
             headers=headers or {},
-            timeout=60,
+            timeout=EVENT_GUARD_S,
         )
 
 
@@ -79,7 +79,7 @@ def test_a_json_submission_waits_and_replays_as_a_form_does(shared_service):
         base + "/v1/inversions",
         json={**fields, "image": base64.b64encode(image).decode()},
         headers={"Idempotency-Key": "json-wait", "Prefer": "wait=30"},
-        timeout=60,
+        timeout=EVENT_GUARD_S,
     )
     assert waited.status_code == 200, waited.text
     assert waited.headers["preference-applied"] == "wait=30"
@@ -91,7 +91,7 @@ def test_a_json_submission_waits_and_replays_as_a_form_does(shared_service):
         data={name: str(value) for name, value in fields.items()},
         files={"image": ("chelsea.png", image, "image/png")},
         headers={"Idempotency-Key": "json-wait"},
-        timeout=60,
+        timeout=EVENT_GUARD_S,
     )
     assert replayed.status_code == 200, replayed.text
     assert replayed.json()["id"] == body["id"]
@@ -99,7 +99,9 @@ def test_a_json_submission_waits_and_replays_as_a_form_does(shared_service):
 
 
 def read_events(base: str, job_id: str, events: list[tuple[str, dict]]) -> None:
-    with httpx.stream("GET", f"{base}/v1/inversions/{job_id}/events", timeout=60) as answer:
+    with httpx.stream(
+        "GET", f"{base}/v1/inversions/{job_id}/events", timeout=EVENT_GUARD_S
+    ) as answer:
         assert answer.status_code == 200
         assert answer.headers["content-type"].startswith("text/event-stream")
         name = None
@@ -116,7 +118,7 @@ def test_events_stream_until_the_end(shared_service):
     events: list[tuple[str, dict]] = []
     reader = threading.Thread(target=read_events, args=(base, job["id"], events))
     reader.start()
-    reader.join(60)
+    reader.join(EVENT_GUARD_S)
     assert not reader.is_alive()
     names = [name for name, _ in events]
     assert names[0] == "status" and events[0][1]["status"] in ("queued", "running")

@@ -27,7 +27,7 @@ from tests.compose_files import (
     environment,
     load_compose,
 )
-from tests.conftest import SAMPLES, Processes, free_port, subprocess_env, wait_for
+from tests.conftest import EVENT_GUARD_S, SAMPLES, Processes, free_port, subprocess_env, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -77,7 +77,7 @@ def test_compose_redis_admits_the_service_user_only_and_the_service_works_throug
         path = f"{bin_dir}{os.pathsep}{os.environ['PATH']}"
         processes.spawn("redis", ["sh", str(REDIS_START)], REDIS_PASSWORD=password, PATH=path)
         service = redis.Redis.from_url(url)
-        wait_for(service.ping, 10, "redis-server to admit the service user")
+        wait_for(service.ping, EVENT_GUARD_S, "redis-server to admit the service user")
 
         once = Retry(NoBackoff(), 0)  # a refused login is final: do not retry it
         for credentials in ({}, {"username": "default", "password": ""}, {"password": "x"}):
@@ -112,10 +112,12 @@ def test_compose_redis_admits_the_service_user_only_and_the_service_works_throug
                 data={"prompt": "a cat", "num_inference_steps": "3"},
                 files={"image": ("chelsea.png", handle, "image/png")},
                 headers={"Prefer": "wait=60"},
-                timeout=90,
+                timeout=EVENT_GUARD_S,
             )
         assert answer.status_code == 200 and answer.json()["status"] == "succeeded", answer.text
-        latents = httpx.get(f"{base}/v1/inversions/{answer.json()['id']}/latents", timeout=30)
+        latents = httpx.get(
+            f"{base}/v1/inversions/{answer.json()['id']}/latents", timeout=EVENT_GUARD_S
+        )
         assert latents.status_code == 200 and latents.content
         admin = redis.Redis(port=port, username=ADMIN, password=admin_password)
         refused = [

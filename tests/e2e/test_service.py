@@ -4,16 +4,69 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 from safetensors.torch import load
 
-from tests.conftest import BIN, SAMPLES, wait_for
+from tests.conftest import (
+    BIN,
+    EVENT_GUARD_S,
+    SAMPLES,
+    STOP_GUARD_S,
+    Processes,
+    RedisServer,
+    subprocess_env,
+    wait_for,
+)
 from tests.e2e.service_calls import status, submit, wait_status
 
 pytestmark = pytest.mark.e2e
+
+
+@dataclass
+class OwnService:
+    """This module's gateway on its own Redis, emptied for each test, with workers of the
+    test's own (`processes`, stopped after it)."""
+
+    base: str
+    redis: redis.Redis
+    processes: Processes
+
+
+@pytest.fixture(scope="module")
+def module_gateway(
+    tmp_path_factory: pytest.TempPathFactory, model_cache_dir: Path
+) -> Iterator[tuple[str, RedisServer, dict[str, str]]]:
+    """One gateway with default settings for the tests here that need an empty Redis: it
+    keeps nothing of a job in memory (its state is Redis's), so a flush starts it afresh."""
+    server = RedisServer(tmp_path_factory.mktemp("service-redis"))
+    server.start()
+    procs = Processes(
+        subprocess_env(server.url, model_cache_dir), tmp_path_factory.mktemp("service-logs")
+    )
+    try:
+        yield procs.gateway(), server, procs.env
+    finally:
+        procs.stop_all()
+        server.stop()
+
+
+@pytest.fixture
+def own(
+    module_gateway: tuple[str, RedisServer, dict[str, str]], tmp_path: Path
+) -> Iterator[OwnService]:
+    base, server, env = module_gateway
+    client = redis.Redis.from_url(server.url)
+    client.flushall()
+    procs = Processes(env, tmp_path)
+    yield OwnService(base, client, procs)
+    procs.stop_all()
+    client.close()
 
 
 def test_submit_poll_download_equals_local_cli(shared_service, tmp_path: Path):
@@ -51,7 +104,7 @@ def test_submit_poll_download_equals_local_cli(shared_service, tmp_path: Path):
         env=shared_service.env,  # the worker's INVERSION_THREADS too: exact equality
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=EVENT_GUARD_S,
     )
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout.splitlines()[0])["shape"] == [1, 4, 8, 8]
@@ -79,8 +132,8 @@ def test_trajectory_job(shared_service):
     assert (tensors["trajectory"][-1] - tensors["latents"]).abs().max() == 0
 
 
-def test_unknown_id_is_404_and_latents_409_while_queued(processes):
-    base = processes.gateway()
+def test_unknown_id_is_404_and_latents_409_while_queued(own):
+    base = own.base
     answer = httpx.get(f"{base}/v1/inversions/6f1c2a53-3f7e-4f4e-9d7c-6b0c1f2b9a11")
     assert answer.status_code == 404
     assert answer.headers["content-type"].startswith("application/problem+json")
@@ -94,14 +147,14 @@ def test_unknown_id_is_404_and_latents_409_while_queued(processes):
     assert early.json()["code"] == "not_finished"
 
 
-def test_cancel_queued_job_never_runs(processes, redis_client):
-    base = processes.gateway()
+def test_cancel_queued_job_never_runs(own):
+    base = own.base
     doomed = submit(base, prompt="never")
     kept = submit(base, prompt="kept", num_inference_steps=3)
     answer = httpx.delete(f"{base}/v1/inversions/{doomed['id']}")
     assert answer.status_code == 202
     assert status(base, doomed["id"])["status"] == "canceled"
-    processes.worker()
+    own.processes.worker()
     assert wait_status(base, kept["id"], {"succeeded"})["status"] == "succeeded"
     final = status(base, doomed["id"])
     assert final["status"] == "canceled"
@@ -120,7 +173,7 @@ def test_cancel_running_job_and_progress_seen(shared_service):
             and (s.get("progress") or {}).get("step", 0) > 0
             and s
         ),
-        60,
+        EVENT_GUARD_S,
         "progress",
     )
     assert 0 < running["progress"]["step"] < running["progress"]["total"] == 900
@@ -134,18 +187,16 @@ def test_cancel_running_job_and_progress_seen(shared_service):
     assert httpx.get(f"{base}/v1/inversions/{job['id']}").status_code == 404
 
 
-def test_two_workers_drain_one_queue(processes, redis_client):
+def test_two_workers_drain_one_queue(own):
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
-    base = processes.gateway()
-    processes.workers(2, INVERSION_MAX_BATCH_SIZE="1")
+    base = own.base
+    own.processes.workers(2, INVERSION_MAX_BATCH_SIZE="1")
     ids = [submit(base, prompt=f"job {i}", num_inference_steps=150)["id"] for i in range(6)]
     for job_id in ids:
-        assert wait_status(base, job_id, {"succeeded", "failed"}, 120)["status"] == "succeeded"
-    names = {
-        Job.fetch(i, connection=redis_client, serializer=JSONSerializer).worker_name for i in ids
-    }
+        assert wait_status(base, job_id, {"succeeded", "failed"})["status"] == "succeeded"
+    names = {Job.fetch(i, connection=own.redis, serializer=JSONSerializer).worker_name for i in ids}
     assert len(names) == 2
 
 
@@ -155,8 +206,8 @@ def capacity(base: str) -> dict:
     return answer.json()
 
 
-def test_readiness_needs_no_worker_and_capacity_follows_the_workers(processes):
-    base = processes.gateway()
+def test_readiness_needs_no_worker_and_capacity_follows_the_workers(own):
+    base = own.base
     assert httpx.get(base + "/healthz").status_code == 200
     ready = httpx.get(base + "/readyz")
     assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
@@ -166,34 +217,35 @@ def test_readiness_needs_no_worker_and_capacity_follows_the_workers(processes):
     assert status(base, job["id"])["status"] == "queued"
     assert capacity(base)["queued"] == 1
 
-    worker = processes.worker()
+    worker = own.processes.worker()
     now = capacity(base)
     (live,) = now["workers"]
     assert now["models"] == [live["model"]]
     assert wait_status(base, job["id"], {"succeeded", "failed"})["status"] == "succeeded"
 
-    worker.terminate()
-    worker.wait(20)
+    assert own.processes.stop(worker) == 0  # idle: it exits within its shutdown bound
     ready = httpx.get(base + "/readyz")
     assert (ready.status_code, ready.json()) == (200, {"status": "ready"})
     assert capacity(base)["workers"] == []
 
 
-def test_sigterm_finishes_the_running_job_then_exits(processes):
-    base = processes.gateway()
-    worker = processes.worker()
+def test_sigterm_finishes_the_running_job_then_exits(own):
+    base = own.base
+    worker = own.processes.worker()
     job = submit(base, num_inference_steps=300)
     wait_for(
         lambda: (
             (s := status(base, job["id"]))["status"] == "running"
             and (s.get("progress") or {}).get("step", 0) > 0
         ),
-        60,
+        EVENT_GUARD_S,
         "the job to run",
     )
     worker.terminate()  # SIGTERM: a warm shutdown
-    assert worker.wait(60) == 0
-    assert status(base, job["id"])["status"] == "succeeded"
+    # The batch ends first (its job succeeds), then the worker exits within its bound.
+    done = wait_status(base, job["id"], {"succeeded", "failed", "canceled"}, EVENT_GUARD_S)
+    assert done["status"] == "succeeded", done
+    assert worker.wait(STOP_GUARD_S) == 0
 
 
 def test_prompt_over_the_token_limit_refused_or_truncated_as_configured(
@@ -234,7 +286,7 @@ def test_metrics_count_jobs_by_final_state_with_duration_histograms(shared_servi
     done = submit(base, num_inference_steps=3)
     canceled = submit(base, num_inference_steps=900)
     wait_status(base, done["id"], {"succeeded"})
-    wait_for(lambda: status(base, canceled["id"])["status"] == "running", 60, "running")
+    wait_for(lambda: status(base, canceled["id"])["status"] == "running", EVENT_GUARD_S, "running")
     httpx.delete(f"{base}/v1/inversions/{canceled['id']}")
     wait_status(base, canceled["id"], {"canceled"})
     after = scrape(base)

@@ -30,7 +30,7 @@ from ddim_inversion import imaging
 from ddim_inversion.contract import JOB_FUNCTION, JobPayload, WorkerRecord
 from ddim_inversion.keys import WORKERS_KEY, input_key, reconstruction_key, result_key
 from ddim_inversion.params import InversionParams
-from tests.conftest import SAMPLES, Processes, RedisServer, wait_for
+from tests.conftest import EVENT_GUARD_S, SAMPLES, Processes, RedisServer, wait_for
 from tests.jobs_helper import TINY_QUEUE
 
 pytestmark = pytest.mark.e2e
@@ -91,7 +91,7 @@ def stack(tmp_path_factory, model_cache_dir) -> Iterator[Stack]:
             INVERSION_RESULT_TTL_S=str(SHORT_TTL_S), INVERSION_FAILURE_TTL_S=str(SHORT_TTL_S)
         )
         client = redis.Redis.from_url(server.url)
-        wait_for(lambda: client.hlen(WORKERS_KEY) == 2, 90, "both workers")
+        wait_for(lambda: client.hlen(WORKERS_KEY) == 2, EVENT_GUARD_S, "both workers")
         client.close()
         yield Stack(base, short, server.url, workers, procs, trace_dir)
     finally:
@@ -115,19 +115,19 @@ def submit(base: str, headers: dict[str, str] | None = None, **fields: object) -
             data=data,
             files={"image": ("chelsea.png", handle, "image/png")},
             headers=headers or {},
-            timeout=60,
+            timeout=EVENT_GUARD_S,
         )
     assert answer.status_code == 202, answer.text
     return answer.json()["id"]
 
 
 def status(base: str, job_id: str) -> dict:
-    answer = httpx.get(f"{base}/v1/inversions/{job_id}", timeout=30)
+    answer = httpx.get(f"{base}/v1/inversions/{job_id}", timeout=EVENT_GUARD_S)
     assert answer.status_code == 200, answer.text
     return answer.json()
 
 
-def wait_ended(base: str, job_id: str, timeout: float = 60) -> dict:
+def wait_ended(base: str, job_id: str, timeout: float = EVENT_GUARD_S) -> dict:
     return wait_for(  # type: ignore[return-value]
         lambda: (s := status(base, job_id))["status"] in {"succeeded", "failed", "canceled"} and s,
         timeout,
@@ -142,7 +142,7 @@ def wait_step(base: str, job_id: str, above: int) -> dict:
             and (s.get("progress") or {}).get("step", 0) > above
             and s
         ),
-        60,
+        EVENT_GUARD_S,
         f"job {job_id} past step {above}",
     )
 
@@ -169,7 +169,7 @@ def test_result_redis_will_not_take_fails_once_and_jams_no_worker(stack, client)
 
     # Both workers live on, heartbeating, and the job stays failed (not reaped and retried).
     ended = time.time()
-    wait_for(lambda: heartbeats_after(client, ended), 30, "both workers to heartbeat")
+    wait_for(lambda: heartbeats_after(client, ended), EVENT_GUARD_S, "both workers to heartbeat")
     alive(stack)
     normal = submit(stack.base)
     assert wait_ended(stack.base, normal)["status"] == "succeeded"
@@ -184,7 +184,10 @@ def test_cancel_during_verify_stores_nothing(stack, client):
     job_id = submit(stack.base, num_inference_steps=steps, verify="true")
     running = wait_step(stack.base, job_id, above=steps)  # sampling back: verify
     assert running["progress"]["total"] == 2 * steps
-    assert httpx.delete(f"{stack.base}/v1/inversions/{job_id}", timeout=30).status_code == 202
+    assert (
+        httpx.delete(f"{stack.base}/v1/inversions/{job_id}", timeout=EVENT_GUARD_S).status_code
+        == 202
+    )
     final = wait_ended(stack.base, job_id)
     assert final["status"] == "canceled", final
     assert final["error"]["code"] == "canceled"
@@ -229,7 +232,7 @@ def test_foreign_jobs_fail_without_running_what_they_name(stack, client):
                 case.pop("func", JOB_FUNCTION),
                 **({"kwargs": {"payload": payload}} | case),
                 job_id=ids[name],
-                timeout=60,
+                timeout=EVENT_GUARD_S,
                 pipeline=pipe,
             )
         pipe.execute()
@@ -270,7 +273,10 @@ def test_ended_jobs_leave_nothing_after_their_ttl(stack, client):
     client.delete(input_key(failed))
     assert status(short, queued)["status"] == "queued"
     for job_id in (queued, first, second):
-        assert httpx.delete(f"{short}/v1/inversions/{job_id}", timeout=30).status_code == 202
+        assert (
+            httpx.delete(f"{short}/v1/inversions/{job_id}", timeout=EVENT_GUARD_S).status_code
+            == 202
+        )
     ends = {job_id: wait_ended(short, job_id)["status"] for job_id in (queued, first, second)}
     assert set(ends.values()) == {"canceled"}, ends
     assert wait_ended(short, failed)["error"]["code"] == "invalid_input"
@@ -293,6 +299,6 @@ def test_ended_jobs_leave_nothing_after_their_ttl(stack, client):
 
     assert leftovers(), "the jobs' keys exist before their TTL"
     try:
-        wait_for(lambda: not leftovers(), 30, "every key of the ended jobs to expire")
+        wait_for(lambda: not leftovers(), EVENT_GUARD_S, "every key of the ended jobs to expire")
     except TimeoutError:
         pytest.fail(f"left after the TTL: {leftovers()}")

@@ -10,13 +10,14 @@ import pytest
 
 from ddim_inversion import imaging
 from ddim_inversion.params import InversionParams
+from tests.conftest import EVENT_GUARD_S
 from worker.engine.dispatch import invert
 from worker.engine.types import InversionRequest, load_result
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(cli, env, *args, timeout=180):
+def _run(cli, env, *args, timeout=EVENT_GUARD_S):
     return subprocess.run(
         [*cli, "local", *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout
     )

@@ -16,6 +16,7 @@ from ddim_inversion import imaging
 from ddim_inversion.errors import InvalidParameter
 from ddim_inversion.params import InversionParams, parse_resolution
 from tests import hostile_images
+from tests.conftest import EVENT_GUARD_S
 from worker.engine.dispatch import invert
 from worker.engine.types import InversionRequest
 
@@ -178,7 +179,11 @@ assert (stretched[29:35] == (0, 255, 0)).all(), stretched[:, 0]
 assert (stretched[42:] == (0, 0, 255)).all(), stretched[:, 0]
 """
     done = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=EVENT_GUARD_S,
     )
     assert done.returncode == 0, done.stderr
 

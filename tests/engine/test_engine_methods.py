@@ -19,6 +19,7 @@ import torch
 from ddim_inversion import estimates
 from ddim_inversion.params import InversionParams
 from ddim_inversion.scheduler_config import resolve_scheduler_config
+from tests.conftest import EVENT_GUARD_S
 from worker.engine.dispatch import invert
 from worker.engine.types import InversionRequest, load_result, progress_total
 from worker.methods.ddpm import ddpm_invert
@@ -308,7 +309,12 @@ def test_cli_local_runs_a_method(cli, cli_env, tmp_path):
     args = ["samples/chelsea.png", "--prompt", "a cat", "--steps", "4", "--verify"]
     args += ["--method", "ddpm", "--eta", "0.5", "--seed", "3", "--out", str(out)]
     proc = subprocess.run(
-        [*cli, "local", *args], env=cli_env, cwd=REPO, capture_output=True, text=True, timeout=180
+        [*cli, "local", *args],
+        env=cli_env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=EVENT_GUARD_S,
     )
     assert proc.returncode == 0, proc.stderr
     (line,) = [json.loads(text) for text in proc.stdout.splitlines() if text.strip()]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
+from tests.conftest import EVENT_GUARD_S
 from worker.tiny_model import tiny_model_dir
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,7 +60,7 @@ def test_tiny_model_is_identical_across_processes(
         for f in folders
     ]
     for proc in procs:
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=EVENT_GUARD_S)
         assert proc.returncode == 0, err
     first, second = (_digest(f) for f in folders)
     assert any(k.startswith("unet/") and ":" in k for k in first)

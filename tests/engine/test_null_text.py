@@ -20,6 +20,7 @@ from PIL import Image
 
 from ddim_inversion.contract import ResultMetadata
 from ddim_inversion.params import InversionParams
+from tests.conftest import EVENT_GUARD_S
 from worker.engine.dispatch import invert
 from worker.engine.encoding import encode_prompts
 from worker.engine.types import InversionRequest, InversionResult, load_result, progress_total
@@ -217,7 +218,7 @@ def test_cli_local_null_text_with_verify(cli, cli_env, tmp_path):
         cwd=REPO,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=EVENT_GUARD_S,
     )
     assert proc.returncode == 0, proc.stderr
     (line,) = [json.loads(text) for text in proc.stdout.splitlines() if text.strip()]

@@ -16,7 +16,6 @@ from datetime import timezone
 from typing import Any
 
 import pytest
-from rq import SimpleWorker
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
 
@@ -24,6 +23,7 @@ from ddim_inversion.contract import JobStatus
 from ddim_inversion.errors import ErrorCode
 from service import rq_adapter
 from service.rq_adapter import Queue, StoredJob
+from tests.rq_contract.rqs_worker import RQsWorker
 
 QUEUE = "contract"
 FAILURE_TTL_S = 300
@@ -62,7 +62,7 @@ def run_probe(connection: Any, queue: Queue, function: str, *args: Any, **option
         failure_ttl=FAILURE_TTL_S,
         **options,
     )
-    worker = SimpleWorker([queue], connection=connection, serializer=queue.serializer)
+    worker = RQsWorker([queue], connection=connection, serializer=queue.serializer)
     worker.work(burst=True)
     return job.id
 
@@ -167,7 +167,7 @@ def lose_the_worker(connection: Any, queue: Queue, job_id: str) -> None:
     """An RQ worker takes the job and starts it (its own steps up to the job function),
     then dies without a trace; RQ's cleanup of the started registry, which every worker
     runs, finds it once its heartbeat would have expired."""
-    worker = SimpleWorker([queue], connection=connection, serializer=queue.serializer)
+    worker = RQsWorker([queue], connection=connection, serializer=queue.serializer)
     job, _ = worker.dequeue_job_and_maintain_ttl(timeout=1)
     assert job.id == job_id
     worker.prepare_execution(job)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import os
 import re
 import signal
 import threading
@@ -23,17 +24,18 @@ from typing import Any
 
 import pytest
 import redis
-from rq import Callback, Queue, Retry, SimpleWorker
+from rq import Callback, Queue, Retry
 from rq.defaults import DEFAULT_FAILURE_TTL
 from rq.exceptions import StopRequested
 from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.worker import WorkerStatus
 
-from tests.conftest import RedisServer, wait_for
+from tests.conftest import EVENT_GUARD_S, RedisServer, wait_for
 from tests.rq_contract import job_functions
+from tests.rq_contract.rqs_worker import RQsWorker
 from worker import rq_adapter
-from worker.rq_worker import BaseWorker
+from worker.rq_worker import DEQUEUE_WAIT_S, BaseWorker
 
 QUEUE = "contract"
 WORKER = "contract-worker"
@@ -50,7 +52,7 @@ ISO_TIME = re.compile(rb"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z?")
 EPOCH = re.compile(rb"^1\d{9}(\.\d+)?$")
 
 
-class RQsOwnWorker(SimpleWorker):
+class RQsOwnWorker(RQsWorker):
     """RQ's worker, its execution TTL set to the adapter's."""
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
@@ -404,7 +406,9 @@ def test_listened_channels_reach_their_handler_on_rqs_pubsub_thread(redis_client
     worker.listen("contract-channel", heard.append)
     worker.subscribe()
     try:
-        wait_for(lambda: redis_client.publish("contract-channel", "job-7") and heard, 5, "it")
+        wait_for(
+            lambda: redis_client.publish("contract-channel", "job-7") and heard, EVENT_GUARD_S, "it"
+        )
     finally:
         worker.unsubscribe()
     assert heard[0] == "job-7"
@@ -431,13 +435,69 @@ def test_a_stop_requested_mid_job_ends_a_dequeue_that_waits_for_redis(tmp_path):
 
         thread = threading.Thread(target=dequeue, daemon=True)
         thread.start()
-        thread.join(30)
+        thread.join(EVENT_GUARD_S)
         assert outcome and isinstance(outcome[0], StopRequested)
     finally:
         signal.signal(signal.SIGTERM, before[0])
         signal.signal(signal.SIGINT, before[1])
         server.stop()
         connection.close()
+
+
+class Swallowing(Hooked):
+    """A worker whose idle heartbeat receives SIGTERM inside code that catches Exception,
+    as a reaping hiccup's handler does: RQ's handler raises StopRequested right there."""
+
+    def beat(self) -> None:
+        super().beat()
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(DEQUEUE_WAIT_S)  # the handler runs during the sleep, and raises
+        except Exception as exc:
+            self.calls.append(f"swallowed {type(exc).__name__}")
+
+
+def test_a_stop_signal_swallowed_where_it_landed_still_stops_an_idle_worker(redis_client):
+    worker = Swallowing([queue_on(redis_client)], connection=redis_client, execution_ttl_s=TTL_S)
+    assert worker.dequeue_timeout == DEQUEUE_WAIT_S
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    try:
+        # Not burst: the loop would dequeue (and beat) forever if the stop were lost; a
+        # second signal, a beat later, would be RQ's cold shutdown (SystemExit) instead.
+        worker.work(burst=False)
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+    assert worker.calls.count("swallowed StopRequested") == 1
+    assert worker.calls[-1] == "death"
+
+
+class StoppedAtBirth(Hooked):
+    """A worker sent SIGTERM as it announces itself (on_birth), before RQ's loop starts."""
+
+    def on_birth(self) -> None:
+        super().on_birth()
+        os.kill(os.getpid(), signal.SIGTERM)  # handled at the next instruction, here
+
+
+def test_a_stop_as_the_worker_announces_itself_ends_it_cleanly(redis_client):
+    enqueue(redis_client, "observe", "never-run")
+    worker = StoppedAtBirth(
+        [queue_on(redis_client)], connection=redis_client, execution_ttl_s=TTL_S
+    )
+    caught: list[int] = []
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    # Should the worker's own handler not be in place yet, this one takes the signal (in a
+    # worker process, SIGTERM's default action would kill it).
+    signal.signal(signal.SIGTERM, lambda signum, frame: caught.append(signum))
+    try:
+        worker.work(burst=True)
+    finally:
+        signal.signal(signal.SIGTERM, before[0])
+        signal.signal(signal.SIGINT, before[1])
+    assert caught == [], "the worker announced itself before it could take a stop"
+    assert worker.calls[0] == "birth" and worker.calls[-1] == "death"
+    assert "run never-run from contract" not in worker.calls, "stopped before its first job"
 
 
 def test_kept_for_and_timeouts_read_the_jobs_own_settings(redis_client):

@@ -15,6 +15,7 @@ from service.decode_pool import DecodePool, Decoder, DecodeRequest
 from service.errors import ProblemError
 from service.settings import GatewaySettings
 from tests import hostile_images
+from tests.conftest import STOP_GUARD_S
 from tests.gateway_app import UNUSED_REDIS_URL
 
 PNG = hostile_images.encode(hostile_images.Image.new("RGB", (24, 16), (200, 30, 30)), "PNG")
@@ -88,7 +89,7 @@ def test_a_decode_past_its_memory_limit_ends_its_decoder():
         worker = await Decoder.start(settings)
         try:
             reply, _ = await worker.run(header, palette)
-            return reply, await asyncio.wait_for(worker.process.wait(), 30)
+            return reply, await asyncio.wait_for(worker.process.wait(), STOP_GUARD_S)
         finally:
             await worker.stop()
 

@@ -15,6 +15,7 @@ from ddim_inversion.keys import JOB_METRICS_KEY, QUEUE_NAME, WORKERS_KEY
 from service import jobs
 from service.app import create_app
 from service.settings import GatewaySettings, get_settings
+from tests.conftest import EVENT_GUARD_S
 from tests.service.helpers import PROBLEM, assert_problem
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -198,7 +199,11 @@ def test_gateway_never_imports_the_gpu_stack():
         "print(bad); sys.exit(1 if bad else 0)"
     )
     result = subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=EVENT_GUARD_S,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 

@@ -137,7 +137,10 @@ def test_prefer_wait_times_out_with_202(client, small_png):
     )
     assert answer.status_code == 202
     assert answer.headers["preference-applied"] == "wait=1"
-    assert 0.9 <= time.monotonic() - started < 5
+    # It waited (the 1 s asked for, less the clocks' resolution), and no longer than the
+    # longest wait it would otherwise apply: how much longer than 1 s is the machine's.
+    longest = GatewaySettings.model_fields["max_prefer_wait_s"].default
+    assert 0.9 <= time.monotonic() - started < longest
 
 
 def test_events_of_an_unknown_job_is_404(client):

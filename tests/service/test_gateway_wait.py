@@ -30,7 +30,7 @@ from service.app import create_app
 from service.listener import JobListener, Watch
 from service.protocol import wait_until_ended
 from service.settings import GatewaySettings
-from tests.conftest import free_port, wait_for
+from tests.conftest import EVENT_GUARD_S, STOP_GUARD_S, free_port, wait_for
 
 JOB = "6f1c2a53-3f7e-4f4e-9d7c-6b0c1f2b9a11"
 NEVER_S = 3600.0
@@ -65,23 +65,23 @@ def _end_later(url: str, job_id: str, publish: bool, after_s: float = 0.3) -> th
 def test_a_published_event_ends_the_wait(redis_url, redis_client):
     redis_client.hset(Job.key_for(JOB), "status", "started")
     _end_later(redis_url, JOB, publish=True)
-    # Without the message nothing would wake the waiter before the 30 s run out.
-    assert asyncio.run(_wait(redis_url, JOB, 30)) is True
+    # Without the message nothing would wake the waiter before the wait runs out.
+    assert asyncio.run(_wait(redis_url, JOB, EVENT_GUARD_S)) is True
 
 
 def test_a_job_that_ends_without_a_message_ends_the_wait_at_a_re_read(redis_url, redis_client):
     # A job lost with its worker is failed by RQ's cleanup, which publishes nothing.
     redis_client.hset(Job.key_for(JOB), "status", "started")
     _end_later(redis_url, JOB, publish=False)
-    assert asyncio.run(_wait(redis_url, JOB, 30, reread_s=0.2)) is True
+    assert asyncio.run(_wait(redis_url, JOB, EVENT_GUARD_S, reread_s=0.2)) is True
 
 
 def test_the_wait_runs_out_or_ends_at_once(redis_url, redis_client):
     redis_client.hset(Job.key_for(JOB), "status", "started")
     assert asyncio.run(_wait(redis_url, JOB, 0.3)) is False
     redis_client.rpush(ended_key(JOB), "succeeded")  # the signal, status not yet
-    assert asyncio.run(_wait(redis_url, JOB, 30)) is True
-    assert asyncio.run(_wait(redis_url, "no-such-job", 30)) is True
+    assert asyncio.run(_wait(redis_url, JOB, EVENT_GUARD_S)) is True
+    assert asyncio.run(_wait(redis_url, "no-such-job", EVENT_GUARD_S)) is True
 
 
 def test_one_read_serves_every_waiter_of_a_job():
@@ -109,15 +109,15 @@ def test_the_listener_subscribes_again_after_losing_its_connection(redis_url, re
         return dict(redis_client.pubsub_numsub(JOB_EVENTS_CHANNEL))[JOB_EVENTS_CHANNEL.encode()]
 
     def cut_and_end() -> None:
-        wait_for(lambda: subscribers() == 1, 10, "the listener to subscribe")
+        wait_for(lambda: subscribers() == 1, EVENT_GUARD_S, "the listener to subscribe")
         redis_client.client_kill_filter(_type="pubsub")
-        wait_for(lambda: subscribers() == 1, 10, "the listener to subscribe again")
+        wait_for(lambda: subscribers() == 1, EVENT_GUARD_S, "the listener to subscribe again")
         redis_client.hset(Job.key_for(JOB), "status", "finished")
         publish_job_event(redis_client, JOB)
 
     cutter = threading.Thread(target=cut_and_end)
     cutter.start()
-    assert asyncio.run(_wait(redis_url, JOB, 30)) is True
+    assert asyncio.run(_wait(redis_url, JOB, EVENT_GUARD_S)) is True
     cutter.join()
 
 
@@ -125,11 +125,13 @@ def test_closing_ends_the_listener_even_when_its_cancellation_is_swallowed(redis
     # redis-py can swallow a cancellation that lands while a subscription connects; the
     # listener then went on listening and the gateway's shutdown waited on it for good.
     swallowed = []
+    connecting = asyncio.Event()
 
     class SwallowingPubSub(redis.asyncio.client.PubSub):
         async def subscribe(self, *args: Any, **kwargs: Any) -> None:
+            connecting.set()
             try:
-                await asyncio.sleep(0.5)
+                await asyncio.Event().wait()  # "connecting" until the cancellation lands
             except asyncio.CancelledError:
                 swallowed.append(True)
             await super().subscribe(*args, **kwargs)
@@ -139,9 +141,10 @@ def test_closing_ends_the_listener_even_when_its_cancellation_is_swallowed(redis
         client.pubsub = lambda **kwargs: SwallowingPubSub(client.connection_pool, **kwargs)
         listener = JobListener(client)
         async with listener.watch(JOB, "ended", lambda: asyncio.sleep(0)):
-            await asyncio.sleep(0.05)
+            await asyncio.wait_for(connecting.wait(), EVENT_GUARD_S)
         closing = asyncio.ensure_future(listener.close())
-        await asyncio.wait({closing}, timeout=5)  # a listener left listening: never done
+        # A listener left listening: never done (the guard ends the test's wait).
+        await asyncio.wait({closing}, timeout=EVENT_GUARD_S)
         closed = closing.done()
         closing.cancel()
         await client.aclose()
@@ -155,6 +158,11 @@ def test_closing_ends_the_listener_even_when_its_cancellation_is_swallowed(redis
 
 KEY_A, KEY_B = "key-a", "key-b"
 METRICS_TOKEN = "scraper"
+
+
+LONG_WAIT_S = 3600
+"""A `Prefer: wait` (and the gateway's cap) that no test outlasts: such a wait ends by the
+event under test, or with the test, never by running out on a slow machine."""
 
 
 def _settings(redis_url: str, **overrides: Any) -> GatewaySettings:
@@ -186,12 +194,12 @@ def serve(settings: GatewaySettings, reread_s: float | None = None) -> Iterator[
     server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
-    wait_for(lambda: server.started, 10, "the in-process gateway")
+    wait_for(lambda: server.started, EVENT_GUARD_S, "the in-process gateway")
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
-        thread.join(10)
+        thread.join(STOP_GUARD_S)
         assert not thread.is_alive(), "the in-process gateway did not stop"
 
 
@@ -210,7 +218,7 @@ def _submit(base: str, key: str, headers: dict[str, str] | None = None) -> httpx
         data={"prompt": "a cat", "num_inference_steps": "3"},
         files={"image": ("small.png", PNG, "image/png")},
         headers={"X-API-Key": key, **(headers or {})},
-        timeout=60,
+        timeout=EVENT_GUARD_S,
     )
 
 
@@ -220,7 +228,11 @@ def test_waits_and_streams_hold_no_thread(redis_url):
     # 40 uploads of one key at once: over its bound of bodies in progress, lifted here, and
     # waiting for a decoder rather than getting 429: waits are under test.
     settings = _settings(
-        redis_url, max_waiters_per_key=500, max_uploads_per_key=500, max_decodes_per_key=40
+        redis_url,
+        max_waiters_per_key=500,
+        max_uploads_per_key=500,
+        max_decodes_per_key=40,
+        max_prefer_wait_s=LONG_WAIT_S,
     )
     with serve(settings, reread_s=NEVER_S) as base:
         httpx.get(base + "/_threads", params={"limit": 4})
@@ -229,7 +241,9 @@ def test_waits_and_streams_hold_no_thread(redis_url):
 
         async def attack() -> None:
             limits = httpx.Limits(max_connections=200)
-            async with httpx.AsyncClient(base_url=base, timeout=60, limits=limits) as http:
+            async with httpx.AsyncClient(
+                base_url=base, timeout=EVENT_GUARD_S, limits=limits
+            ) as http:
                 headers = {"X-API-Key": KEY_A}
 
                 async def stream() -> None:
@@ -244,7 +258,7 @@ def test_waits_and_streams_hold_no_thread(redis_url):
                         "/v1/inversions",
                         data={"prompt": "a cat"},
                         files={"image": ("small.png", PNG, "image/png")},
-                        headers={**headers, "Prefer": "wait=60"},
+                        headers={**headers, "Prefer": f"wait={LONG_WAIT_S}"},
                     )
 
                 tasks = [asyncio.create_task(stream()) for _ in range(40)]
@@ -276,7 +290,9 @@ def test_waits_and_streams_hold_no_thread(redis_url):
     assert seen == {"open": 80, "busy": 0, "other": 200, "done": 0}
 
 
-def _events(answer: httpx.Response, give_up_s: float = 30) -> list[tuple[str, dict[str, Any]]]:
+def _events(
+    answer: httpx.Response, give_up_s: float = EVENT_GUARD_S
+) -> list[tuple[str, dict[str, Any]]]:
     """The stream's events until it ends; a stream still open after `give_up_s` (far
     beyond any limit under test) fails the test instead of hanging it."""
     events, name = [], None
@@ -294,7 +310,9 @@ def test_a_stream_ends_at_its_lifetime_with_a_reconnect_event(redis_url):
     with serve(_settings(redis_url, max_stream_s=0.5)) as base:
         job = _submit(base, KEY_A).json()["id"]
         url = f"{base}/v1/inversions/{job}/events"
-        with httpx.stream("GET", url, headers={"X-API-Key": KEY_A}, timeout=30) as answer:
+        with httpx.stream(
+            "GET", url, headers={"X-API-Key": KEY_A}, timeout=EVENT_GUARD_S
+        ) as answer:
             events = _events(answer)
     assert [name for name, _ in events] == ["status", "reconnect"]
     assert events[0][1]["status"] == "queued"
@@ -308,7 +326,7 @@ def test_each_key_holds_at_most_its_limit_of_waits_and_streams(redis_url):
 
         def events(job: str, key: str) -> Any:
             url = f"{base}/v1/inversions/{job}/events"
-            return httpx.stream("GET", url, headers={"X-API-Key": key}, timeout=30)
+            return httpx.stream("GET", url, headers={"X-API-Key": key}, timeout=EVENT_GUARD_S)
 
         # Refusals hold nothing: a missing job's 404 leaves both places free.
         for _ in range(3):
@@ -333,24 +351,28 @@ def test_each_key_holds_at_most_its_limit_of_waits_and_streams(redis_url):
                 metrics = httpx.get(base + "/metrics", headers=scrape).text
                 assert "\ninversion_open_waits 3.0\n" in metrics
         # Both places are given back when the streams close.
-        wait_for(lambda: httpx.get(base + "/_threads").json()["open"] == 0, 10, "the release")
+        wait_for(
+            lambda: httpx.get(base + "/_threads").json()["open"] == 0, EVENT_GUARD_S, "the release"
+        )
         with events(job_a, KEY_A) as again, events(job_a, KEY_A) as again2:
             assert (again.status_code, again2.status_code) == (200, 200)
 
 
 def test_canceling_a_queued_job_ends_its_streams_and_waits(redis_url):
     # No re-read in the test's time: only the gateway's announcement of the cancel wakes them.
-    with serve(_settings(redis_url), reread_s=NEVER_S) as base:
+    with serve(_settings(redis_url, max_prefer_wait_s=LONG_WAIT_S), reread_s=NEVER_S) as base:
         httpx.get(base + "/_threads")  # sets the re-read period before any watch exists
         idem = {"Idempotency-Key": "one-job"}
         job = _submit(base, KEY_A, idem).json()["id"]
         url = f"{base}/v1/inversions/{job}/events"
         with (
             ThreadPoolExecutor(1) as pool,
-            httpx.stream("GET", url, headers={"X-API-Key": KEY_A}, timeout=30) as stream,
+            httpx.stream("GET", url, headers={"X-API-Key": KEY_A}, timeout=EVENT_GUARD_S) as stream,
         ):
-            waited = pool.submit(_submit, base, KEY_A, idem | {"Prefer": "wait=60"})
-            wait_for(lambda: httpx.get(base + "/_threads").json()["open"] == 2, 10, "both")
+            waited = pool.submit(_submit, base, KEY_A, idem | {"Prefer": f"wait={LONG_WAIT_S}"})
+            wait_for(
+                lambda: httpx.get(base + "/_threads").json()["open"] == 2, EVENT_GUARD_S, "both"
+            )
             cancel = httpx.delete(f"{base}/v1/inversions/{job}", headers={"X-API-Key": KEY_A})
             assert cancel.status_code == 202
             events = _events(stream)
@@ -368,7 +390,10 @@ def test_the_anonymous_owner_has_no_limit_of_waits_and_streams(redis_url):
     with serve(settings) as base:
         job = _submit(base, "").json()["id"]
         url = f"{base}/v1/inversions/{job}/events"
-        with httpx.stream("GET", url, timeout=30) as one, httpx.stream("GET", url) as two:
+        with (
+            httpx.stream("GET", url, timeout=EVENT_GUARD_S) as one,
+            httpx.stream("GET", url) as two,
+        ):
             assert (one.status_code, two.status_code) == (200, 200)
 
 

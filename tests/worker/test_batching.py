@@ -20,6 +20,7 @@ from ddim_inversion.keys import (
     result_key,
 )
 from ddim_inversion.params import InversionParams
+from tests.conftest import EVENT_GUARD_S, wait_for
 from tests.jobs_helper import SAMPLES, enqueue, queue_for, solo_latents
 from worker.engine.types import load_result
 
@@ -146,9 +147,11 @@ def test_published_cancel_stops_the_job_at_the_next_step_without_polling(
         if len(calls) == 3:
             redis_client.set(cancel_key(victim), "1")
             redis_client.publish(CANCEL_CHANNEL, victim)
-            deadline = time.monotonic() + 5
-            while victim not in worker.cancels.requested and time.monotonic() < deadline:
-                time.sleep(0.001)  # the pub/sub thread delivers it
+            wait_for(
+                lambda: victim in worker.cancels.requested,
+                EVENT_GUARD_S,
+                "the pub/sub thread to deliver the cancel",
+            )
 
     handle = tiny_model.unet.register_forward_pre_hook(cancel_at_step_three)
     try:
@@ -203,17 +206,38 @@ def test_job_that_cannot_fit_alone_fails_with_its_code(redis_client, tiny_model,
     assert fetch(redis_client, small).get_status() == JobStatus.FINISHED
 
 
-def test_job_timeout_fails_with_timeout_code(redis_client, tiny_model, make_worker):
-    slow = enqueue(redis_client, prompt="slow", num_inference_steps=5, timeout=1)
-    fast = enqueue(redis_client, prompt="fast", num_inference_steps=5)
+class Clock:
+    """worker.running's clock, which a test moves forward: a job's deadline passes at the
+    step the test chooses, on a fast machine as on a slow one, without sleeping."""
+
+    def __init__(self) -> None:
+        self.ahead = 0.0
+
+    def monotonic(self) -> float:
+        return time.monotonic() + self.ahead
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    from worker import running
+
+    moved = Clock()
+    monkeypatch.setattr(running, "time", moved)
+    return moved
+
+
+def test_job_timeout_fails_with_timeout_code(redis_client, tiny_model, make_worker, clock):
+    slow = enqueue(redis_client, prompt="slow", num_inference_steps=5, timeout=60)
+    fast = enqueue(redis_client, prompt="fast", num_inference_steps=5, timeout=600)
     worker = make_worker(redis_client, tiny_model, 4)
 
-    def sleep_per_step(module, args) -> None:
-        import time
+    def past_the_slow_deadline(module, args) -> None:
+        clock.ahead = 61.0  # from the first step on: past 60 s, far from 600 s
 
-        time.sleep(0.3)
-
-    handle = tiny_model.unet.register_forward_pre_hook(sleep_per_step)
+    handle = tiny_model.unet.register_forward_pre_hook(past_the_slow_deadline)
     try:
         worker.work(burst=True)
     finally:
@@ -225,9 +249,9 @@ def test_job_timeout_fails_with_timeout_code(redis_client, tiny_model, make_work
 
 
 def test_timeout_during_verify_fails_timeout_and_stores_nothing(
-    redis_client, tiny_model, make_worker
+    redis_client, tiny_model, make_worker, clock
 ):
-    steps, timeout = 2, 4
+    steps, timeout = 2, 600
     job_id = enqueue(
         redis_client, prompt="slow verify", num_inference_steps=steps, verify=True, timeout=timeout
     )
@@ -237,7 +261,7 @@ def test_timeout_during_verify_fails_timeout_and_stores_nothing(
     def slow_verify(module, args) -> None:
         calls.append(1)
         if len(calls) == steps + 1:  # verify's first sampling step outlasts the job's timeout
-            time.sleep(timeout + 0.5)
+            clock.ahead = timeout + 1.0
 
     handle = tiny_model.unet.register_forward_pre_hook(slow_verify)
     try:

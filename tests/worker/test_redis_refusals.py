@@ -14,7 +14,7 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 
 from ddim_inversion.keys import result_key
-from tests.conftest import RedisServer
+from tests.conftest import EVENT_GUARD_S, RedisServer
 from tests.jobs_helper import enqueue
 
 STEPS = 3
@@ -106,13 +106,13 @@ def test_outage_past_the_wait_gives_the_batch_up_and_it_runs_again(
     worker_log.actions["giving them up"] = server.start
     # Should the worker never give up, Redis comes back anyway, and the test fails instead
     # of hanging.
-    fallback = later(60.0, lambda: server.process is None and server.start())
+    fallback = later(EVENT_GUARD_S, lambda: server.process is None and server.start())
     calls, remove = at_call(tiny_model, 1, server.stop)
     try:
         worker.work(burst=True)
         # A burst worker quits on an empty queue: the given-up job is back in it only once
         # its execution has expired and a lost-job cleanup ran, so drain again until then.
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + EVENT_GUARD_S  # a last guard: the drain is the event
         while len(calls) < 2 * STEPS and time.monotonic() < deadline:
             time.sleep(0.2)
             worker.work(burst=True)
