@@ -85,7 +85,15 @@ class ResultMetadata(BaseModel):
         None, description="Per step, the fixed-point refinement iterations that ran; None: off."
     )
     refine_residuals: list[float] | None = Field(
-        None, description="Per step, the refinement's final relative change ||dz|| / ||z||."
+        None,
+        description="Per step, the refinement's residual ||g(z) - z|| / ||g(z)|| at the "
+        "returned iterate.",
+    )
+    refine_unconverged_steps: list[int] | None = Field(
+        None,
+        description="Refinement on: the steps (0-based, in the order of timesteps) whose "
+        "residual stayed at or above refine_tolerance after refine_iterations; [] when every "
+        "step converged. None: off.",
     )
     method: str = Field("ddim", description="ddim, null_text, negative_prompt, edict or ddpm.")
     inverse_scheduler: str = Field(
