@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from ddim_inversion.params import InversionParams
 
-ENGINE_VERSION = "1.0.0"
+ENGINE_VERSION = "1.1.0"
 """Written into every result's metadata; bumped whenever the engine's numbers may change."""
 
 
