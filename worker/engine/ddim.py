@@ -17,12 +17,12 @@ al. 2023; refine.py): with the step's a_t, a_next and z_t held fixed,
 
     (3)  z_next = sqrt(a_next) * x0(z_t, e) + sqrt(1 - a_next) * e,   e = unet(z_next, t_next)
 
-until the residual of (3) relative to z_next is below refine_tolerance. At the fixed point,
-diffusers' `DDIMScheduler.step(unet(z_next, t_next), t_next, z_next)` (same config, eta 0) gives z_t
-back exactly: the sampler's step from t_next goes to t_next - T/steps, the inverse step's
-source, with the same alphas and the same eps. Exact without clipping or thresholding; a
-v_prediction (or sample) model's output at z_next is converted to the eps it implies at
-z_next (z = sqrt(a) x0 + sqrt(1 - a) eps) before equation (3).
+until the residual of (3) relative to z_next is below refine_tolerance. At the fixed
+point, diffusers' `DDIMScheduler.step(unet(z_next, t_next), t_next, z_next)` (same config,
+eta 0) gives z_t back exactly: the sampler's step from t_next goes to t_next - T/steps, the
+inverse step's source, with the same alphas and the same eps. Exact without clipping or
+thresholding; a v_prediction (or sample) model's output at z_next is converted to the eps
+it implies at z_next (z = sqrt(a) x0 + sqrt(1 - a) eps) before equation (3).
 """
 
 from __future__ import annotations
