@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_serializer
 
 from ddim_inversion.params import InversionParams
 
-ENGINE_VERSION = "1.0.0"
+ENGINE_VERSION = "1.1.0"
 """Written into every result's metadata; bumped whenever the engine's numbers may change."""
 
 
@@ -91,7 +91,15 @@ class ResultMetadata(BaseModel):
         None, description="Per step, the fixed-point refinement iterations that ran; None: off."
     )
     refine_residuals: list[float] | None = Field(
-        None, description="Per step, the refinement's final relative change ||dz|| / ||z||."
+        None,
+        description="Per step, the refinement's residual ||g(z) - z|| / ||g(z)|| at the "
+        "returned iterate.",
+    )
+    refine_unconverged_steps: list[int] | None = Field(
+        None,
+        description="Refinement on: the steps (0-based, in the order of timesteps) whose "
+        "residual stayed at or above refine_tolerance after refine_iterations; [] when every "
+        "step converged. None: off.",
     )
     method: str = Field("ddim", description="ddim, null_text, negative_prompt, edict or ddpm.")
     inverse_scheduler: str = Field(

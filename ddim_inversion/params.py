@@ -132,9 +132,9 @@ class InversionParams(BaseModel):
         ge=0,
         le=50,
         description=(
-            "Fixed-point iterations per step making the step the exact inverse of DDIM "
-            "sampling (AIDI, Pan et al. 2023); each costs one more UNet call per step. "
-            "0: plain DDIM inversion."
+            "Fixed-point iterations per step (Anderson-accelerated, as AIDI, Pan et al. "
+            "2023) making the step the exact inverse of DDIM sampling; each costs one more "
+            "UNet call per step. 0: plain DDIM inversion."
         ),
     )
     refine_tolerance: float = Field(
@@ -142,8 +142,9 @@ class InversionParams(BaseModel):
         gt=0,
         le=1,
         description=(
-            "A step's refinement stops once the relative change ||dz|| / ||z|| of the "
-            "iterate falls below this (or refine_iterations run out)."
+            "A step's refinement stops once the residual ||g(z) - z|| / ||g(z)|| of its "
+            "iterate z (g: one plain fixed-point iteration) falls below this; steps still "
+            "above it after refine_iterations are listed in refine_unconverged_steps."
         ),
     )
     method: Literal["ddim", "null_text", "negative_prompt", "edict", "ddpm"] = Field(

@@ -139,6 +139,8 @@
  * @property {string} [engine_version]
  * @property {Array<number>|null} [refine_iterations]
  * @property {Array<number>|null} [refine_residuals]
+ * @property {Array<number>|null} [refine_unconverged_steps] Refinement: the steps still above
+ *   refine_tolerance after refine_iterations; [] when all converged.
  * @property {string} [method]
  * @property {string} [inverse_scheduler]
  * @property {number|null} [edict_mixing] edict: the p that sampling back must use.

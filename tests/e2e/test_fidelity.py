@@ -4,6 +4,7 @@ and worker."""
 from __future__ import annotations
 
 import io
+import json
 
 import httpx
 import pytest
@@ -99,3 +100,29 @@ def test_every_method_end_to_end(shared_service):
         tensors = load(latents.content)
         wanted = {"latents": (1, 4, 8, 8), "timesteps": (3,), **shapes}
         assert {k: tuple(v.shape) for k, v in tensors.items()} == wanted
+
+
+def test_status_names_the_refinement_steps_that_did_not_converge(shared_service):
+    """A tolerance no iterate can reach (1e-300, below float32's smallest normal) leaves
+    every step unconverged, and the status says so; a tolerance of 1 (any iterate that
+    moved by less than its own norm) leaves none."""
+    base = shared_service.url
+    unreachable = submit(base, num_inference_steps=3, refine_iterations=2, refine_tolerance=1e-300)
+    reachable = submit(base, num_inference_steps=3, refine_iterations=2, refine_tolerance=1)
+    for job, expected in ((unreachable, [0, 1, 2]), (reachable, [])):
+        done = wait_status(base, job["id"], {"succeeded", "failed"}, timeout=120)
+        assert done["status"] == "succeeded", done
+        result = done["result"]
+        assert result["refine_unconverged_steps"] == expected
+        tolerance = done["params"]["refine_tolerance"]
+        residuals = result["refine_residuals"]
+        assert [i for i, r in enumerate(residuals) if not r < tolerance] == expected
+        latents = httpx.get(f"{base}/v1/inversions/{job['id']}/latents")
+        header = safe_open_header(latents.content)
+        assert json.loads(header["refine_unconverged_steps"]) == expected
+
+
+def safe_open_header(data: bytes) -> dict[str, str]:
+    """The safetensors file's __metadata__: an 8-byte little-endian length, then JSON."""
+    size = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + size])["__metadata__"]

@@ -93,12 +93,17 @@ def test_refinement_in_float64_is_exact(tiny64, chelsea):
     assert max(refined.metadata.refine_residuals) < 1e-6
 
 
-def test_refinement_batched_equals_solo(tiny32, chelsea):
+def test_refinement_batched_equals_solo(tiny32, chelsea, count_unet_calls):
     coffee = imaging.open_image((SAMPLES / "coffee.png").read_bytes())
     common = {"num_inference_steps": 10, "refine_iterations": 8, "refine_tolerance": 1e-6}
     a = InversionParams(prompt=PROMPT, **common)
     b = InversionParams(prompt="a cup of coffee", **common)
+    calls = count_unet_calls(tiny32)
     batched = invert(tiny32, [InversionRequest(chelsea, a), InversionRequest(coffee, b)])
+    # Each row pays for its own iterations only: a converged row leaves the UNet batch.
+    run_rows = sum(sum(r.metadata.refine_iterations) for r in batched if r is not None)
+    assert sum(calls) == 2 * 10 + run_rows, (calls, run_rows)
+    calls.clear()
     solo = [
         invert(tiny32, [InversionRequest(chelsea, a)])[0],
         invert(tiny32, [InversionRequest(coffee, b)])[0],

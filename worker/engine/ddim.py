@@ -12,17 +12,17 @@ convention as the diffusers pipelines and the null-text inversion reference code
 
 That step is only approximately the inverse of DDIM sampling: the sampler going from
 z_next back to z_t evaluates eps = unet(z_next, t_next), not unet(z_t, t_next). With
-`refine_iterations` > 0 each step is made exact by fixed-point iteration (AIDI, Pan et al.
-2023): with the step's a_t, a_next and z_t held fixed,
+`refine_iterations` > 0 each step is made exact by solving for the fixed point (AIDI, Pan et
+al. 2023; refine.py): with the step's a_t, a_next and z_t held fixed,
 
-    (3)  z_next <- sqrt(a_next) * x0(z_t, e) + sqrt(1 - a_next) * e,   e = unet(z_next, t_next)
+    (3)  z_next = sqrt(a_next) * x0(z_t, e) + sqrt(1 - a_next) * e,   e = unet(z_next, t_next)
 
-until ||dz_next|| / ||z_next|| < refine_tolerance. At the fixed point, diffusers'
-`DDIMScheduler.step(unet(z_next, t_next), t_next, z_next)` (same config, eta 0) gives z_t
-back exactly: the sampler's step from t_next goes to t_next - T/steps, the inverse step's
-source, with the same alphas and the same eps. Exact without clipping or thresholding; a
-v_prediction (or sample) model's output at z_next is converted to the eps it implies at
-z_next (z = sqrt(a) x0 + sqrt(1 - a) eps) before equation (3).
+until the residual of (3) relative to z_next is below refine_tolerance. At the fixed
+point, diffusers' `DDIMScheduler.step(unet(z_next, t_next), t_next, z_next)` (same config,
+eta 0) gives z_t back exactly: the sampler's step from t_next goes to t_next - T/steps, the
+inverse step's source, with the same alphas and the same eps. Exact without clipping or
+thresholding; a v_prediction (or sample) model's output at z_next is converted to the eps
+it implies at z_next (z = sqrt(a) x0 + sqrt(1 - a) eps) before equation (3).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ from worker.engine.encoding import (
 )
 from worker.engine.guidance import predict_noise
 from worker.engine.metadata import result_metadata
-from worker.engine.rows import still_running, take
+from worker.engine.refine import Refinement
+from worker.engine.rows import Batch, still_running, take
 from worker.engine.schedulers import inverse_scheduler
 from worker.engine.types import (
     CancelCheck,
@@ -54,7 +55,6 @@ from worker.engine.types import (
     result_dtype,
     scheduler_config_for,
 )
-from worker.methods.common import to_epsilon
 from worker.models import LoadedModel
 
 
@@ -93,10 +93,10 @@ def invert_batch(
     # the scales.
     text, prompts = encode_text(model, requests, z.dtype)
     want_trajectory = any(r.params.return_trajectory for r in requests)
-    batch = _Batch(active, z, take(text, active), [z.clone()] if want_trajectory else [])
+    batch = Batch(active, z, take(text, active), [z.clone()] if want_trajectory else [])
     # 4. Scheduler: the model's config with the job's overrides.
     scheduler, timesteps = inverse_scheduler(config, steps)
-    refined = _Refinement(requests, config, steps) if first.refine_iterations else None
+    refined = Refinement(requests, config, steps) if first.refine_iterations else None
 
     # 5. The loop, for ascending t. `DDIMInverseScheduler.step(eps, t, z)` computes x0 by
     # equation (1) and z_next by equation (2).
@@ -122,25 +122,6 @@ def invert_batch(
     return _results(
         model, requests, batch, clean, timesteps, config, prompts, refined, timings, started
     )
-
-
-@dataclass
-class _Batch:
-    """The rows still running: their request indices in row order and every row tensor."""
-
-    active: list[int]
-    z: torch.Tensor
-    text: list[Any]
-    """[cond] or, under guidance, [cond, uncond, scales]: `predict_noise`'s arguments (two
-    TextConditioning and a tensor)."""
-    trajectory: list[torch.Tensor]
-
-    def keep(self, rows: list[int], *also: torch.Tensor) -> list[torch.Tensor]:
-        """Keep only the rows at positions `rows`, here and in `also` (returned)."""
-        self.active = [self.active[row] for row in rows]
-        self.z, *self.trajectory = take([self.z, *self.trajectory], rows)
-        self.text = take(self.text, rows)
-        return take(list(also), rows)
 
 
 @dataclass
@@ -190,7 +171,7 @@ def encode_text(
     return [cond, uncond, scales], described
 
 
-def _drop_canceled(batch: _Batch, check_canceled: CancelCheck | None) -> bool:
+def _drop_canceled(batch: Batch, check_canceled: CancelCheck | None) -> bool:
     """Run a cancel check and drop the stopped rows; False when no row is left."""
     keep = still_running(check_canceled, batch.active)
     if keep is None:
@@ -201,101 +182,15 @@ def _drop_canceled(batch: _Batch, check_canceled: CancelCheck | None) -> bool:
     return True
 
 
-def relative_change(new: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
-    """Per row, ||new - old|| / ||new||."""
-    delta = (new - old).flatten(1).norm(dim=1)
-    return delta / new.flatten(1).norm(dim=1).clamp_min(torch.finfo(new.dtype).tiny)
-
-
-class _Refinement:
-    """Equation (3), step by step, and per request what it took: for each step the
-    iterations run and the final relative change."""
-
-    def __init__(
-        self, requests: Sequence[InversionRequest], config: dict[str, Any], steps: int
-    ) -> None:
-        first = requests[0].params
-        self.iterations = first.refine_iterations
-        self.tolerance = first.refine_tolerance
-        # Equation (3) needs e = eps(z_next). A v (or x0) prediction made at z_next converts to
-        # eps with z_next; the scheduler's step would convert it with its source z_t, so the
-        # refinement steps an epsilon-configured twin with the converted eps.
-        self.prediction_type = str(config.get("prediction_type", "epsilon"))
-        self.epsilon_scheduler = (
-            inverse_scheduler({**config, "prediction_type": "epsilon"}, steps)[0]
-            if self.prediction_type != "epsilon"
-            else None
-        )
-        self.counts: list[list[int]] = [[] for _ in requests]
-        self.residuals: list[list[float]] = [[] for _ in requests]
-
-    def step(
-        self,
-        model: LoadedModel,
-        scheduler: Any,
-        batch: _Batch,
-        z_next: torch.Tensor,
-        t: int,
-        check_canceled: CancelCheck | None,
-    ) -> torch.Tensor | None:
-        """z_next refined by fixed-point iteration; None when every row was canceled.
-
-        The sampler's step from z_next labelled t evaluates the UNet at (z_next, t) and
-        lands on t - T/steps, this step's source `batch.z`: at the fixed point it gives z
-        back. Converged rows are frozen (and leave the UNet batch), so a row's result does
-        not depend on its batch-mates.
-        """
-        counts = [0] * len(batch.active)
-        residuals = [0.0] * len(batch.active)
-        pending = list(range(len(batch.active)))
-        for _ in range(self.iterations):
-            keep = still_running(check_canceled, batch.active)
-            if keep is not None:
-                if not keep:
-                    return None
-                (z_next,) = batch.keep(keep, z_next)
-                counts = [counts[row] for row in keep]
-                residuals = [residuals[row] for row in keep]
-                pending = [keep.index(row) for row in pending if row in keep]
-                if not pending:
-                    break
-            rows = torch.tensor(pending, device=model.device)
-            source = batch.z.index_select(0, rows)
-            guess = z_next.index_select(0, rows)
-            text = [x.index_select(0, rows) for x in batch.text]
-            output = predict_noise(model, guess, t, *text)
-            stepper = scheduler
-            if self.epsilon_scheduler is not None:
-                alpha_bar = float(scheduler.alphas_cumprod[t])
-                output = to_epsilon(output, guess, alpha_bar, self.prediction_type)
-                stepper = self.epsilon_scheduler
-            refined = stepper.step(output, t, source).prev_sample
-            change = relative_change(refined, guess).tolist()
-            z_next = z_next.index_copy(0, rows, refined)
-            still = []
-            for row, value in zip(pending, change, strict=True):
-                counts[row] += 1
-                residuals[row] = float(value)
-                if not value < self.tolerance:
-                    still.append(row)
-            pending = still
-            if not pending:
-                break
-        for row, index in enumerate(batch.active):
-            self.counts[index].append(counts[row])
-            self.residuals[index].append(residuals[row])
-        return z_next
-
-
 def _results(
     model: LoadedModel,
     requests: Sequence[InversionRequest],
-    batch: _Batch,
+    batch: Batch,
     clean: dict[int, torch.Tensor],
     timesteps: list[int],
     config: dict[str, Any],
     prompts: _Prompts,
-    refined: _Refinement | None,
+    refined: Refinement | None,
     timings: dict[str, float],
     started: float,
 ) -> list[InversionResult | None]:
@@ -328,6 +223,7 @@ def _results(
             prompt=(prompts.token_counts[index], prompts.truncated[index]),
             refine_iterations=refined.counts[index] if refined is not None else None,
             refine_residuals=refined.residuals[index] if refined is not None else None,
+            refine_unconverged_steps=refined.unconverged[index] if refined is not None else None,
         )
         results.append(
             InversionResult(

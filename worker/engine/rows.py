@@ -7,6 +7,7 @@ row leaves every row tensor and the others are untouched.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,3 +29,22 @@ def take(tensors: list[Any], rows: list[int]) -> list[Any]:
     """Each tensor's (or TextConditioning's) rows `rows` (along dim 0), in that order."""
     index = torch.tensor(rows, dtype=torch.long)
     return [tensor.index_select(0, index.to(tensor.device)) for tensor in tensors]
+
+
+@dataclass
+class Batch:
+    """The rows still running: their request indices in row order and every row tensor."""
+
+    active: list[int]
+    z: torch.Tensor
+    text: list[Any]
+    """[cond] or, under guidance, [cond, uncond, scales]: `predict_noise`'s arguments (two
+    TextConditioning and a tensor)."""
+    trajectory: list[torch.Tensor]
+
+    def keep(self, rows: list[int], *also: torch.Tensor) -> list[torch.Tensor]:
+        """Keep only the rows at positions `rows`, here and in `also` (returned)."""
+        self.active = [self.active[row] for row in rows]
+        self.z, *self.trajectory = take([self.z, *self.trajectory], rows)
+        self.text = take(self.text, rows)
+        return take(list(also), rows)
