@@ -3,11 +3,11 @@ that tests comparing float32 (or float64) results use, derived once here.
 
 Two runs of the same DDIM loop differ where their kernels sum in another order: a row in a
 batch or alone, another thread count, another CPU's vector width (AVX2, AVX-512). Each
-UNet output element is a sum of up to 3 * 3 * 128 = 1152 products (the tiny UNet's widest
-convolution, 64 channels plus the 64 of the skip connection), so its rounding is about
-sqrt(1152) = 34 eps relative (random walk); under guidance g, eps_u + g (eps_c - eps_u)
-carries the two outputs' errors with weights |1 - g| + g <= 1 + 2g; and each step adds its
-error to z. Hence, for `steps` steps and latents of size `scale`:
+UNet output element is a sum of up to 3 * 3 * 128 = 1152 products (the widest convolution
+of the tiny models' UNet, 64 channels and the 64 of the skip connection), so its rounding
+is about sqrt(1152) = 34 eps relative (random walk); under guidance g, eps_u + g (eps_c -
+eps_u) carries the two outputs' errors with weights |1 - g| + g <= 1 + 2g; and each step
+adds its error to z. Hence, for `steps` steps and latents of size `scale`:
 
     drift = steps * (1 + 2g) * 34 * eps * scale
 
