@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from ddim_inversion.errors import InvalidParameter
 from ddim_inversion.params import InversionParams
 from tests.engine.conftest import Reference
+from tests.rounding import drift, size
 from worker.engine.dispatch import invert
 from worker.engine.encoding import encode_image
 from worker.engine.types import InversionRequest, InversionResult
@@ -121,8 +122,10 @@ def test_v_prediction_trajectory_matches_equations(tiny_v, sample_arrays, diff):
         x0 = a.sqrt() * z - (1 - a).sqrt() * v
         eps = a.sqrt() * v + (1 - a).sqrt() * z
         z = a_next.sqrt() * x0 + (1 - a_next).sqrt() * eps
-        assert diff(result.trajectory[i + 1], z) <= 1e-5, f"step {i}"
-    assert diff(result.latents, z) <= 1e-5
+        # float32, the same operations in other orders: tests/rounding.py's drift.
+        tolerance = drift(steps, 1.0, size(z))
+        assert diff(result.trajectory[i + 1], z) <= tolerance, f"step {i}"
+    assert diff(result.latents, z) <= tolerance
     assert diff(z, result.trajectory[0]) > 0.1
 
 
@@ -225,7 +228,9 @@ def test_sdxl_trajectory_matches_equations(tiny_xl, sample_arrays, diff, guidanc
         (negative, str(extra.get("negative_prompt_2", negative))),
         sizes,
     )
-    assert diff(result.latents, expected) <= 1e-5
+    # float32, the same operations in other orders: tests/rounding.py's drift (tiny-xl's UNet
+    # is tiny's with SDXL's conditioning), 1.2e-4 to 2.8e-4 for 10 steps at guidance 1 to 3.
+    assert diff(result.latents, expected) <= drift(10, guidance, size(expected))
     assert result.metadata.sdxl_conditioning == {
         "prompt_2": extra.get("prompt_2", "a cup of coffee"),
         "negative_prompt_2": extra.get("negative_prompt_2", negative),
@@ -253,7 +258,9 @@ def test_sdxl_rows_with_different_conditioning_batch_as_they_run_alone(
     batched = invert(tiny_xl, [InversionRequest(a, p) for a, p in zip(arrays, params, strict=True)])
     for array, p, together in zip(arrays, params, batched, strict=True):
         (alone,) = invert(tiny_xl, [InversionRequest(array, p)])
-        assert diff(together.latents, alone.latents) <= 1e-5
+        # float32 rounding of the batched kernels (tests/rounding.py), 5 steps.
+        tolerance = drift(5, p.guidance_scale, size(alone.latents))
+        assert diff(together.latents, alone.latents) <= tolerance
     assert diff(batched[0].latents, batched[1].latents) > 1e-3
 
 

@@ -15,6 +15,7 @@ import torch
 from ddim_inversion import imaging
 from ddim_inversion.contract import ResultMetadata
 from ddim_inversion.params import InversionParams
+from tests.rounding import drift, size
 from worker.engine.dispatch import invert
 from worker.engine.encoding import encode_prompts
 from worker.engine.types import InversionRequest, InversionResult
@@ -105,7 +106,10 @@ def test_refinement_batched_equals_solo(tiny32, chelsea):
     ]
     for together, alone in zip(batched, solo, strict=True):
         assert together is not None and alone is not None
-        assert float((together.latents - alone.latents).abs().max()) <= 1e-5
+        # float32 rounding of the batched kernels over 10 steps (tests/rounding.py); the
+        # fixed-point iteration contracts, so its iterations add nothing to it.
+        tolerance = drift(10, 1.0, size(alone.latents))
+        assert float((together.latents - alone.latents).abs().max()) <= tolerance
         assert together.metadata.refine_iterations is not None
         assert len(together.metadata.refine_iterations) == 10
         assert len(together.metadata.refine_residuals) == 10
