@@ -39,3 +39,12 @@ def drift(steps: int, guidance: float = 1.0, scale: float = 1.0, eps: float = EP
 def size(*tensors: Any) -> float:
     """The largest |element| of tensors or arrays: the `scale` of `drift`."""
     return max(float(abs(t).max()) for t in tensors)
+
+
+def figure_tolerance(steps: int, guidance: float, figure: float) -> float:
+    """How far a reconstruction figure ||z' - z_0|| / ||z_0|| of a float32 sampling loop may
+    move when the same loop runs elsewhere (verify's in the engine, a test's own): z' moves
+    by `drift` of its size, which moves the figure by as much relative to itself when z'
+    is far from z_0 (figure > 1), and relative to ||z_0||, absolutely, when it is near
+    (up to sqrt(256) max|z_0| / ||z_0|| = 3.4 times on the tiny latents); 10x that."""
+    return 10 * drift(steps, guidance) * max(1.0, figure)
