@@ -65,7 +65,8 @@ def test_override(tiny, ref, sample_arrays, default_result, diff, name):
         else:
             assert config[key] == value, key
     assert np.isfinite(result.latents.numpy()).all()
-    assert diff(result.latents, default_result.latents) > 1e-4, "the override changed nothing"
+    # Each override moves the latents by 0.07 or more (measured), far above float32 rounding.
+    assert diff(result.latents, default_result.latents) > 1e-2, "the override changed nothing"
     timesteps, expected = ref.diffusers_loop(array, PROMPT, STEPS, config)
     assert result.timesteps.tolist() == timesteps
     # The same float32 loop, kernels summing in their own orders: tests/rounding.py's drift,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from ddim_inversion.errors import InvalidParameter
 from ddim_inversion.params import InversionParams
 from tests.engine.conftest import Reference
-from tests.rounding import drift, figure_tolerance, size
+from tests.rounding import EPS32, drift, figure_tolerance, size
 from worker.engine.dispatch import invert
 from worker.engine.encoding import encode_image
 from worker.engine.types import InversionRequest, InversionResult
@@ -127,9 +127,6 @@ def test_v_prediction_trajectory_matches_equations(tiny_v, sample_arrays, diff):
         assert diff(result.trajectory[i + 1], z) <= tolerance, f"step {i}"
     assert diff(result.latents, z) <= tolerance
     assert diff(z, result.trajectory[0]) > 0.1
-
-
-EPS32 = torch.finfo(torch.float32).eps
 
 
 @torch.no_grad()
@@ -449,7 +446,10 @@ def test_sdxl_refined_result_goes_back_through_diffusers_sdxl_pipeline(
         output_type="latent",
     ).images
     error = float((sampled - result.clean).norm() / result.clean.norm())
-    assert error < 5e-3, error
+    # float32 refinement (tolerance 1e-7, about eps32) over 50 steps, sampled back by the
+    # pipeline in float32: measured 8e-4, as tests/engine/test_refine.py's 2.1e-3 for tiny;
+    # plain DDIM inversion is off by 0.9 and more. 1e-2 leaves 12x.
+    assert error < 1e-2, error
 
 
 @pytest.mark.parametrize(
@@ -482,5 +482,10 @@ def test_every_method_runs_and_verifies_on_sdxl(tiny_xl, sample_arrays, fields):
             "a cat", "film grain", (512, 512, 0, 0, 64, 64)
         )
         assert result.null_pooled_embeddings.shape == (4, 32)
-        assert float((result.null_pooled_embeddings - added["text_embeds"]).abs().max()) < 1e-5
-        assert float((result.null_embeddings - cond).abs().max()) < 1e-5
+        # The same float32 text encoders on the same tokens (measured equal): at most their
+        # rounding, two layers of 64-term sums, 2 * sqrt(64) eps32 of the embeddings' size;
+        # 10x that.
+        tolerance = 10 * 2 * 8 * EPS32 * size(cond, added["text_embeds"])
+        pooled = result.null_pooled_embeddings - added["text_embeds"]
+        assert float(pooled.abs().max()) < tolerance
+        assert float((result.null_embeddings - cond).abs().max()) < tolerance
