@@ -61,6 +61,8 @@ def test_override(tiny, ref, sample_arrays, default_result, diff, name):
     for key, value in overrides.items():
         if isinstance(value, list):
             assert len(config[key]) == len(value)
+            # float64 values through the config's JSON, exact; isclose's 1e-9 relative
+            # forgives only a decimal round trip, not a float32 one (6e-8).
             assert all(math.isclose(a, b) for a, b in zip(config[key], value, strict=True))
         else:
             assert config[key] == value, key
