@@ -69,6 +69,7 @@ def test_drop_submit_watch_see_and_download(shared_service, tab, tmp_path: Path)
     assert page.is_visible("#reconstruction") and page.is_visible("#result-input")
     assert page.inner_text("#psnr") == f"{result['reconstruction_psnr']:.2f} dB"
     shown_error = float(page.inner_text("#latent-error"))
+    # Shown with toExponential(3): four significant digits, within 5e-4 relative.
     assert math.isclose(shown_error, result["reconstruction_latent_error"], rel_tol=1e-3)
 
     # The channel previews are the served latents, channel by channel.

@@ -14,6 +14,7 @@ from ddim_inversion import imaging
 from ddim_inversion.params import InversionParams
 from tests.conftest import SAMPLES, worker_threads
 from tests.e2e.service_calls import status, submit, wait_status
+from tests.rounding import drift, size
 from worker.engine.dispatch import invert
 from worker.engine.types import InversionRequest
 from worker.models import load_model
@@ -56,7 +57,9 @@ def test_sdxl_and_v_prediction_models_end_to_end(processes, model_cache_dir):
     params = {k: v for k, v in fields.items() if k not in ("model", "verify")}
     with worker_threads():
         (local,) = invert(xl, [InversionRequest(array, InversionParams(**params))])
-    assert float((served["latents"] - local.latents).abs().max()) <= 1e-5
+    # The worker's run and this one: float32 rounding (tests/rounding.py), 6 steps at 3.
+    tolerance = drift(6, fields["guidance_scale"], size(local.latents))
+    assert float((served["latents"] - local.latents).abs().max()) <= tolerance
 
     # SDXL null-text: the result carries both optimised embeddings.
     job = submit(

@@ -24,6 +24,7 @@ from tests.conftest import (
     wait_for,
 )
 from tests.e2e.service_calls import status, submit, wait_status
+from tests.rounding import drift, size
 
 pytestmark = pytest.mark.e2e
 
@@ -109,7 +110,10 @@ def test_submit_poll_download_equals_local_cli(shared_service, tmp_path: Path):
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout.splitlines()[0])["shape"] == [1, 4, 8, 8]
     local = load(out.read_bytes())
-    assert (served["latents"] - local["latents"]).abs().max() <= 1e-5
+    # Equal thread counts make them equal; a batch-mate in the shared worker would leave
+    # float32 rounding: tests/rounding.py's drift, 12 steps at guidance 2.5 (2.9e-4 at |z| 1).
+    tolerance = drift(12, 2.5, size(local["latents"]))
+    assert (served["latents"] - local["latents"]).abs().max() <= tolerance
     assert served["timesteps"].tolist() == local["timesteps"].tolist()
 
     npy = httpx.get(f"{base}/v1/inversions/{job['id']}/latents", params={"format": "npy"})
@@ -119,7 +123,7 @@ def test_submit_poll_download_equals_local_cli(shared_service, tmp_path: Path):
     import numpy as np
 
     array = np.load(io.BytesIO(npy.content))
-    assert np.abs(array - local["latents"].numpy()).max() <= 1e-5
+    assert np.abs(array - local["latents"].numpy()).max() <= tolerance
 
 
 def test_trajectory_job(shared_service):

@@ -23,6 +23,8 @@ from worker.engine.types import InversionRequest, InversionResult
 from worker.models import LoadedModel
 
 TOLERANCE = 1e-10
+"""float64 latents, batched and alone: the kernels' summation order only (measured 1.4e-14
+after 3 steps); 1e-10 leaves 7000x and is 1e3 below what float32 rounding would leave."""
 NAMES = ("chelsea", "astronaut", "coffee")
 VICTIM = 1
 MEASURED = (
@@ -31,7 +33,9 @@ MEASURED = (
     "reconstruction_psnr",
     "reconstruction_latent_error",
 )
-"""Metadata figures computed from the latents: equal to rounding, not bit for bit."""
+"""Metadata figures computed from the latents: equal to rounding, not bit for bit. Their
+relative change is the latents' (1e-14); rel 1e-9 leaves 1e5 and abs 1e-12 covers a figure
+near zero (a converged residual), whose change is 1e-14 of the latents' size."""
 
 
 class Calls:

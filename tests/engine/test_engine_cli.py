@@ -11,6 +11,7 @@ import pytest
 from ddim_inversion import imaging
 from ddim_inversion.params import InversionParams
 from tests.conftest import EVENT_GUARD_S
+from tests.rounding import drift, size
 from worker.engine.dispatch import invert
 from worker.engine.types import InversionRequest, load_result
 
@@ -62,8 +63,11 @@ def test_single_image_with_overrides(cli, cli_env, tmp_path, tiny, diff):
         scheduler={"timestep_spacing": "trailing"},
     )
     assert metadata == expected.metadata
-    assert diff(tensors["latents"], expected.latents) <= 1e-5
-    assert diff(tensors["trajectory"], expected.trajectory) <= 1e-5
+    # Another process, maybe another thread count: float32 rounding (tests/rounding.py),
+    # 1.2e-4 for 10 steps; measured 0 with equal thread counts.
+    tolerance = drift(10, 1.0, size(expected.trajectory))
+    assert diff(tensors["latents"], expected.latents) <= tolerance
+    assert diff(tensors["trajectory"], expected.trajectory) <= tolerance
     assert tensors["timesteps"].tolist() == expected.timesteps.tolist()
 
 
@@ -81,7 +85,9 @@ def test_out_dir_two_images(cli, cli_env, tmp_path, tiny, diff):
         assert Path(line["out"]) == target
         tensors, _ = load_result(target.read_bytes())
         expected = _in_process(tiny, image, prompt="a cat", num_inference_steps=10)
-        assert diff(tensors["latents"], expected.latents) <= 1e-5
+        # The CLI batches the two images, this run takes each alone: float32 rounding
+        # (tests/rounding.py), 1.2e-4 for 10 steps; measured 3.9e-6.
+        assert diff(tensors["latents"], expected.latents) <= drift(10, 1.0, size(expected.latents))
 
 
 @pytest.fixture

@@ -1,10 +1,12 @@
-"""The engine's trajectory equals DDIM inversion written from the equations (1e-5)."""
+"""The engine's trajectory equals DDIM inversion written from the equations, to float32's
+rounding (tests/rounding.py)."""
 
 from __future__ import annotations
 
 import pytest
 
 from ddim_inversion.params import InversionParams
+from tests.rounding import drift, size
 from worker.engine.dispatch import invert
 from worker.engine.types import InversionRequest
 
@@ -37,9 +39,13 @@ def test_trajectory_matches_equations(
     assert result.trajectory is not None
     assert result.trajectory.shape == (steps + 1, 1, 4, 8, 8)
     assert result.metadata.trajectory_shape == [steps + 1, 1, 4, 8, 8]
+    # Both loops in float32, their kernels summing in other orders (the reference's guided
+    # UNet call is one batch of two, as the engine's): tests/rounding.py's drift, 1.2e-4 to
+    # 5.7e-4 here; a wrong timestep or alpha-bar moves z by more than 0.1 (asserted below).
+    tolerance = drift(steps, guidance, size(expected))
     for i in range(steps + 1):
-        assert diff(result.trajectory[i], expected[i]) <= 1e-5, f"step {i}"
-    assert diff(result.latents, expected[-1]) <= 1e-5
+        assert diff(result.trajectory[i], expected[i]) <= tolerance, f"step {i}"
+    assert diff(result.latents, expected[-1]) <= tolerance
     assert result.latents.shape == (1, 4, 8, 8)
     # The loop did something: the inverted latent is far from the clean one.
     assert diff(expected[-1], expected[0]) > 0.1

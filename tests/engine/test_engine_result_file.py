@@ -83,7 +83,10 @@ def test_float16_results(tiny, sample_arrays, result):
     assert tensors["latents"].dtype == torch.float16
     assert tensors["trajectory"].dtype == torch.float16
     assert np.load(io.BytesIO(half.to_npy())).dtype == np.float16
-    assert torch.allclose(half.latents.float(), result.latents, atol=2e-3)
+    # Computed in float32 (the same kernels, in this process) and rounded once at the end:
+    # the float32 result rounded to float16, bit for bit; no tolerance to choose.
+    assert torch.equal(half.latents, result.latents.half())
+    assert torch.equal(half.trajectory, result.trajectory.half())
 
 
 def test_long_prompt_is_truncated(tiny, sample_arrays):

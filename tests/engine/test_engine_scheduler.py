@@ -10,6 +10,7 @@ from pydantic import ValidationError
 
 from ddim_inversion.errors import InvalidParameter
 from ddim_inversion.params import InversionParams
+from tests.rounding import drift, size
 from worker.engine.dispatch import invert
 from worker.engine.types import InversionRequest
 
@@ -60,14 +61,19 @@ def test_override(tiny, ref, sample_arrays, default_result, diff, name):
     for key, value in overrides.items():
         if isinstance(value, list):
             assert len(config[key]) == len(value)
+            # float64 values through the config's JSON, exact; isclose's 1e-9 relative
+            # forgives only a decimal round trip, not a float32 one (6e-8).
             assert all(math.isclose(a, b) for a, b in zip(config[key], value, strict=True))
         else:
             assert config[key] == value, key
     assert np.isfinite(result.latents.numpy()).all()
-    assert diff(result.latents, default_result.latents) > 1e-4, "the override changed nothing"
+    # Each override moves the latents by 0.07 or more (measured), far above float32 rounding.
+    assert diff(result.latents, default_result.latents) > 1e-2, "the override changed nothing"
     timesteps, expected = ref.diffusers_loop(array, PROMPT, STEPS, config)
     assert result.timesteps.tolist() == timesteps
-    assert diff(result.latents, expected) <= 1e-5
+    # The same float32 loop, kernels summing in their own orders: tests/rounding.py's drift,
+    # 1.2e-4 for 10 unguided steps of |z| <= 1.
+    assert diff(result.latents, expected) <= drift(STEPS, 1.0, size(expected))
 
 
 def test_trailing_timesteps(tiny, sample_arrays):

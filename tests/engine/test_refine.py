@@ -15,6 +15,7 @@ import torch
 from ddim_inversion import imaging
 from ddim_inversion.contract import ResultMetadata
 from ddim_inversion.params import InversionParams
+from tests.rounding import drift, size
 from worker.engine.dispatch import invert
 from worker.engine.encoding import encode_prompts
 from worker.engine.types import InversionRequest, InversionResult
@@ -57,14 +58,17 @@ def reconstruction_error(model: LoadedModel, result: InversionResult) -> float:
     return float((z - clean).norm() / clean.norm())
 
 
-def test_refinement_makes_float32_inversion_1000x_more_exact(tiny32, chelsea):
+def test_refinement_makes_float32_inversion_500x_more_exact(tiny32, chelsea):
     plain = run(tiny32, chelsea)
     refined = run(tiny32, chelsea, refine_iterations=20, refine_tolerance=1e-7)
     plain_error = reconstruction_error(tiny32, plain)
     refined_error = reconstruction_error(tiny32, refined)
     assert torch.equal(plain.trajectory[0], refined.trajectory[0])
     assert plain_error > 0.1, plain_error  # plain DDIM inversion of a random model is far off
-    assert refined_error * 1000 <= plain_error, (plain_error, refined_error)
+    # The float32 story: refined 2.1e-3 (float32 rounding of 50 steps there and back,
+    # amplified by the random model's sampling, which takes plain's defects to 16): 7600x
+    # better than plain, measured; 500x leaves 15x.
+    assert refined_error * 500 <= plain_error, (plain_error, refined_error)
 
     assert plain.metadata.refine_iterations is None
     assert plain.metadata.refine_residuals is None
@@ -89,8 +93,14 @@ def test_refinement_in_float64_is_exact(tiny64, chelsea):
     refined = run(tiny64, chelsea, refine_iterations=50, refine_tolerance=1e-10)
     assert refined.latents.dtype == torch.float64
     error = reconstruction_error(tiny64, refined)
-    assert error < 1e-6, error
-    assert max(refined.metadata.refine_residuals) < 1e-6
+    residual = max(refined.metadata.refine_residuals)
+    # 49 of the 50 steps reach the tolerance; the second, whose iteration contracts slowest,
+    # stops at its 50th iteration at 9.9e-10 (measured): 1e-8 leaves 10x.
+    assert residual < 1e-8, residual
+    # Exact up to that residual, not to float32's 2e-3: the slow contraction (the defect is
+    # the residual / (1 - rate)) and the sampling's growth make it 250 residuals (2.5e-7,
+    # measured; float64 rounding adds 1e-13). 1e4 residuals leave 40x.
+    assert error < 1e4 * residual, (error, residual)
 
 
 def test_refinement_batched_equals_solo(tiny32, chelsea, count_unet_calls):
@@ -110,7 +120,10 @@ def test_refinement_batched_equals_solo(tiny32, chelsea, count_unet_calls):
     ]
     for together, alone in zip(batched, solo, strict=True):
         assert together is not None and alone is not None
-        assert float((together.latents - alone.latents).abs().max()) <= 1e-5
+        # float32 rounding of the batched kernels over 10 steps (tests/rounding.py); the
+        # fixed-point iteration contracts, so its iterations add nothing to it.
+        tolerance = drift(10, 1.0, size(alone.latents))
+        assert float((together.latents - alone.latents).abs().max()) <= tolerance
         assert together.metadata.refine_iterations is not None
         assert len(together.metadata.refine_iterations) == 10
         assert len(together.metadata.refine_residuals) == 10

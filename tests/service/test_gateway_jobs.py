@@ -84,6 +84,7 @@ def test_succeeded_job_reports_result_and_resolved_params(client, writes, job_id
     assert body["params"]["resolved_scheduler_config"]["clip_sample"] is False
     timings = body["timings"]
     started, finished = (datetime.fromisoformat(timings[k]) for k in ("started_at", "finished_at"))
+    # run_s is rounded to the millisecond: 0.5 ms off at most.
     assert timings["run_s"] == pytest.approx((finished - started).total_seconds(), abs=1e-3)
     assert "progress" not in body
 

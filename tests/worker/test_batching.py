@@ -22,6 +22,7 @@ from ddim_inversion.keys import (
 from ddim_inversion.params import InversionParams
 from tests.conftest import EVENT_GUARD_S, wait_for
 from tests.jobs_helper import SAMPLES, enqueue, queue_for, solo_latents
+from tests.rounding import drift, size
 from worker.engine.types import load_result
 
 
@@ -76,7 +77,10 @@ def test_compatible_jobs_share_unet_calls_and_equal_solo_results(
         assert job.get_status() == JobStatus.FINISHED
         assert job.meta[META_RESULT]["prompt"] == prompt
         solo = solo_latents(tiny_model, image, prompt=prompt, num_inference_steps=steps)
-        assert (latents_of(redis_client, job_id) - solo).abs().max() <= 1e-5
+        # A row in a batch and alone: float32 rounding of the batched kernels
+        # (tests/rounding.py's drift: 4.8e-5 for 4 unguided steps of |z| <= 1).
+        tolerance = drift(steps, 1.0, size(solo))
+        assert (latents_of(redis_client, job_id) - solo).abs().max() <= tolerance
     # Each job went through RQ's own registries: rq info sees them as finished.
     assert set(queue_for(redis_client).finished_job_registry.get_job_ids()) == set(ids)
 
@@ -129,7 +133,9 @@ def test_job_canceled_mid_batch_stops_alone(redis_client, tiny_model, make_worke
         solo = solo_latents(
             tiny_model, "chelsea.png", prompt=f"p{ids.index(job_id)}", num_inference_steps=steps
         )
-        assert (latents_of(redis_client, job_id) - solo).abs().max() <= 1e-5
+        # float32 rounding of the batched kernels (tests/rounding.py).
+        tolerance = drift(steps, 1.0, size(solo))
+        assert (latents_of(redis_client, job_id) - solo).abs().max() <= tolerance
 
 
 def test_published_cancel_stops_the_job_at_the_next_step_without_polling(
@@ -183,7 +189,9 @@ def test_out_of_memory_batch_is_split_and_retried(redis_client, tiny_model, make
     for i, job_id in enumerate(ids):
         assert fetch(redis_client, job_id).get_status() == JobStatus.FINISHED
         solo = solo_latents(tiny_model, "chelsea.png", prompt=f"p{i}", num_inference_steps=3)
-        assert (latents_of(redis_client, job_id) - solo).abs().max() <= 1e-5
+        # float32 rounding of the batched kernels (tests/rounding.py).
+        tolerance = drift(3, 1.0, size(solo))
+        assert (latents_of(redis_client, job_id) - solo).abs().max() <= tolerance
 
 
 def test_job_that_cannot_fit_alone_fails_with_its_code(redis_client, tiny_model, make_worker):
@@ -291,4 +299,6 @@ def test_a_job_queued_before_an_upgrade_still_runs(redis_client, tiny_model, mak
 
     assert fetch(redis_client, job.id).get_status() == JobStatus.FINISHED
     solo = solo_latents(tiny_model, "chelsea.png", prompt="an old job", num_inference_steps=3)
-    assert (latents_of(redis_client, job.id) - solo).abs().max() <= 1e-5
+    # The worker's run and this one: float32 rounding (tests/rounding.py).
+    tolerance = drift(3, 1.0, size(solo))
+    assert (latents_of(redis_client, job.id) - solo).abs().max() <= tolerance
