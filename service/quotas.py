@@ -8,10 +8,10 @@
 - its GPU work (job_cost): at most INVERSION_MAX_JOB_COST;
 - its run time, estimated as its cost over the fastest cost/s a live worker of its model
   measured (THROUGHPUT_KEY): times INVERSION_RUN_TIME_MARGIN, at most
-  INVERSION_JOB_TIMEOUT_S (422 `run_time_exceeded`). The measured rate is that of whole
-  batches at full cost (refinement never stopping early), so the estimate errs short: a job
-  refused could not finish even at the pool's best pace. Before any worker of the model has
-  measured, there is no estimate and this check is skipped.
+  INVERSION_JOB_TIMEOUT_S (422 `run_time_exceeded`). The rate is measured on whole batches
+  (jobs sharing each model call), so the estimate is the job's full cost at the pool's best
+  pace. Before any worker of the model has measured, there is no estimate and this check
+  is skipped.
 
 The per-key budgets these figures count against are service/limits.py's.
 """
