@@ -36,6 +36,9 @@ class ErrorCode(str, enum.Enum):
     RATE_LIMITED = "rate_limited"
     QUEUE_FULL = "queue_full"
     QUOTA_EXCEEDED = "quota_exceeded"
+    RUN_TIME_EXCEEDED = "run_time_exceeded"
+    """The job's run time, estimated from the workers' measured speed, is over the job
+    timeout: it could not finish."""
     SERVICE_UNAVAILABLE = "service_unavailable"
 
 

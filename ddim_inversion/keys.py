@@ -32,7 +32,8 @@ expiry: a model stays known (its jobs queue) while all its workers are down."""
 
 
 THROUGHPUT_KEY = KEY_PREFIX + "throughput"
-"""Hash: worker name -> {"images_per_s": EWMA, "updated_at": unix time}, after each batch."""
+"""Hash: worker name -> {"images_per_s": EWMA, "cost_per_s": EWMA of job_cost per second,
+"updated_at": unix time}, after each batch."""
 
 
 def input_key(job_id: str) -> str:
@@ -102,6 +103,12 @@ def owner_jobs_key(owner: str) -> str:
     """Hash: job id -> GPU cost (`job_cost`) of each of the owner's jobs admitted and not
     yet seen ended; ended ones are pruned at the owner's next admission."""
     return f"{KEY_PREFIX}owner:{owner}:jobs"
+
+
+def owner_gpu_ms_key(owner: str) -> str:
+    """Hash: job id -> estimated GPU milliseconds (its cost at the model's measured cost/s)
+    of each job in `owner_jobs_key`, pruned with it."""
+    return f"{KEY_PREFIX}owner:{owner}:gpu-ms"
 
 
 def owner_held_key(owner: str) -> str:

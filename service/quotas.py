@@ -5,12 +5,20 @@
   side, and never above INVERSION_MAX_RESOLUTION_SIDE (also for a model no worker announced yet);
 - the bytes the job may keep in Redis (its input plus its worst-case result,
   stored_bytes): at most INVERSION_MAX_JOB_BYTES;
-- its GPU work (job_cost): at most INVERSION_MAX_JOB_COST.
+- its GPU work (job_cost): at most INVERSION_MAX_JOB_COST;
+- its run time, estimated as its cost over the fastest cost/s a live worker of its model
+  measured (THROUGHPUT_KEY): times INVERSION_RUN_TIME_MARGIN, at most
+  INVERSION_JOB_TIMEOUT_S (422 `run_time_exceeded`). The rate is measured on whole batches
+  (jobs sharing each model call), so the estimate is the job's full cost at the pool's best
+  pace. Before any worker of the model has measured, there is no estimate and this check
+  is skipped.
 
 The per-key budgets these figures count against are service/limits.py's.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -83,14 +91,49 @@ def result_size(
     return settings.max_resolution_side, settings.max_resolution_side
 
 
+DRIVERS = (
+    "num_inference_steps, guidance_scale other than 1 (twice the calls), refine_iterations, "
+    "method null_text (null_text_inner_steps) or edict, verify and resolution"
+)
+"""The parameters a job's cost and run time grow with, for a refusal to name."""
+
+
+def estimate_gpu_ms(
+    params: InversionParams,
+    settings: GatewaySettings,
+    size: tuple[int, int],
+    cost: int,
+    cost_rate: float | None,
+) -> int:
+    """The job's estimated run time in milliseconds at `cost_rate` (cost per second; 0
+    without one), or 422 `run_time_exceeded` when, with the margin, it passes the timeout."""
+    if cost_rate is None:
+        return 0
+    seconds = cost / cost_rate
+    if seconds * settings.run_time_margin > settings.job_timeout_s:
+        raise ProblemError(
+            422,
+            ErrorCode.RUN_TIME_EXCEEDED,
+            f"the job would run about {seconds:.1f} s ({unet_calls(params)} UNet calls at "
+            f"{size[0]}x{size[1]}, cost {cost}, at the {cost_rate:.6g} cost/s the fastest "
+            f"worker of model {params.model!r} measured); with INVERSION_RUN_TIME_MARGIN "
+            f"{settings.run_time_margin:g} that is over the job timeout of "
+            f"{settings.job_timeout_s} s (INVERSION_JOB_TIMEOUT_S), so it could not finish: "
+            f"the run time grows with {DRIVERS}",
+            field="num_inference_steps",
+        )
+    return math.ceil(seconds * 1000)
+
+
 def size_job(
     params: InversionParams,
     settings: GatewaySettings,
     model: ModelInfo | None,
     rgb: np.ndarray,
+    cost_rate: float | None = None,
 ) -> JobSize:
-    """The job's GPU cost and stored bytes (`rgb`: the input as it will be stored), or 422
-    when either passes its per-job limit."""
+    """The job's GPU cost, stored bytes (`rgb`: the input as it will be stored) and
+    estimated run time at `cost_rate`, or 422 when one passes its per-job limit."""
     size = result_size(params, settings, model)
     stored = stored_bytes(params, model, (rgb.shape[1], rgb.shape[0]), size)
     if stored.total > settings.max_job_bytes:
@@ -109,8 +152,7 @@ def size_job(
             "num_inference_steps",
             f"the job would cost {cost} ({unet_calls(params)} UNet calls at "
             f"{size[0]}x{size[1]}); the limit is {settings.max_job_cost} "
-            "(INVERSION_MAX_JOB_COST): the cost grows with num_inference_steps, "
-            "guidance_scale other than 1 (twice the calls), refine_iterations, method "
-            "null_text (null_text_inner_steps), verify and resolution",
+            f"(INVERSION_MAX_JOB_COST): the cost grows with {DRIVERS}",
         )
-    return JobSize(cost=cost, bytes=stored.total)
+    gpu_ms = estimate_gpu_ms(params, settings, size, cost, cost_rate)
+    return JobSize(cost=cost, bytes=stored.total, gpu_ms=gpu_ms)

@@ -214,6 +214,20 @@ class GatewaySettings(BaseSettings):
         description="GPU cost (as max_job_cost counts it) one API key may have queued or "
         "running at once; 429 `quota_exceeded` above.",
     )
+    max_gpu_seconds_per_key: float = Field(
+        default=3600.0,
+        gt=0,
+        description="Estimated GPU seconds (each job's cost over its model's measured "
+        "cost/s) one API key may have queued or running at once; 429 `quota_exceeded` "
+        "above. Jobs admitted before any worker of their model measured count 0.",
+    )
+    run_time_margin: float = Field(
+        default=1.0,
+        ge=1.0,
+        description="A job is refused (422 `run_time_exceeded`) when its estimated run time "
+        "(cost over the fastest live worker's measured cost/s) times this is over "
+        "job_timeout_s; no check before a worker of the model measured.",
+    )
     cors_origins: Annotated[tuple[str, ...], NoDecode] = Field(
         default=(),
         description=(
@@ -375,6 +389,16 @@ class GatewaySettings(BaseSettings):
                 raise ValueError(
                     f"{job} is above {key}: a job allowed alone could never be admitted"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _one_long_job_fits_its_keys_gpu_budget(self) -> GatewaySettings:
+        # A job admitted runs at most job_timeout_s by its estimate (run_time_margin >= 1).
+        if self.max_gpu_seconds_per_key < self.job_timeout_s:
+            raise ValueError(
+                "max_gpu_seconds_per_key is below job_timeout_s: a job allowed alone could "
+                "never be admitted"
+            )
         return self
 
     @model_validator(mode="after")

@@ -23,7 +23,7 @@ from starlette.concurrency import run_in_threadpool
 from ddim_inversion.contract import ModelInfo
 from ddim_inversion.errors import ErrorCode
 from ddim_inversion.params import InversionParams
-from service import jobs, limits, pool, protocol, quotas, rq_adapter, uploads
+from service import jobs, limits, pool, protocol, quotas, rq_adapter, uploads, workers
 from service.bodies import Submission
 from service.decode_pool import DecodePool, DecodeRequest
 from service.errors import RETRY_AFTER_S, ProblemError
@@ -93,6 +93,8 @@ class Prepared:
     size: tuple[int, int] | None
     replay: tuple[int, Any] | None = None
     """The answer of an earlier submission with the same Idempotency-Key and payload."""
+    cost_rate: float | None = None
+    """The fastest cost/s a live worker of the job's model measured; None before any did."""
 
 
 def prepare(
@@ -119,7 +121,7 @@ def prepare(
             replay = answer(redis, settings, owner, job_id)
             return Prepared(job_id, params, webhook_url, key, b"", None, None, None, replay)
     try:
-        known, _live = pool.read_pool(redis, settings.worker_stale_s)
+        known, live = pool.read_pool(redis, settings.worker_stale_s)
         name, model = pool.choose(params.model, known, settings.default_model)
         params = params.model_copy(update={"model": name})
         queue = pool.model_queue(redis, settings, name)
@@ -137,13 +139,14 @@ def prepare(
         if model is not None and settings.prompt_overflow == "reject":
             uploads.check_prompt_tokens(redis, params, model)
         size = uploads.target_size(params, model)
+        cost_rate = workers.model_cost_rate(redis, live, name)
     except (RedisConnectionError, RedisTimeoutError):
         raise
     except BaseException:
         if key is not None:
             protocol.release(redis, owner, key, job_id)
         raise
-    return Prepared(job_id, params, webhook_url, key, data, queue, model, size)
+    return Prepared(job_id, params, webhook_url, key, data, queue, model, size, None, cost_rate)
 
 
 def give_back(redis: Any, owner: str, prepared: Prepared) -> None:
@@ -184,7 +187,7 @@ def enqueue(
     job_id, key, params = prepared.job_id, prepared.key, prepared.params
     admitted = False
     try:
-        size = quotas.size_job(params, settings, prepared.model, rgb)
+        size = quotas.size_job(params, settings, prepared.model, rgb, prepared.cost_rate)
         admitted = limits.admit(redis, settings, prepared.queue, owner, job_id, size)
         job = jobs.enqueue(
             redis,

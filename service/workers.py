@@ -1,7 +1,7 @@
 """The worker pool as a gateway reads it: live workers, their throughput, the capacity.
 
 Workers publish a record (WORKERS_KEY) with a heartbeat and, after each batch, their
-images per second (THROUGHPUT_KEY); a record older than `INVERSION_WORKER_STALE_S` is a
+images and job cost per second (THROUGHPUT_KEY); a record older than `INVERSION_WORKER_STALE_S` is a
 worker gone. Nothing here decides whether the gateway serves: submissions queue while no
 worker is alive, and capacity is reported per model (service/pool.py: /v1/models,
 /v1/capacity; /metrics).
@@ -20,7 +20,7 @@ import redis
 from pydantic import ValidationError
 
 from ddim_inversion.contract import WorkerRecord
-from ddim_inversion.keys import WORKERS_KEY
+from ddim_inversion.keys import THROUGHPUT_KEY, WORKERS_KEY
 from service.schemas import WorkerView
 
 logger = logging.getLogger(__name__)
@@ -48,13 +48,35 @@ def live_workers(connection: redis.Redis, stale_s: float) -> list[WorkerRecord]:
 
 def images_per_s(raw: Any) -> float | None:
     """The `images_per_s` of one THROUGHPUT_KEY value, if readable, finite and positive."""
+    return _rate(raw, "images_per_s")
+
+
+def cost_per_s(raw: Any) -> float | None:
+    """The `cost_per_s` (job_cost per second) of one THROUGHPUT_KEY value, if readable,
+    finite and positive."""
+    return _rate(raw, "cost_per_s")
+
+
+def _rate(raw: Any, field: str) -> float | None:
     if raw is None:
         return None
     try:
-        rate = float(json.loads(raw)["images_per_s"])
+        rate = float(json.loads(raw)[field])
     except (ValueError, KeyError, TypeError):
         return None
     return rate if math.isfinite(rate) and rate > 0 else None
+
+
+def model_cost_rate(
+    connection: redis.Redis, live: Iterable[WorkerRecord], model: str
+) -> float | None:
+    """The fastest cost/s measured by a live worker of `model` (a job runs on one worker);
+    None until one of them has run a batch."""
+    names = [record.name for record in live if record.model.name == model]
+    if not names:
+        return None
+    rates = [cost_per_s(raw) for raw in connection.hmget(THROUGHPUT_KEY, names)]
+    return max((rate for rate in rates if rate is not None), default=None)
 
 
 def rates_by_worker(raw_rates: Mapping[Any, Any]) -> dict[str, float | None]:

@@ -79,10 +79,15 @@ class WorkerWrites:
         return self.running.pop(job_id, None) or self.start(job_id)
 
     def succeed(
-        self, job_id: str, reconstruction_png: bytes | None = None, **stored: Any
+        self,
+        job_id: str,
+        reconstruction_png: bytes | None = None,
+        throughput: str | None = None,
+        **stored: Any,
     ) -> np.ndarray:
         """The job's success with made-up latents (and reconstruction); the latents.
-        `stored`: result metadata fields stored as given (NaN too), over the made-up ones."""
+        `stored`: result metadata fields stored as given (NaN too), over the made-up ones;
+        `throughput`: the worker's THROUGHPUT_KEY record, written in the same transaction."""
         item = self._started(job_id)
         meta = result_metadata()
         latents = np.arange(256, dtype=np.float32).reshape(1, 4, 8, 8)
@@ -94,7 +99,7 @@ class WorkerWrites:
         item.meta[META_PROGRESS] = {"step": 10, "total": 10}
         item.meta[META_RESULT] = success.metadata
         item.meta[META_ENGINE_S] = 0.5
-        self.endings.succeed(self.queue, [(item, success)], None)
+        self.endings.succeed(self.queue, [(item, success)], throughput)
         return latents
 
     def fail(self, job_id: str, code: ErrorCode, message: str) -> None:

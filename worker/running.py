@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING
 
 from ddim_inversion.contract import META_ENGINE_S, META_PROGRESS, META_RESULT
 from ddim_inversion.errors import ErrorCode, InvalidParameter
+from ddim_inversion.estimates import job_cost
 from ddim_inversion.keys import cancel_key
 from worker import rq_adapter
 from worker.ending import Endings
 from worker.engine.dispatch import invert
-from worker.engine.types import InversionRequest, progress_total
+from worker.engine.types import InversionRequest, progress_total, resolution_of
 from worker.job_state import Running, Success
 from worker.lifecycle import StartReply, write_progress
 from worker.outages import tolerated
@@ -35,7 +36,8 @@ if TYPE_CHECKING:
     from worker.models import LoadedModel
 
 THROUGHPUT_ALPHA = 0.3
-"""Weight of the newest batch in the images/s EWMA that gateways estimate waits from."""
+"""Weight of the newest batch in the EWMAs (images/s, cost/s) that gateways estimate waits
+and run times from."""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -172,6 +174,7 @@ class Runner:
         self.keep_alive = keep_alive
         self.batches_run = 0
         self.images_per_s: float | None = None
+        self.cost_per_s: float | None = None
 
     def run(self, batch: list[Running], replies: list[StartReply], queue: Queue) -> None:
         """Each started job fails, is canceled or joins the engine call, by what start read."""
@@ -219,7 +222,13 @@ class Runner:
             self.endings.fail(batch[0], queue, *failure_of(exc))
             return
         self.batches_run += 1
-        throughput = self.update_throughput(len(batch), time.perf_counter() - started)
+        # A canceled row stopped early: only the rows run through count towards the rate.
+        cost = sum(
+            job_cost(r.params, self.model.info(), resolution_of(r.params, self.model))
+            for r, result in zip(requests, results, strict=True)
+            if result is not None
+        )
+        throughput = self.update_throughput(len(batch), cost, time.perf_counter() - started)
         total = progress_total(requests[0].params)
         done: list[tuple[Running, Success]] = []
         for item, result in zip(batch, results, strict=True):
@@ -254,16 +263,25 @@ class Runner:
         if done:
             self.endings.succeed(queue, done, throughput)
 
-    def update_throughput(self, images: int, seconds: float) -> str | None:
-        """This worker's images/s EWMA, as the record gateways estimate waits from."""
+    def update_throughput(self, images: int, cost: int, seconds: float) -> str | None:
+        """This worker's images/s and cost/s (job_cost per second) EWMAs, as the record
+        gateways estimate waits and run times from."""
         if images <= 0 or seconds <= 0:
             return None
-        rate = images / seconds
-        previous = self.images_per_s
-        if previous is not None:
-            rate = THROUGHPUT_ALPHA * rate + (1 - THROUGHPUT_ALPHA) * previous
-        self.images_per_s = rate
-        return json.dumps({"images_per_s": self.images_per_s, "updated_at": time.time()})
+        self.images_per_s = ewma(images / seconds, self.images_per_s)
+        if cost > 0:
+            self.cost_per_s = ewma(cost / seconds, self.cost_per_s)
+        record = {"images_per_s": self.images_per_s, "updated_at": time.time()}
+        if self.cost_per_s is not None:
+            record["cost_per_s"] = self.cost_per_s
+        return json.dumps(record)
+
+
+def ewma(rate: float, previous: float | None) -> float:
+    """The newest batch's rate weighed THROUGHPUT_ALPHA against the previous average."""
+    if previous is None:
+        return rate
+    return THROUGHPUT_ALPHA * rate + (1 - THROUGHPUT_ALPHA) * previous
 
 
 def failure_of(exc: Exception) -> tuple[ErrorCode, str]:
