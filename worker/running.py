@@ -27,7 +27,7 @@ from worker.engine.types import InversionRequest, progress_total
 from worker.fair_share import FairShare, owner_of, split_seconds
 from worker.job_state import Running, Success
 from worker.lifecycle import StartReply, write_progress
-from worker.outages import tolerated
+from worker.outages import AWAY_OR_FULL, tolerated
 from worker.payloads import JobFailed, image_from_bytes
 from worker.rq_adapter import Queue
 from worker.rq_worker import BaseWorker
@@ -273,13 +273,14 @@ class Runner:
         ]
         seconds_by_owner = split_seconds(seconds, rows)
         self.share.account.charge(seconds_by_owner)
-        with (
-            tolerated(self.worker.outages),
-            self.worker.connection.pipeline(transaction=False) as pipe,
-        ):
-            for owner, part in seconds_by_owner.items():
-                pipe.hincrbyfloat(GPU_SECONDS_KEY, owner, part)
-            pipe.execute()
+        try:
+            with self.worker.connection.pipeline(transaction=False) as pipe:
+                for owner, part in seconds_by_owner.items():
+                    pipe.hincrbyfloat(GPU_SECONDS_KEY, owner, part)
+                pipe.execute()
+        except AWAY_OR_FULL as exc:
+            # A metric: the batch's results matter more than a count lost in an outage.
+            self.worker.outages.warn("GPU seconds not counted (%s)", exc)
 
     def update_throughput(self, images: int, seconds: float) -> str | None:
         """This worker's images/s EWMA, as the record gateways estimate waits from."""
