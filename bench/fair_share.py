@@ -9,7 +9,7 @@ the fair share (default weights) and with A weighted 1000 (A's jobs fill every b
 the gatherer did before the fair share); B on an idle worker is the reference. Prints a
 table of B's latency and its ratio to idle, and a final `RESULT {json}`.
 
-    python bench/fair_share.py                    # tiny model, CPU, about a minute
+    python bench/fair_share.py                    # tiny model, CPU, a few minutes
     python bench/fair_share.py --backlog 100 --steps 300 --resolution 128
 """
 
@@ -49,9 +49,12 @@ def enqueue(connection, owner: str, params: InversionParams, rgb) -> str:
 
 
 def time_b(connection, params: InversionParams, rgb, after_s: float, out: list[float]) -> None:
-    """From another thread: B's job submitted `after_s` from now, timed to its end."""
+    """From another thread: B's job submitted `after_s` from now, timed to its end; then
+    the rest of A's backlog is dropped, so that the burst worker ends after its batch."""
     from rq.job import Job, JobStatus
     from rq.serializers import JSONSerializer
+
+    from worker.rq_adapter import open_queue
 
     time.sleep(after_s)
     started = time.perf_counter()
@@ -60,6 +63,7 @@ def time_b(connection, params: InversionParams, rgb, after_s: float, out: list[f
     while job.get_status(refresh=True) not in (JobStatus.FINISHED, JobStatus.FAILED):
         time.sleep(0.005)
     out.append(time.perf_counter() - started)
+    open_queue(connection, TINY_QUEUE).empty()
 
 
 def run_case(args, model, url, backlog: int, b_params, a_params, rgb, weights: str) -> float:
@@ -101,13 +105,13 @@ def run_case(args, model, url, backlog: int, b_params, a_params, rgb, weights: s
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--backlog", type=int, default=100, help="key A's queued jobs")
-    parser.add_argument("--steps", type=int, default=30, help="steps of A's jobs")
+    parser.add_argument("--steps", type=int, default=20, help="steps of A's jobs")
     parser.add_argument("--short-steps", type=int, default=10, help="steps of B's short job")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--guidance", type=float, default=3.0)
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--arrive-after-s", type=float, default=1.0)
-    parser.add_argument("--repeats", type=int, default=3, help="idle runs (median)")
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each case (median)")
     args = parser.parse_args()
 
     from worker.main import warm_up
@@ -127,12 +131,13 @@ def main() -> int:
     try:
         for label, steps in (("like A's", args.steps), ("shorter", args.short_steps)):
             b_params = InversionParams(**base, num_inference_steps=steps)
-            idle = statistics.median(
-                run_case(args, model, url, 0, b_params, a_params, rgb, "")
-                for _ in range(args.repeats)
+            idle, fair, full = (
+                statistics.median(
+                    run_case(args, model, url, backlog, b_params, a_params, rgb, weights)
+                    for _ in range(args.repeats)
+                )
+                for backlog, weights in ((0, ""), (args.backlog, ""), (args.backlog, today))
             )
-            fair = run_case(args, model, url, args.backlog, b_params, a_params, rgb, "")
-            full = run_case(args, model, url, args.backlog, b_params, a_params, rgb, today)
             out[label] = {"idle_s": idle, "fair_share_s": fair, "a_fills_batches_s": full}
             print(
                 f"| {label} ({steps} steps) | {idle:.3f} | {fair:.3f} ({fair / idle:.1f}x) | "
