@@ -5,8 +5,8 @@ One real worker (`InversionWorker`, in this process) drains a private Redis. Key
 busy with them, key B submits one job, from another thread: its latency is from its
 enqueue to its end, as RQ recorded them. B's job is either like A's (it can join A's
 batches) or shorter (fewer steps: it cannot, and must run after a batch of A's). Each
-case runs with the fair share (default weights) and with A weighted 1000 (A's jobs fill
-every batch, as the gatherer did before the fair share); B on an idle worker is the
+case runs with the fair share and with the gatherer before it (`FirstCome`: compatible
+jobs in queue order up to the batch size, whoever owns them); B on an idle worker is the
 reference. Prints a table of B's latency and its ratio to idle, and `RESULT {json}`.
 
     python bench/fair_share.py                    # tiny model, CPU, a few minutes
@@ -22,6 +22,7 @@ import statistics
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -29,11 +30,18 @@ sys.path.insert(0, str(ROOT))
 
 from bench.throughput import TINY_QUEUE, start_redis  # noqa: E402
 from ddim_inversion import imaging  # noqa: E402
-from ddim_inversion.job_metrics import owner_label  # noqa: E402
 from ddim_inversion.params import InversionParams  # noqa: E402
+from worker.fair_share import FairShare  # noqa: E402
 
 KEY_A = hashlib.sha256(b"bench key A").hexdigest()
 KEY_B = hashlib.sha256(b"bench key B").hexdigest()
+
+
+class FirstCome(FairShare):
+    """The gatherer before the fair share: every owner may fill the whole batch."""
+
+    def apportion(self, head_owner: str, waiting: Iterable[str], rows: int) -> dict[str, int]:
+        return dict.fromkeys({head_owner, *waiting}, rows)
 
 
 def enqueue(connection, owner: str, params: InversionParams, rgb) -> str:
@@ -69,7 +77,7 @@ def time_b(connection, params: InversionParams, rgb, after_s: float, out: list[f
     out.append((job.ended_at - job.enqueued_at).total_seconds())
 
 
-def run_case(args, model, url, backlog: int, b_params, a_params, rgb, weights: str) -> float:
+def run_case(args, model, url, backlog: int, b_params, a_params, rgb, first_come: bool) -> float:
     """B's latency, with `backlog` jobs of A queued first (0: an idle worker)."""
     import redis
 
@@ -81,7 +89,7 @@ def run_case(args, model, url, backlog: int, b_params, a_params, rgb, weights: s
     connection.flushdb()
     for _ in range(backlog):
         enqueue(connection, KEY_A, a_params, rgb)
-    settings = WorkerSettings(redis_url=url, max_batch_wait_ms=0, fair_share_weights=weights)
+    settings = WorkerSettings(redis_url=url, max_batch_wait_ms=0)
     queue = open_queue(connection, TINY_QUEUE)
     worker = InversionWorker(
         [queue],
@@ -90,6 +98,8 @@ def run_case(args, model, url, backlog: int, b_params, a_params, rgb, weights: s
         settings=settings,
         max_batch_size=args.max_batch_size,
     )
+    if first_come:
+        worker.share = FirstCome({}, worker.share.account)
     latency: list[float] = []
     side = redis.Redis.from_url(url)
     # B arrives once the worker is inside A's backlog (or at once on an idle worker, where
@@ -134,21 +144,20 @@ def main() -> int:
     base = {"prompt": "a photo", "resolution": size, "guidance_scale": args.guidance}
     a_params = InversionParams(**base, num_inference_steps=args.steps)
     url, server = start_redis()
-    today = f"{owner_label(KEY_A)}:1000"
     out: dict[str, object] = {"backlog": args.backlog, "max_batch_size": args.max_batch_size}
-    print("| B's job | idle s | fair share s (x idle) | A fills batches s (x idle) |")
+    print("| B's job | idle s | fair share s (x idle) | first come s (x idle) |")
     print("| --- | --- | --- | --- |")
     try:
         for label, steps in (("like A's", args.steps), ("shorter", args.short_steps)):
             b_params = InversionParams(**base, num_inference_steps=steps)
             idle, fair, full = (
                 statistics.median(
-                    run_case(args, model, url, backlog, b_params, a_params, rgb, weights)
+                    run_case(args, model, url, backlog, b_params, a_params, rgb, first_come)
                     for _ in range(args.repeats)
                 )
-                for backlog, weights in ((0, ""), (args.backlog, ""), (args.backlog, today))
+                for backlog, first_come in ((0, False), (args.backlog, False), (args.backlog, True))
             )
-            out[label] = {"idle_s": idle, "fair_share_s": fair, "a_fills_batches_s": full}
+            out[label] = {"idle_s": idle, "fair_share_s": fair, "first_come_s": full}
             print(
                 f"| {label} ({steps} steps) | {idle:.3f} | {fair:.3f} ({fair / idle:.1f}x) | "
                 f"{full:.3f} ({full / idle:.1f}x) |"
