@@ -33,3 +33,16 @@ def histogram_bound(seconds: float) -> str:
 def histogram_field(name: str, seconds: float) -> str:
     """The field one observation of histogram `name` increments."""
     return f"{name}:in:{histogram_bound(seconds)}"
+
+
+OWNER_LABEL_CHARS = 12
+"""Hex digits of an API key's SHA-256 that name its owner in metrics and settings: enough to
+tell keys apart, too few to be the key's full hash."""
+
+ANONYMOUS_LABEL = "anonymous"
+"""The owner label of jobs submitted while auth is disabled."""
+
+
+def owner_label(owner: str) -> str:
+    """The short name of an owner (a key's SHA-256 hex) in metrics and settings."""
+    return owner[:OWNER_LABEL_CHARS].lower() if owner else ANONYMOUS_LABEL

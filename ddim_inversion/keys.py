@@ -148,6 +148,11 @@ workers as jobs end; gateways sum the buckets into Prometheus' cumulative ones a
 time, so a job's end costs one increment per histogram, not one per bucket."""
 
 
+GPU_SECONDS_KEY = KEY_PREFIX + "metrics:gpu_seconds"
+"""Hash: owner label (job_metrics.owner_label) -> seconds of model calls its jobs' rows
+took, counted by workers after each engine call; gateways export it as a counter."""
+
+
 def model_job_metrics_key(model: str) -> str:
     """JOB_METRICS_KEY's fields counted for one model's jobs alone (gateways export them
     labelled by model, for known models only)."""

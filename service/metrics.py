@@ -25,6 +25,7 @@ from ddim_inversion.contract import JobStatus
 from ddim_inversion.errors import ErrorCode
 from ddim_inversion.job_metrics import DURATION_BUCKETS_S
 from ddim_inversion.keys import (
+    GPU_SECONDS_KEY,
     JOB_METRICS_KEY,
     THROUGHPUT_KEY,
     WORKERS_KEY,
@@ -47,7 +48,8 @@ def _fields(raw: dict[Any, Any]) -> dict[str, float]:
 
 class JobMetricsCollector(Collector):
     """Jobs by final state and job duration histograms, as all workers recorded them: for
-    the whole service, and per known model (`inversion_model_*`, labelled `model`).
+    the whole service, and per known model (`inversion_model_*`, labelled `model`); and the
+    GPU seconds per API key (`inversion_gpu_seconds_total`, labelled `owner`).
 
     Workers count each job's end in Redis hashes (JOB_METRICS_KEY, model_job_metrics_key),
     so every gateway replica exports the same service-wide figures, read at scrape time.
@@ -62,13 +64,25 @@ class JobMetricsCollector(Collector):
             return
         connection, models = self.scrape
         pipe = connection.pipeline(transaction=False)
+        pipe.hgetall(GPU_SECONDS_KEY)
         pipe.hgetall(JOB_METRICS_KEY)
         for model in models:
             pipe.hgetall(model_job_metrics_key(model))
-        total, *per_model = [_fields(raw) for raw in pipe.execute()]
+        gpu, total, *per_model = [_fields(raw) for raw in pipe.execute()]
         yield from self._families("inversion_", [], [([], total)])
         rows = [([model], fields) for model, fields in zip(models, per_model, strict=True)]
         yield from self._families("inversion_model_", ["model"], rows)
+        # Owners come from authenticated keys (their short hash), so they are bounded by the
+        # configured keys: a job cannot invent a label.
+        seconds = CounterMetricFamily(
+            "inversion_gpu_seconds",
+            "Seconds of model calls run for each API key (owner: the first 12 hex digits of "
+            "its SHA-256), a batch's time split between its rows by their UNet calls.",
+            labels=["owner"],
+        )
+        for owner, value in sorted(gpu.items()):
+            seconds.add_metric([owner], value)
+        yield seconds
 
     @staticmethod
     def _families(

@@ -32,9 +32,11 @@ def enqueue(
     image: str | Path = "chelsea.png",
     timeout: int = 600,
     retries: int = 0,
+    owner: str = "",
     **params: Any,
 ) -> str:
-    """Queue one job of the anonymous owner, the image normalised as the gateway does; its id."""
+    """Queue one job of `owner` (a key's hash; '': anonymous), the image normalised as the
+    gateway does; its id."""
     parsed = InversionParams(**({"prompt": "a photo"} | params))
     size = parsed.resolution or (64, 64)
     rgb = imaging.normalize((SAMPLES / image).read_bytes(), size, parsed.resize_mode)
@@ -46,7 +48,7 @@ def enqueue(
         max_retries=retries,
     )
     job = jobs.enqueue(
-        connection, queue_for(connection), settings, parsed, np.ascontiguousarray(rgb), owner=""
+        connection, queue_for(connection), settings, parsed, np.ascontiguousarray(rgb), owner=owner
     )
     return job.id
 

@@ -7,8 +7,8 @@ batching shows only in speed. For each job RQ dequeues:
 1. Dequeue: RQ moves the oldest job to its intermediate queue, so the oldest job is
    always in the next batch (gathering.head_of).
 2. Gather: the head of the queue is scanned for compatible jobs, which are claimed
-   atomically, up to the batch size, waiting at most `max_batch_wait_ms` for more
-   (gathering.gather).
+   atomically, up to the batch size and each waiting owner's fair share of it, waiting at
+   most `max_batch_wait_ms` for more (gathering.gather, fair_share).
 3. Start: every job's RQ start, its first progress, its cancel flag and its input, in one
    round trip (lifecycle.start_batch).
 4. Run: one engine call; between steps, progress goes to every job's meta, cancels and
@@ -28,6 +28,7 @@ from typing import Any
 
 from ddim_inversion.keys import CANCEL_CHANNEL
 from worker.ending import Endings
+from worker.fair_share import FairShare, GpuAccount, parse_weights
 from worker.gathering import gather, head_of
 from worker.lifecycle import start_batch
 from worker.liveness import Liveness
@@ -60,8 +61,12 @@ class InversionWorker(BaseWorker):
         self.webhooks = WebhookSender.from_settings(settings)
         self.endings = Endings(self, settings, self.webhooks, self.liveness.keep_alive)
         self.cancels = CancelRequests()
+        self.share = FairShare(
+            parse_weights(settings.fair_share_weights),
+            GpuAccount(settings.fair_share_half_life_s),
+        )
         self.runner = Runner(
-            self, model, settings, self.endings, self.cancels, self.liveness.keep_alive
+            self, model, settings, self.endings, self.cancels, self.liveness.keep_alive, self.share
         )
         self.listen(CANCEL_CHANNEL, self.cancels.heard)
 
@@ -74,7 +79,9 @@ class InversionWorker(BaseWorker):
         """Steps 1 to 5, for the job RQ dequeued and those that join it."""
         head = head_of(job)  # 1.
         wait_s = self.settings.max_batch_wait_ms / 1000.0
-        extra = gather(self.connection, queue, head, self.model, self.max_batch_size, wait_s)
+        extra = gather(
+            self.connection, queue, head, self.model, self.max_batch_size, wait_s, self.share
+        )
         batch = [head, *extra]  # 2.
         with self.cancels.watching(batch):
             replies = start_batch(self, queue, batch, first_total(batch))  # 3.

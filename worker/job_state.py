@@ -22,6 +22,9 @@ class Running:
     stop_code: ErrorCode | None = None
     error: tuple[ErrorCode, str] | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    ran: float = 1.0
+    """The part of its progress a row made before it stopped: its share of the batch's GPU
+    time is in proportion."""
 
 
 @dataclass

@@ -18,15 +18,16 @@ from typing import TYPE_CHECKING
 
 from ddim_inversion.contract import META_ENGINE_S, META_PROGRESS, META_RESULT
 from ddim_inversion.errors import ErrorCode, InvalidParameter
-from ddim_inversion.estimates import job_cost
-from ddim_inversion.keys import cancel_key
+from ddim_inversion.estimates import job_cost, unet_calls
+from ddim_inversion.keys import GPU_SECONDS_KEY, cancel_key
 from worker import rq_adapter
 from worker.ending import Endings
 from worker.engine.dispatch import invert
 from worker.engine.types import InversionRequest, progress_total, resolution_of
+from worker.fair_share import FairShare, owner_of, split_seconds
 from worker.job_state import Running, Success
 from worker.lifecycle import StartReply, write_progress
-from worker.outages import tolerated
+from worker.outages import AWAY_OR_FULL, tolerated
 from worker.payloads import JobFailed, image_from_bytes
 from worker.rq_adapter import Queue
 from worker.rq_worker import BaseWorker
@@ -110,8 +111,10 @@ class StepHooks:
         self.keep_alive = keep_alive
         self.last_write = time.monotonic()  # step 0 was written when the batch started
         self.last_poll = time.monotonic()  # the flags were read when the batch started
+        self.done = 0.0  # the part of the progress made so far
 
     def progress(self, step: int, steps: int) -> None:
+        self.done = step / steps if steps else 1.0
         moment = time.monotonic()
         if (
             step == steps  # the last step is written with the result
@@ -150,6 +153,7 @@ class StepHooks:
                 batch[index].stop_code = ErrorCode.TIMEOUT
             else:
                 continue
+            batch[index].ran = self.done
             stopped.append(index)
         return stopped
 
@@ -165,6 +169,7 @@ class Runner:
         endings: Endings,
         cancels: CancelRequests,
         keep_alive: Callable[[Sequence[Running]], None],
+        share: FairShare,
     ) -> None:
         self.worker = worker
         self.model = model
@@ -172,6 +177,7 @@ class Runner:
         self.endings = endings
         self.cancels = cancels
         self.keep_alive = keep_alive
+        self.share = share
         self.batches_run = 0
         self.images_per_s: float | None = None
         self.cost_per_s: float | None = None
@@ -212,6 +218,7 @@ class Runner:
                 self.model, requests, progress=hooks.progress, check_canceled=hooks.check_canceled
             )
         except Exception as exc:
+            self.charge(batch, time.perf_counter() - started)
             free_memory()
             if len(batch) > 1:
                 self.worker.log.warning("batch of %d failed (%s); splitting", len(batch), exc)
@@ -228,7 +235,9 @@ class Runner:
             for r, result in zip(requests, results, strict=True)
             if result is not None
         )
-        throughput = self.update_throughput(len(batch), cost, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self.charge(batch, seconds)
+        throughput = self.update_throughput(len(batch), cost, seconds)
         total = progress_total(requests[0].params)
         done: list[tuple[Running, Success]] = []
         for item, result in zip(batch, results, strict=True):
@@ -262,6 +271,25 @@ class Runner:
             done.append((item, success))
         if done:
             self.endings.succeed(queue, done, throughput)
+
+    def charge(self, batch: Sequence[Running], seconds: float) -> None:
+        """The engine call's seconds, split between its rows' owners by the UNet calls each
+        row made: to the fair share's account, and to the service-wide counter."""
+        rows = [
+            (owner_of(item.payload), unet_calls(item.payload.params) * item.ran)
+            for item in batch
+            if item.payload is not None
+        ]
+        seconds_by_owner = split_seconds(seconds, rows)
+        self.share.account.charge(seconds_by_owner)
+        try:
+            with self.worker.connection.pipeline(transaction=False) as pipe:
+                for owner, part in seconds_by_owner.items():
+                    pipe.hincrbyfloat(GPU_SECONDS_KEY, owner, part)
+                pipe.execute()
+        except AWAY_OR_FULL as exc:
+            # A metric: the batch's results matter more than a count lost in an outage.
+            self.worker.outages.warn("GPU seconds not counted (%s)", exc)
 
     def update_throughput(self, images: int, cost: int, seconds: float) -> str | None:
         """This worker's images/s and cost/s (job_cost per second) EWMAs, as the record

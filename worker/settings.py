@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from ddim_inversion import webhook_policy
 from ddim_inversion.keys import QUEUE_NAME, queue_name_for
 from ddim_inversion.params import MODEL_NAME_PATTERN
+from worker.fair_share import parse_weights
 
 
 class WorkerSettings(BaseSettings):
@@ -51,6 +52,19 @@ class WorkerSettings(BaseSettings):
     )
     max_batch_wait_ms: int = Field(
         20, ge=0, le=10_000, description="How long a worker holding one job waits for more."
+    )
+    fair_share_weights: str = Field(
+        "",
+        description="Weights of API keys in a batch's fair share of rows, `keyhash:weight,...` "
+        "(a key's SHA-256 or its first 12 hex digits, the `owner` label of "
+        "inversion_gpu_seconds_total; `anonymous` without auth); unlisted keys weigh 1.",
+    )
+    fair_share_half_life_s: float = Field(
+        60.0,
+        gt=0,
+        le=86_400,
+        description="Half-life of the recent GPU time that decides, between keys of equal "
+        "share, which gets a batch's left-over rows (the least first).",
     )
     progress_every: int = Field(1, ge=1, description="Write progress to Redis every N steps.")
     cancel_check_interval_s: float = Field(
@@ -155,6 +169,12 @@ class WorkerSettings(BaseSettings):
     def served_queue_name(self) -> str:
         """The one queue this worker drains: its model's."""
         return queue_name_for(self.served_model_name, self.queue_name)
+
+    @field_validator("fair_share_weights")
+    @classmethod
+    def _weights(cls, value: str) -> str:
+        parse_weights(value)  # refused at start-up, not at the first batch
+        return value
 
     @field_validator("webhook_allowed_ports", mode="before")
     @classmethod

@@ -18,7 +18,7 @@ from rq.serializers import JSONSerializer
 
 from ddim_inversion.contract import JOB_FUNCTION, META_ERROR, WorkerRecord
 from ddim_inversion.errors import ErrorCode
-from ddim_inversion.keys import THROUGHPUT_KEY, WORKERS_KEY
+from ddim_inversion.keys import GPU_SECONDS_KEY, THROUGHPUT_KEY, WORKERS_KEY
 
 MODEL = "stable-diffusion-v1-5"
 """The model of the fake workers' records (tests/service/conftest.py): `queue` is its."""
@@ -171,3 +171,13 @@ def test_failed_jobs_by_code_with_the_latest_failure_time(client, redis, queue) 
     queue.failed_job_registry.remove(oom)
     after = labelled(scrape(client), "inversion_failed_jobs")
     assert after[key(queue=name, model=MODEL, code="gpu_out_of_memory")] == 1.0
+
+
+def test_gpu_seconds_per_key_come_from_the_workers_counter(client, redis) -> None:
+    redis.hincrbyfloat(GPU_SECONDS_KEY, "0123456789ab", 2.5)
+    redis.hincrbyfloat(GPU_SECONDS_KEY, "anonymous", 0.25)
+    samples = labelled(scrape(client), "inversion_gpu_seconds_total")
+    assert samples == {
+        frozenset({("owner", "0123456789ab")}): 2.5,
+        frozenset({("owner", "anonymous")}): 0.25,
+    }
