@@ -80,7 +80,7 @@ def spawn(tmp: Path, name: str, args: list[str], env: dict[str, str]) -> subproc
 
 
 def workers_alive(base: str) -> int:
-    answer = httpx.get(base + "/readyz")
+    answer = httpx.get(base + "/v1/capacity")
     return len(answer.json()["workers"]) if answer.status_code == 200 else 0
 
 

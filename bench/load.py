@@ -93,7 +93,7 @@ def start_stack(tmp: Path, env: dict[str, str]) -> tuple[str, list[subprocess.Po
     spawn("gateway", [str(BIN / "ddim-invert"), "gateway", "--port", str(http_port)])
     spawn("worker", [str(BIN / "ddim-invert"), "worker"])
     base = f"http://127.0.0.1:{http_port}"
-    wait_until(lambda: httpx.get(base + "/readyz").json()["workers"], 90, "gateway + worker")
+    wait_until(lambda: httpx.get(base + "/v1/capacity").json()["workers"], 300, "gateway + worker")
     return base, procs
 
 

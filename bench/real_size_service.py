@@ -90,7 +90,7 @@ def wait_ready(base: str, worker: subprocess.Popen[bytes], log: Path) -> None:
         if worker.poll() is not None:
             raise RuntimeError("the worker exited:\n" + log.read_text()[-3000:])
         try:
-            if httpx.get(base + "/readyz", timeout=5).json().get("workers"):
+            if httpx.get(base + "/v1/capacity", timeout=5).json().get("workers"):
                 return
         except (httpx.HTTPError, ValueError):
             pass

@@ -167,8 +167,8 @@ def main() -> int:
     connection = redis.Redis(port=redis_port)
     out: dict[str, object] = {"jobs": args.jobs, "steps": args.steps, "machine": "cpu"}
     try:
-        # Ready, with a live worker (readiness alone needs none).
-        wait_until(lambda: httpx.get(base + "/readyz").json()["workers"], 120)
+        # A live worker (readiness needs none; /v1/capacity lists them).
+        wait_until(lambda: httpx.get(base + "/v1/capacity").json()["workers"], 120)
         with httpx.Client(base_url=base, timeout=60) as client:
             run_job(client, images[0], args.steps, "warm-up")
             overheads, engine_times, latencies, around = [], [], [], []
